@@ -1,0 +1,220 @@
+"""Balanced hierarchical clustering of query features, the grouping step of BOAT's feature-space attention.
+
+The reference (mahaoyuHKU/pytorch-boat, ``ContentAttention``) splits the N tokens of every (image, head) into two
+equal halves, then each half into two, ``K`` times, until 2^K clusters of 49 tokens remain. It only works when
+``N == 49 * 2^K``. This module keeps that algorithm bit-for-bit at such N and extends it to any N >= 1:
+
+* Levels: ``K = floor(log2(N // cluster_size))`` (0 when ``N < 2 * cluster_size``), the reference's own formula.
+* The token set is padded with ``P = c * 2^K - N`` *ghost* tokens, ``c = ceil(N / 2^K)`` being the padded cluster
+  size (``cluster_size <= c < 2 * cluster_size`` whenever ``K >= 1``). Ghosts have a zero query, so they add
+  nothing to any centroid, and they always sort after the real tokens of their group.
+* Ghosts are spread over the tree so the real halves of every split differ by at most one token: a group with g
+  ghosts gives ``g // 2`` to its first child and the rest to its second. Since ``P < 2^K`` each final cluster holds
+  ``c`` or ``c - 1`` real tokens, and its ghost, if any, sits in its last slot.
+
+Everything about the ghosts depends only on ``(N, cluster_size)``: it is the :class:`ClusterLayout`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ['ClusterLayout', 'cluster_layout', 'balanced_hierarchical_clustering', 'clustering_levels']
+
+
+def clustering_levels(num_tokens: int, cluster_size: int) -> int:
+    """Number of balanced binary splits for ``num_tokens`` tokens: ``floor(log2(N // cluster_size))``, at least 0."""
+    return max(num_tokens // cluster_size, 1).bit_length() - 1
+
+
+@dataclass(frozen=True)
+class ClusterLayout:
+    """The data-independent part of a clustering of ``num_tokens`` tokens.
+
+    Attributes:
+        num_tokens: N, the number of real tokens.
+        levels: K, the number of balanced binary splits.
+        cluster_size: c, the padded size of every cluster (real tokens plus at most one ghost).
+        ghosts_per_level: for each level k (0..K-1), the ghost count of each of its 2^k groups, in tree order.
+        ghost_slots: sorted positions in the padded (clustered) order that hold a ghost; empty when N = c * 2^K.
+    """
+
+    num_tokens: int
+    levels: int
+    cluster_size: int
+    ghosts_per_level: Tuple[Tuple[int, ...], ...]
+    ghost_slots: Tuple[int, ...]
+
+    @property
+    def num_clusters(self) -> int:
+        return 2**self.levels
+
+    @property
+    def padded_tokens(self) -> int:
+        return self.cluster_size * self.num_clusters
+
+    @property
+    def num_ghosts(self) -> int:
+        return self.padded_tokens - self.num_tokens
+
+    def cluster_sizes(self) -> List[int]:
+        """Real-token count of each cluster, in clustered order."""
+        sizes = [self.cluster_size] * self.num_clusters
+        for slot in self.ghost_slots:
+            sizes[slot // self.cluster_size] -= 1
+        return sizes
+
+
+@lru_cache(maxsize=256)
+def cluster_layout(num_tokens: int, cluster_size: int = 49) -> ClusterLayout:
+    """The :class:`ClusterLayout` of ``num_tokens`` tokens clustered into groups of about ``cluster_size``."""
+    if not isinstance(num_tokens, int) or num_tokens < 1:
+        raise ValueError(f'num_tokens must be a positive int, got {num_tokens!r}.')
+    if not isinstance(cluster_size, int) or cluster_size < 1:
+        raise ValueError(f'cluster_size must be a positive int, got {cluster_size!r}.')
+    levels = clustering_levels(num_tokens, cluster_size)
+    size = math.ceil(num_tokens / 2**levels)
+    ghosts = [size * 2**levels - num_tokens]
+    per_level = []
+    for _ in range(levels):
+        per_level.append(tuple(ghosts))
+        ghosts = [g for parent in ghosts for g in (parent // 2, parent - parent // 2)]
+    # after the last split every cluster has 0 or 1 ghost, in its last slot
+    slots = tuple(j * size + size - 1 for j, g in enumerate(ghosts) if g)
+    return ClusterLayout(num_tokens, levels, size, tuple(per_level), slots)
+
+
+@lru_cache(maxsize=256)
+def _split_index(group_size: int, ghosts: Tuple[int, ...]) -> Optional[torch.Tensor]:
+    """Where each slot of the two children comes from in a sorted parent row (reals ascending, then ghosts).
+
+    Returns ``(groups, group_size)`` int64 or None when no group has a ghost (the children are plain halves).
+    """
+    if not any(ghosts):
+        return None
+    half = group_size // 2
+    rows = []
+    for g in ghosts:
+        g0 = g // 2
+        real = group_size - g
+        real0, real1 = half - g0, half - (g - g0)
+        child0 = list(range(real0)) + list(range(real, real + g0))
+        child1 = list(range(real0, real0 + real1)) + list(range(real + g0, group_size))
+        rows.append(child0 + child1)
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _check_queries(q: torch.Tensor) -> None:
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f'q must be a torch.Tensor of shape (B, heads, N, head_dim), got {type(q).__name__}.')
+    if q.ndim != 4:
+        raise ValueError(f'q must have shape (B, heads, N, head_dim), got a {q.ndim}-D tensor of shape {tuple(q.shape)}.')
+    if not q.is_floating_point():
+        raise ValueError(f'q must be a floating-point tensor, got dtype {q.dtype}.')
+    if q.shape[2] < 1 or q.shape[3] < 1:
+        raise ValueError(f'q needs at least one token and one channel, got shape {tuple(q.shape)}.')
+
+
+def _clustered_order(
+        q: torch.Tensor,
+        layout: ClusterLayout,
+        iterations: int,
+        temperature: float,
+) -> torch.Tensor:
+    """Padded clustered order ``(B, heads, layout.padded_tokens)``; ghosts are the indices >= N."""
+    B, heads, N, d = q.shape
+    n_pad = layout.padded_tokens
+    rows = B * heads
+    order = torch.arange(n_pad, device=q.device).expand(rows, n_pad)
+    if layout.levels == 0:
+        return order.reshape(B, heads, n_pad)
+
+    # the assignment is discrete (a sort): nothing differentiable flows through it
+    q = q.detach().reshape(rows, N, d)
+    if q.dtype in (torch.float16, torch.bfloat16):
+        q = q.float()  # a split decided in half precision moves many tokens (see REFERENCE.md, bug 5)
+    q = F.pad(q, (0, 0, 0, n_pad - N))
+    # both the raw queries (centroid update) and the unit ones (cosines) are gathered together, once per level
+    feats = torch.cat([q, F.normalize(q, dim=-1)], dim=-1)
+    inf = torch.tensor(float('inf'), dtype=q.dtype, device=q.device)
+    positions = torch.arange(n_pad, device=q.device)
+
+    for level in range(layout.levels):
+        groups = 2**level
+        n = n_pad // groups
+        cur = feats.view(rows, groups, n, 2 * d)
+        raw, unit = cur[..., :d], cur[..., d:]
+        # initial centroids: the two halves of the group in its current order (ghosts add zeros)
+        centroids = F.normalize(raw.unflatten(2, (2, n // 2)).mean(dim=3), dim=-1)  # (rows, groups, 2, d)
+        for _ in range(iterations):
+            assign = torch.softmax(unit @ centroids.transpose(-1, -2) * temperature, dim=-1)  # (rows, groups, n, 2)
+            centroids = F.normalize(assign.transpose(-1, -2) @ raw, dim=-1)
+        cos = unit @ centroids.transpose(-1, -2)
+        key = (cos[..., 0] + 1) / (cos[..., 1] + 1)  # (rows, groups, n)
+        ghosts = layout.ghosts_per_level[level]
+        if any(ghosts):
+            real = n - torch.tensor(ghosts, device=q.device)
+            key = torch.where(positions[:n] >= real[:, None], inf, key)
+        sorted_pos = torch.sort(key, dim=-1).indices
+        split = _split_index(n, ghosts)
+        if split is not None:
+            sorted_pos = sorted_pos.gather(-1, split.to(q.device).expand(rows, -1, -1))
+        # positions are within a group; make them global in the flat row
+        flat_pos = (sorted_pos + positions[:groups, None] * n).reshape(rows, n_pad)
+        order = order.gather(-1, flat_pos)
+        if level + 1 < layout.levels:
+            feats = feats.gather(1, flat_pos[..., None].expand(-1, -1, 2 * d))
+    return order.reshape(B, heads, n_pad)
+
+
+def balanced_hierarchical_clustering(
+        q: torch.Tensor,
+        cluster_size: int = 49,
+        iterations: int = 2,
+        temperature: float = 100.0,
+        return_padded: bool = False,
+) -> torch.Tensor:
+    """Group the tokens of every (image, head) into equal-size clusters by their query features.
+
+    At each of ``K = floor(log2(N // cluster_size))`` levels every group is cut in two balanced halves:
+    the initial centroids are the L2-normalised means of the group's first and second halves (in its current
+    order; raster order at the first level), refined by ``iterations`` soft k-means steps
+    (``a = softmax(temperature * cos)``, ``centroid = normalize(q^T a)`` with un-normalised q), then the tokens
+    are sorted ascending by ``(cos0 + 1) / (cos1 + 1)`` and the sorted list is cut in half. The sorted order is
+    carried into the next level. See the module docstring for N that is not ``cluster_size * 2^K``.
+
+    Args:
+        q: query features, ``(B, heads, N, head_dim)``, any floating dtype. float16/bfloat16 are clustered in
+            float32. No gradient flows through the result.
+        cluster_size: target tokens per cluster (49 in BOAT); clusters hold between ``cluster_size`` and
+            ``2 * cluster_size - 1`` tokens, or all N when ``N < 2 * cluster_size``.
+        iterations: soft k-means refinement steps per split (2 in BOAT).
+        temperature: softmax temperature multiplier of the soft assignment (100 in BOAT).
+        return_padded: return the padded order ``(B, heads, c * 2^K)`` with ghost indices >= N in the slots
+            ``cluster_layout(N, cluster_size).ghost_slots``, instead of the real tokens only.
+
+    Returns:
+        ``(B, heads, N)`` int64: token indices (raster order over the input's N tokens) in clustered order;
+        consecutive runs of ``cluster_layout(N, cluster_size).cluster_sizes()`` tokens form the clusters, the two
+        children of each last-level split are adjacent (clusters 2j and 2j+1), and inside a cluster tokens are in
+        ascending order of the last split key.
+    """
+    _check_queries(q)
+    if not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f'iterations must be a non-negative int, got {iterations!r}.')
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f'temperature must be a positive finite number, got {temperature!r}.')
+    layout = cluster_layout(q.shape[2], cluster_size)
+    with torch.no_grad():
+        order = _clustered_order(q, layout, iterations, temperature)
+    if return_padded or not layout.ghost_slots:
+        return order
+    keep = torch.ones(layout.padded_tokens, dtype=torch.bool)
+    keep[list(layout.ghost_slots)] = False
+    return order[..., keep.to(order.device)]

@@ -1,0 +1,188 @@
+"""Feature-space local attention (FSLA): self-attention inside clusters of tokens with similar queries."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .clustering import ClusterLayout, balanced_hierarchical_clustering, cluster_layout
+
+__all__ = ['feature_space_attention', 'FeatureSpaceAttention']
+
+
+@lru_cache(maxsize=256)
+def _key_slots(layout: ClusterLayout, overlap: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Which clustered-order slots each cluster reads its keys and values from, and which of them are real.
+
+    Cluster 2j reads its own c slots then the first ``overlap`` slots of cluster 2j+1; cluster 2j+1 its own then
+    the last ``overlap`` of cluster 2j (the reference's one-directional sibling overlap). A single cluster has no
+    sibling and reads only itself.
+
+    Returns:
+        ``(G * S,)`` int64 slots with ``S = c + overlap`` (or c), and a ``(G, 1, S)`` bool mask of real keys, or
+        None when the layout has no ghosts.
+    """
+    c, num = layout.cluster_size, layout.num_clusters
+    extra = overlap if num > 1 else 0
+    slots = []
+    for j in range(num):
+        own = list(range(j * c, (j + 1) * c))
+        if extra == 0:
+            sibling = []
+        elif j % 2 == 0:
+            sibling = list(range((j + 1) * c, (j + 1) * c + extra))
+        else:
+            sibling = list(range(j * c - extra, j * c))
+        slots.extend(own + sibling)
+    slots = torch.tensor(slots, dtype=torch.long)
+    if not layout.ghost_slots:
+        return slots, None
+    ghost = torch.zeros(layout.padded_tokens, dtype=torch.bool)
+    ghost[list(layout.ghost_slots)] = True
+    return slots, (~ghost[slots]).view(num, 1, c + extra)
+
+
+def feature_space_attention(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: Optional[float] = None,
+        cluster_size: int = 49,
+        overlap: int = 20,
+        iterations: int = 2,
+        temperature: float = 100.0,
+        dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Attention inside the balanced hierarchical clusters of the queries.
+
+    Every (image, head) is clustered independently by :func:`balanced_hierarchical_clustering` of ``q``; each
+    cluster's queries attend to the cluster's own keys plus ``overlap`` keys of its last-level sibling
+    (see ``_key_slots``). Padding ghosts of an N that is not ``c * 2^K`` are never attended to.
+
+    Args:
+        q, k, v: ``(B, heads, N, head_dim)``.
+        scale: attention logit scale; None means ``head_dim ** -0.5``.
+        cluster_size, iterations, temperature: clustering parameters, see ``balanced_hierarchical_clustering``.
+        overlap: sibling keys and values added to each cluster (20 in BOAT); must be < ``cluster_size``.
+        dropout_p: attention dropout probability.
+
+    Returns:
+        ``(B, heads, N, head_dim)``, tokens in their input order.
+    """
+    if q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f'q, k and v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}.')
+    if not 0 <= overlap < cluster_size:
+        raise ValueError(f'overlap must be in [0, cluster_size={cluster_size}), got {overlap}.')
+    B, heads, N, d = q.shape
+    layout = cluster_layout(N, cluster_size)
+    order = balanced_hierarchical_clustering(q, cluster_size, iterations, temperature, return_padded=True)
+    slots, key_mask = _key_slots(layout, overlap)
+    c, num = layout.cluster_size, layout.num_clusters
+    span = slots.numel() // num
+
+    # ghost slots read the last real token: they are masked as keys and their query outputs are dropped
+    source = order.clamp(max=N - 1)
+    kv_source = source.gather(-1, slots.to(q.device).expand(B, heads, -1))
+    q_c = q.gather(2, source[..., None].expand(-1, -1, -1, d)).view(B, heads * num, c, d)
+    k_c = k.gather(2, kv_source[..., None].expand(-1, -1, -1, d)).view(B, heads * num, span, d)
+    v_c = v.gather(2, kv_source[..., None].expand(-1, -1, -1, d)).view(B, heads * num, span, d)
+    if key_mask is not None:
+        key_mask = key_mask.to(q.device).repeat(heads, 1, 1)
+    out = F.scaled_dot_product_attention(q_c, k_c, v_c, attn_mask=key_mask, dropout_p=dropout_p, scale=scale)
+    out = out.view(B, heads, layout.padded_tokens, d)
+    restored = torch.zeros_like(out).scatter(2, order[..., None].expand(-1, -1, -1, d), out)
+    return restored[:, :, :N]
+
+
+class FeatureSpaceAttention(nn.Module):
+    """BOAT's feature-space local attention with its LePE positional term.
+
+    ``x -> proj(FSLA(q, k, v) + dwconv3x3(v))``, with its own ``qkv`` and ``proj`` (nothing shared with the
+    image-space attention) and the depthwise 3x3 conv applied to V laid out as the ``H x W`` image.
+
+    Key names map to the reference's ``ContentAttention``: ``qkv``, ``proj``, ``lepe`` (reference ``get_v``).
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            qkv_bias: bool = True,
+            scale: Optional[float] = None,
+            cluster_size: int = 49,
+            overlap: int = 20,
+            iterations: int = 2,
+            temperature: float = 100.0,
+            attn_drop: float = 0.0,
+            proj_drop: float = 0.0,
+    ):
+        """
+        Args:
+            dim: channels C.
+            num_heads: heads; must divide ``dim``.
+            qkv_bias: bias of the qkv projection.
+            scale: attention logit scale; None means ``head_dim ** -0.5`` (BOAT-Swin). BOAT-CSWin uses 1.0.
+            cluster_size: target tokens per cluster (49).
+            overlap: sibling tokens added to each cluster's keys and values (20).
+            iterations: soft k-means refinement steps per split (2).
+            temperature: soft-assignment temperature multiplier (100).
+            attn_drop: attention dropout.
+            proj_drop: output dropout.
+        """
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'dim={dim} must be divisible by num_heads={num_heads}.')
+        if not 0 <= overlap < cluster_size:
+            raise ValueError(f'overlap must be in [0, cluster_size={cluster_size}), got {overlap}.')
+        cluster_layout(max(cluster_size, 1), cluster_size)  # validates cluster_size
+        self.dim = dim
+        self.num_heads = num_heads
+        self.scale = scale
+        self.cluster_size = cluster_size
+        self.overlap = overlap
+        self.iterations = iterations
+        self.temperature = temperature
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.lepe = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def extra_repr(self) -> str:
+        return (f'dim={self.dim}, num_heads={self.num_heads}, scale={self.scale}, cluster_size={self.cluster_size}, '
+                f'overlap={self.overlap}')
+
+    def forward(self, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+        """
+        Args:
+            x: ``(B, N, C)`` tokens in raster order of an ``H x W`` grid.
+            size: ``(H, W)`` with ``H * W == N``.
+
+        Returns:
+            ``(B, N, C)``.
+        """
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f'FeatureSpaceAttention expects (B, N, {self.dim}) tokens, got shape {tuple(x.shape)}.')
+        B, N, C = x.shape
+        H, W = size
+        if H * W != N:
+            raise ValueError(f'size {tuple(size)} has {H * W} positions but x has N={N} tokens.')
+        heads = self.num_heads
+        q, k, v = self.qkv(x).view(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out = feature_space_attention(
+            q, k, v,
+            scale=self.scale,
+            cluster_size=self.cluster_size,
+            overlap=self.overlap,
+            iterations=self.iterations,
+            temperature=self.temperature,
+            dropout_p=self.attn_drop if self.training else 0.0,
+        )
+        out = out.transpose(1, 2).reshape(B, N, C)
+        v_img = v.permute(0, 1, 3, 2).reshape(B, C, H, W)
+        out = out + self.lepe(v_img).flatten(2).transpose(1, 2)
+        return self.proj_drop(self.proj(out))

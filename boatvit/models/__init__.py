@@ -1,0 +1,5 @@
+"""The BOAT model families; importing this registers their timm model names."""
+
+from .base import BoatStage, BoatTransformer
+from .boat_cswin import BilateralCSWinBlock, BoatCSWinTransformer, CrossShapedWindowAttention
+from .boat_swin import BilateralSwinBlock, BoatSwinTransformer

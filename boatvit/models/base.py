@@ -1,0 +1,240 @@
+"""What both BOAT families share: a stem, four stages (downsample + bilateral blocks) in NHWC, a norm and a head.
+
+The public model API follows timm's hierarchical models (``swin_transformer.py``): ``forward_features``,
+``forward_head``, ``forward_intermediates``, ``prune_intermediate_layers``, ``reset_classifier``,
+``set_grad_checkpointing``, ``group_matcher``, ``no_weight_decay``, ``feature_info``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import ClassifierHead, trunc_normal_
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint_seq
+
+__all__ = ['BoatStage', 'BoatTransformer', 'init_weights']
+
+FSLA_PLACEMENTS = ('shifted', 'even', 'odd', 'all', 'none')
+
+
+def fsla_in_block(placement: str, index: int, shifted: bool = False) -> bool:
+    """Whether block ``index`` of a stage carries a feature-space attention branch.
+
+    ``shifted`` (BOAT-Swin's reference placement) means: the odd blocks, and only when their windows are shifted,
+    which Swin turns off when the stage is no larger than the window.
+    """
+    if placement not in FSLA_PLACEMENTS:
+        raise ValueError(f'fsla_blocks must be one of {FSLA_PLACEMENTS}, got {placement!r}.')
+    return {
+        'shifted': index % 2 == 1 and shifted,
+        'even': index % 2 == 0,
+        'odd': index % 2 == 1,
+        'all': True,
+        'none': False,
+    }[placement]
+
+
+def init_weights(module: nn.Module) -> None:
+    """The reference initialisation: truncated normal (std .02) Linear weights, zero biases, unit LayerNorm."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class BoatStage(nn.Module):
+    """A downsampling layer (or identity) followed by a sequence of blocks, all on ``(B, H, W, C)`` tensors."""
+
+    def __init__(self, downsample: nn.Module, blocks: Sequence[nn.Module]):
+        super().__init__()
+        self.downsample = downsample
+        self.blocks = nn.Sequential(*blocks)
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+
+class BoatTransformer(nn.Module):
+    """Base of both families. Subclasses build ``patch_embed`` (image -> NHWC), ``layers`` (``BoatStage``s),
+    then call ``_build_head``.
+    """
+
+    output_fmt = 'NHWC'
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]],
+            in_chans: int,
+            num_classes: int,
+            global_pool: str,
+            dynamic_img_size: bool,
+            min_img_size: int,
+    ):
+        """``min_img_size`` is the total stride: smaller images would leave no token in the last stage."""
+        super().__init__()
+        self.min_img_size = min_img_size
+        if not isinstance(in_chans, int) or in_chans < 1:
+            raise ValueError(f'in_chans must be a positive int, got {in_chans!r}.')
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f'num_classes must be a non-negative int (0 for no classifier), got {num_classes!r}.')
+        self.img_size = self._check_img_size(img_size)
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.dynamic_img_size = dynamic_img_size
+        self.feature_info: List[Dict[str, Any]] = []
+
+    def _check_img_size(self, img_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if len(size) != 2 or not all(isinstance(s, int) for s in size) or min(size) < self.min_img_size:
+            raise ValueError(
+                f'img_size must be an int or (height, width) of ints >= {self.min_img_size} '
+                f'(the network downsamples {self.min_img_size}x), got {img_size!r}.')
+        return size
+
+    def _build_head(self, num_features: int, drop_rate: float) -> None:
+        self.num_features = self.head_hidden_size = num_features
+        self.norm = nn.LayerNorm(num_features)
+        self.head = ClassifierHead(
+            num_features, self.num_classes, pool_type=self.global_pool, drop_rate=drop_rate, input_fmt=self.output_fmt)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a ValueError naming the problem when ``x`` is not an image batch this model can take."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f'expected a torch.Tensor of shape (B, {self.in_chans}, H, W), got {type(x).__name__}.')
+        if x.ndim != 4:
+            raise ValueError(
+                f'expected a 4-D image batch (B, {self.in_chans}, H, W), got a {x.ndim}-D tensor of shape '
+                f'{tuple(x.shape)}; add a batch dimension with x.unsqueeze(0) for a single image.')
+        if not x.is_floating_point():
+            raise ValueError(f'expected a floating-point image tensor, got dtype {x.dtype}; convert with x.float() '
+                             '(and normalise with the model\'s mean/std).')
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f'expected {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)}); '
+                             f'create the model with in_chans={x.shape[1]} or convert the images.')
+        if x.shape[0] == 0:
+            raise ValueError('got an empty batch (B = 0); pass at least one image.')
+        H, W = x.shape[-2:]
+        if self.dynamic_img_size:
+            if min(H, W) < self.min_img_size:
+                raise ValueError(f'image size {H}x{W} is too small: each side must be at least {self.min_img_size} '
+                                 f'pixels (the network downsamples {self.min_img_size}x).')
+        elif (H, W) != self.img_size:
+            raise ValueError(
+                f'this model was built for {self.img_size[0]}x{self.img_size[1]} images, got {H}x{W}. Create it with '
+                f'dynamic_img_size=True to accept any size >= {self.min_img_size}, or with img_size=({H}, {W}), '
+                'or call model.set_input_size(img_size=...).')
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        return {n for n, _ in self.named_parameters() if 'relative_position_bias_table' in n}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r'^patch_embed',
+            blocks=r'^layers\.(\d+)' if coarse else [
+                (r'^layers\.(\d+).downsample', (0,)),
+                (r'^layers\.(\d+)\.\w+\.(\d+)', None),
+                (r'^norm', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f'num_classes must be a non-negative int, got {num_classes!r}.')
+        self.num_classes = num_classes
+        self.head.reset(num_classes, pool_type=global_pool, in_features=self.num_features)
+        if global_pool is not None:
+            self.global_pool = global_pool
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs (after each stage's last block, before the next patch merging and the final norm).
+
+        Args:
+            x: ``(B, in_chans, H, W)`` images.
+            indices: last n stages if int, all if None, else the stage indices to return.
+            norm: apply the final norm to the last stage's output.
+            stop_early: stop after the last requested stage.
+            output_fmt: ``'NCHW'`` (default) or ``'NHWC'``.
+            intermediates_only: return only the list.
+
+        Returns:
+            The list of ``(B, C_i, H_i, W_i)`` tensors, or ``(final features, list)``.
+        """
+        if output_fmt not in ('NCHW', 'NHWC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}.")
+        self.check_input(x)
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        stages = self.layers if torch.jit.is_scripting() or not stop_early else self.layers[:max_index + 1]
+        last = len(self.layers) - 1
+        intermediates = []
+        x = self.patch_embed(x)
+        i = 0
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                out = self.norm(x) if norm and i == last else x
+                intermediates.append(out.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else out)
+        if intermediates_only:
+            return intermediates
+        if i == last:
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        prune_end = max_index < len(self.layers) - 1
+        self.layers = self.layers[:max_index + 1]
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or prune_end:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, in_chans, H, W)`` images to ``(B, H/32, W/32, num_features)`` normalised features (NHWC)."""
+        self.check_input(x)
+        x = self.patch_embed(x)
+        x = self.layers(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
