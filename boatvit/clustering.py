@@ -6,11 +6,12 @@ equal halves, then each half into two, ``K`` times, until 2^K clusters of 49 tok
 
 * Levels: ``K = floor(log2(N // cluster_size))`` (0 when ``N < 2 * cluster_size``), the reference's own formula.
 * The token set is padded with ``P = c * 2^K - N`` *ghost* tokens, ``c = ceil(N / 2^K)`` being the padded cluster
-  size (``cluster_size <= c < 2 * cluster_size`` whenever ``K >= 1``). Ghosts have a zero query, so they add
+  size (``cluster_size <= c <= 2 * cluster_size`` whenever ``K >= 1``). Ghosts have a zero query, so they add
   nothing to any centroid, and they always sort after the real tokens of their group.
 * Ghosts are spread over the tree so the real halves of every split differ by at most one token: a group with g
   ghosts gives ``g // 2`` to its first child and the rest to its second. Since ``P < 2^K`` each final cluster holds
-  ``c`` or ``c - 1`` real tokens, and its ghost, if any, sits in its last slot.
+  ``floor(N / 2^K)`` or ``ceil(N / 2^K)`` real tokens (between ``cluster_size`` and ``2 * cluster_size``), and its
+  ghost, if any, sits in its last slot.
 
 Everything about the ghosts depends only on ``(N, cluster_size)``: it is the :class:`ClusterLayout`.
 """
@@ -193,7 +194,7 @@ def balanced_hierarchical_clustering(
         q: query features, ``(B, heads, N, head_dim)``, any floating dtype. float16/bfloat16 are clustered in
             float32. No gradient flows through the result.
         cluster_size: target tokens per cluster (49 in BOAT); clusters hold between ``cluster_size`` and
-            ``2 * cluster_size - 1`` tokens, or all N when ``N < 2 * cluster_size``.
+            ``2 * cluster_size`` tokens (sizes differ by at most one), or all N when ``N < 2 * cluster_size``.
         iterations: soft k-means refinement steps per split (2 in BOAT).
         temperature: softmax temperature multiplier of the soft assignment (100 in BOAT).
         return_padded: return the padded order ``(B, heads, c * 2^K)`` with ghost indices >= N in the slots

@@ -1,0 +1,102 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from boatvit import balanced_hierarchical_clustering, cluster_layout
+from boatvit.fsla import FeatureSpaceAttention
+
+from naive_fsla import naive_permutation
+
+
+def _fixture_queries(fixture):
+    info = fixture.meta['first_fsla']
+    module = FeatureSpaceAttention(info['dim'], info['num_heads'], scale=info['scale']).double()
+    module.load_state_dict(fixture.first_fsla_weights())
+    x = fixture.tensors['fsla.input']
+    B, N, C = x.shape
+    with torch.no_grad():
+        return module.qkv(x).view(B, N, 3, info['num_heads'], -1)[:, :, 0].transpose(1, 2)
+
+
+def test_fixture_permutation_is_exact(reference_fixture):
+    perm = balanced_hierarchical_clustering(_fixture_queries(reference_fixture))
+    assert torch.equal(perm, reference_fixture.tensors['fsla.perm'])
+
+
+@pytest.mark.parametrize('n', [49 * 4, 49 * 8, 100, 150, 250, 60, 30, 1, 2])
+def test_matches_naive_clustering(n):
+    g = torch.Generator().manual_seed(n)
+    q = torch.randn(2, 2, n, 8, generator=g, dtype=torch.float64)
+    assert torch.equal(balanced_hierarchical_clustering(q), naive_permutation(q))
+
+
+def test_small_cluster_size_matches_naive():
+    q = torch.randn(1, 3, 77, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(balanced_hierarchical_clustering(q, cluster_size=5), naive_permutation(q, cluster_size=5))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 700),
+    batch=st.integers(1, 3),
+    heads=st.integers(1, 3),
+    cluster_size=st.sampled_from([7, 16, 49]),
+    factor=st.floats(1e-3, 1e3),
+    seed=st.integers(0, 2**16),
+)
+def test_permutation_properties(n, batch, heads, cluster_size, factor, seed):
+    q = torch.randn(batch, heads, n, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    perm = balanced_hierarchical_clustering(q, cluster_size)
+    assert perm.shape == (batch, heads, n)
+    expected = torch.arange(n).expand(batch, heads, n)
+    assert torch.equal(perm.sort(-1).values, expected)
+    layout = cluster_layout(n, cluster_size)
+    sizes = layout.cluster_sizes()
+    assert sum(sizes) == n
+    if layout.levels:
+        assert all(cluster_size <= s <= 2 * cluster_size for s in sizes)
+        assert max(sizes) - min(sizes) <= 1
+    else:
+        assert sizes == [n]
+    # a positive rescaling of the queries changes no cosine and no split
+    assert torch.equal(balanced_hierarchical_clustering(q * factor, cluster_size), perm)
+
+
+def test_layout_at_reference_sizes_has_no_ghosts():
+    for levels in range(7):
+        layout = cluster_layout(49 * 2**levels)
+        assert (layout.levels, layout.cluster_size, layout.num_ghosts) == (levels, 49, 0)
+
+
+def test_half_precision_is_clustered_in_float32():
+    q = torch.randn(2, 2, 196, 16, generator=torch.Generator().manual_seed(0)).half()
+    assert torch.equal(balanced_hierarchical_clustering(q), balanced_hierarchical_clustering(q.float()))
+
+
+def test_no_gradient_through_assignment():
+    q = torch.randn(1, 1, 98, 4, requires_grad=True)
+    perm = balanced_hierarchical_clustering(q)
+    assert not perm.requires_grad and perm.dtype == torch.int64
+
+
+@pytest.mark.parametrize('bad, message', [
+    (torch.randn(4, 8), '2-D tensor'),
+    (torch.randint(0, 3, (1, 1, 10, 4)), 'floating'),
+    (torch.randn(1, 1, 0, 4), 'at least one token'),
+])
+def test_bad_queries(bad, message):
+    with pytest.raises(ValueError, match=message):
+        balanced_hierarchical_clustering(bad)
+
+
+def test_bad_arguments():
+    q = torch.randn(1, 1, 10, 4)
+    with pytest.raises(ValueError, match='cluster_size'):
+        balanced_hierarchical_clustering(q, cluster_size=0)
+    with pytest.raises(ValueError, match='iterations'):
+        balanced_hierarchical_clustering(q, iterations=-1)
+    with pytest.raises(ValueError, match='temperature'):
+        balanced_hierarchical_clustering(q, temperature=0.0)
+    with pytest.raises(TypeError, match='torch.Tensor'):
+        balanced_hierarchical_clustering([[1.0]])

@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from boatvit import FeatureSpaceAttention, feature_space_attention
+
+from naive_fsla import naive_feature_space_attention
+
+
+def _qkv(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g, dtype=torch.float64) for _ in range(3)]
+
+
+@pytest.mark.parametrize('n, heads, scale', [
+    (196, 2, None),     # 4 clusters of 49, no ghosts
+    (392, 1, 1.0),      # 8 clusters
+    (49, 2, None),      # a single cluster: no overlap
+    (150, 2, None),     # ghosts: 3 real clusters of 75 padded to 2 x 75
+    (257, 1, 0.3),      # ghosts spread over 4 clusters
+    (20, 3, None),      # fewer tokens than a cluster
+])
+def test_matches_naive(n, heads, scale):
+    q, k, v = _qkv((2, heads, n, 8), n)
+    out = feature_space_attention(q, k, v, scale=scale)
+    expected = naive_feature_space_attention(q, k, v, scale=scale)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_matches_naive_small_clusters_and_overlap():
+    q, k, v = _qkv((1, 2, 90, 4), 7)
+    out = feature_space_attention(q, k, v, cluster_size=10, overlap=3)
+    expected = naive_feature_space_attention(q, k, v, cluster_size=10, overlap=3)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_module_matches_naive_with_lepe_and_projection():
+    torch.manual_seed(0)
+    module = FeatureSpaceAttention(16, 2).double().eval()
+    x = torch.randn(2, 10 * 13, 16, dtype=torch.float64)
+    B, N, C = x.shape
+    q, k, v = module.qkv(x).view(B, N, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    attn = naive_feature_space_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+    lepe = module.lepe(v.permute(0, 1, 3, 2).reshape(B, C, 10, 13)).flatten(2).transpose(1, 2)
+    expected = module.proj(attn + lepe)
+    torch.testing.assert_close(module(x, (10, 13)), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_fixture_output(reference_fixture):
+    info = reference_fixture.meta['first_fsla']
+    module = FeatureSpaceAttention(info['dim'], info['num_heads'], scale=info['scale']).double().eval()
+    module.load_state_dict(reference_fixture.first_fsla_weights())
+    t = reference_fixture.tensors
+    side = int(info['tokens'] ** 0.5)
+    with torch.no_grad():
+        out = module(t['fsla.input'], (side, side))
+    close = dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out.sum(-1), t['fsla.output.token_sum'], **close)
+    torch.testing.assert_close(out.sum(1), t['fsla.output.channel_sum'], **close)
+    torch.testing.assert_close(out[:, t['fsla.output.sample_idx']], t['fsla.output.sample'], **close)
+
+
+def test_gradients_reach_q_k_v():
+    q, k, v = (t.requires_grad_() for t in _qkv((1, 2, 150, 4), 1))
+    feature_space_attention(q, k, v).square().sum().backward()
+    for t in (q, k, v):
+        assert t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
+
+
+def test_bad_input():
+    module = FeatureSpaceAttention(8, 2)
+    with pytest.raises(ValueError, match=r'\(B, N, 8\)'):
+        module(torch.randn(2, 10, 4), (2, 5))
+    with pytest.raises(ValueError, match='positions'):
+        module(torch.randn(2, 10, 8), (3, 3))
+    with pytest.raises(ValueError, match='divisible'):
+        FeatureSpaceAttention(10, 3)
+    with pytest.raises(ValueError, match='overlap'):
+        FeatureSpaceAttention(8, 2, cluster_size=10, overlap=10)
+    with pytest.raises(ValueError, match='same shape'):
+        feature_space_attention(torch.randn(1, 1, 4, 2), torch.randn(1, 1, 5, 2), torch.randn(1, 1, 4, 2))

@@ -1,0 +1,158 @@
+"""The timm contract and the reference numbers, for both families."""
+
+import pytest
+import timm
+import torch
+
+import boatvit
+
+from full_size import REFERENCE_PARAMS
+CLOSE = dict(rtol=1e-10, atol=1e-10)
+SMALL = {
+    'swin': dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), num_classes=5),
+    'cswin': dict(embed_dim=16, depths=(1, 2, 1, 1), num_heads=(2, 2, 4, 4), split_size=(1, 2, 7, 7), num_classes=5),
+}
+
+
+def small_model(family, **kwargs):
+    cls = boatvit.BoatSwinTransformer if family == 'swin' else boatvit.BoatCSWinTransformer
+    return cls(**dict(SMALL[family], drop_path_rate=0.0, **kwargs))
+
+
+@pytest.mark.parametrize('name', REFERENCE_PARAMS)
+def test_default_cfg(name):
+    cfg = timm.models.get_pretrained_cfg(name)
+    assert cfg.paper_ids == 'arXiv:2201.13027'
+    assert cfg.origin_url == 'https://github.com/mahaoyuHKU/pytorch-boat'
+    assert cfg.input_size == (3, 224, 224) and cfg.classifier == 'head.fc' and cfg.first_conv == 'patch_embed.proj'
+
+
+def test_fixture_logits_and_stages(reference_fixture):
+    model = reference_fixture.build()
+    t = reference_fixture.tensors
+    with torch.no_grad():
+        x = t['input'].double()
+        torch.testing.assert_close(model(x), t['logits'], **CLOSE)
+        stages = model.forward_intermediates(x, intermediates_only=True)
+    assert len(stages) == 4
+    for i, stage in enumerate(stages):
+        torch.testing.assert_close(stage.flatten(2).transpose(1, 2), t[f'stages.{i}'], **CLOSE)
+
+
+@pytest.mark.slow
+def test_fixture_batch_independence(reference_fixture):
+    """An image's output does not depend on its batch (the reference's single-cluster bug leaked across it)."""
+    model = reference_fixture.build()
+    x = reference_fixture.tensors['input'].double()
+    x3 = torch.cat([x, x[:1].flip(-1)])
+    with torch.no_grad():
+        alone = torch.cat([model(x3[i:i + 1]) for i in range(3)])
+        torch.testing.assert_close(model(x3[:2]), alone[:2], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(model(x3), alone, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('family', ['swin', 'cswin'])
+def test_backward_every_parameter_gets_a_finite_gradient(family):
+    torch.manual_seed(0)
+    model = small_model(family, attn_drop_rate=0.1).train()
+    model(torch.randn(2, 3, 224, 224)).logsumexp(-1).sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize('family', ['swin', 'cswin'])
+def test_grad_checkpointing_gives_the_same_output_and_gradients(family):
+    torch.manual_seed(0)
+    model = small_model(family).double()
+    x = torch.randn(2, 3, 224, 224, dtype=torch.float64)
+    out = model(x)
+    out.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    out_ckpt = model(x)
+    out_ckpt.sum().backward()
+    torch.testing.assert_close(out_ckpt, out, rtol=1e-12, atol=1e-12)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize('family', ['swin', 'cswin'])
+def test_forward_features_head_and_intermediates(family):
+    model = small_model(family).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.shape == (1, 7, 7, model.num_features)
+        torch.testing.assert_close(model.forward_head(feats), model(x))
+        assert model.forward_head(feats, pre_logits=True).shape == (1, model.num_features)
+        final, inter = model.forward_intermediates(x)
+        torch.testing.assert_close(final, feats)
+        assert [t.shape[1:] for t in inter] == [
+            (info['num_chs'], 224 // info['reduction'], 224 // info['reduction']) for info in model.feature_info]
+        torch.testing.assert_close(model.norm(inter[-1].permute(0, 2, 3, 1)), feats)
+        assert len(model.forward_intermediates(x, indices=2, intermediates_only=True)) == 2
+
+
+@pytest.mark.parametrize('family', ['swin', 'cswin'])
+def test_reset_classifier_and_prune(family):
+    model = small_model(family)
+    model.reset_classifier(7)
+    assert model(torch.randn(1, 3, 224, 224)).shape == (1, 7)
+    model.reset_classifier(0)
+    assert model(torch.randn(1, 3, 224, 224)).shape == (1, model.num_features)
+    kept = model.prune_intermediate_layers(indices=[0, 1])
+    assert kept == [0, 1] and len(model.layers) == 2
+    assert model.num_features == model.feature_info[1]['num_chs']
+
+
+@pytest.mark.parametrize('name', ['boat_swin_tiny_224', 'boat_cswin_tiny_224'])
+def test_create_model_overrides(name):
+    swin = name.startswith('boat_swin')
+    extra = dict(window_size=4) if swin else dict(split_size=(1, 2, 4, 4))
+    model = timm.create_model(name, embed_dim=16, depths=(1, 2, 1, 1), num_heads=(2, 2, 4, 4), num_classes=3,
+                              drop_path_rate=0.2, img_size=128, **extra)
+    assert model.layers[0].blocks[0].norm1.normalized_shape == (16,)
+    assert [len(stage.blocks) for stage in model.layers] == [1, 2, 1, 1]
+    assert model.layers[1].blocks[1].attn.num_heads == 2
+    assert model.head.fc.out_features == 3
+    block = model.layers[3].blocks[0]
+    assert block.drop_path1.drop_prob == pytest.approx(0.2) if swin else block.drop_path.drop_prob == pytest.approx(0.2)
+    if swin:
+        assert model.layers[0].blocks[0].attn.window_size == (4, 4)
+    else:
+        assert model.layers[2].blocks[0].attn.split_size == 4
+    assert model(torch.randn(1, 3, 128, 128)).shape == (1, 3)
+
+
+@pytest.mark.parametrize('family', ['swin', 'cswin'])
+def test_group_matcher_and_no_weight_decay(family):
+    model = small_model(family)
+    groups = timm.models.group_parameters(model, model.group_matcher())
+    assert sum(len(v) for v in groups.values()) == len(list(model.parameters()))
+    nwd = model.no_weight_decay()
+    assert all('relative_position_bias_table' in n for n in nwd)
+    assert bool(nwd) == (family == 'swin')
+
+
+@pytest.mark.parametrize('family', ['swin', 'cswin'])
+def test_bad_input_raises_clear_errors(family):
+    model = small_model(family)
+    with pytest.raises(ValueError, match='input channels'):
+        model(torch.randn(1, 1, 224, 224))
+    with pytest.raises(ValueError, match='4-D'):
+        model(torch.randn(224, 224))
+    with pytest.raises(ValueError, match='floating-point'):
+        model(torch.zeros(1, 3, 224, 224, dtype=torch.uint8))
+    with pytest.raises(ValueError, match='built for 224x224.*dynamic_img_size=True'):
+        model(torch.randn(1, 3, 200, 240))
+    with pytest.raises(ValueError, match='empty batch'):
+        model(torch.randn(0, 3, 224, 224))
+    with pytest.raises(TypeError, match='torch.Tensor'):
+        model([1, 2, 3])
+    with pytest.raises(ValueError, match='img_size'):
+        small_model(family, img_size=16)
+    with pytest.raises(ValueError, match='fsla_blocks'):
+        small_model(family, fsla_blocks='sometimes')
