@@ -318,7 +318,7 @@ def boat_swin_base_224(pretrained: bool = False, **kwargs: Any) -> BoatSwinTrans
 
 @register_model
 def boat_swin_nano_32(pretrained: bool = False, **kwargs: Any) -> BoatSwinTransformer:
-    """A 0.4 M-parameter BOAT-Swin for 32x32 images: patch 2, window 4, FSLA in stages 1 and 2."""
+    """A 2.3 M-parameter BOAT-Swin for 32x32 images: patch 2, window 4, FSLA in stages 1 and 2."""
     model_args = dict(
         img_size=32, patch_size=2, window_size=4, embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
         num_classes=10, drop_path_rate=0.0)
