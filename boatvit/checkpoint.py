@@ -72,7 +72,8 @@ def detect_family(state_dict: Mapping[str, torch.Tensor]) -> str:
     if any('relative_position_bias_table' in k for k in keys):
         return 'swin'
     raise ValueError('cannot tell the model family from the checkpoint keys: it has neither BOAT-Swin keys '
-                     f'(relative_position_bias_table) nor BOAT-CSWin keys (stage1..., attn.lepe); first keys: {keys[:5]}.')
+                     '(relative_position_bias_table) nor BOAT-CSWin keys (stage1..., attn.lepe); '
+                     f'first keys: {keys[:5]}.')
 
 
 def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: BoatTransformer) -> Dict[str, torch.Tensor]:
@@ -99,7 +100,8 @@ def _strict_check(converted: Mapping[str, torch.Tensor], model: nn.Module) -> No
         if shapes:
             lines.append(f'{len(shapes)} with another shape: {shapes}')
         raise ValueError('the checkpoint does not match the model; nothing was loaded.\n' + '\n'.join(lines)
-                         + '\nCheck that the model variant (and num_classes, depths, embed_dim) matches the checkpoint.')
+                         + '\nCheck that the model variant (and num_classes, depths, embed_dim) matches the '
+                         'checkpoint.')
 
 
 def load_reference_weights(

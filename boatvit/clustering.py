@@ -115,7 +115,8 @@ def _check_queries(q: torch.Tensor) -> None:
     if not isinstance(q, torch.Tensor):
         raise TypeError(f'q must be a torch.Tensor of shape (B, heads, N, head_dim), got {type(q).__name__}.')
     if q.ndim != 4:
-        raise ValueError(f'q must have shape (B, heads, N, head_dim), got a {q.ndim}-D tensor of shape {tuple(q.shape)}.')
+        raise ValueError(
+            f'q must have shape (B, heads, N, head_dim), got a {q.ndim}-D tensor of shape {tuple(q.shape)}.')
     if not q.is_floating_point():
         raise ValueError(f'q must be a floating-point tensor, got dtype {q.dtype}.')
     if q.shape[2] < 1 or q.shape[3] < 1:

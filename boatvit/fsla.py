@@ -74,7 +74,8 @@ def feature_space_attention(
         ``(B, heads, N, head_dim)``, tokens in their input order.
     """
     if q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f'q, k and v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}.')
+        raise ValueError(
+            f'q, k and v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}.')
     if not 0 <= overlap < cluster_size:
         raise ValueError(f'overlap must be in [0, cluster_size={cluster_size}), got {overlap}.')
     B, heads, N, d = q.shape

@@ -7,15 +7,16 @@ The public model API follows timm's hierarchical models (``swin_transformer.py``
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.layers import ClassifierHead, trunc_normal_
+from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
-__all__ = ['BoatStage', 'BoatTransformer', 'init_weights']
+__all__ = ['BoatStage', 'BoatTransformer', 'build_boat_model', 'init_weights']
 
 FSLA_PLACEMENTS = ('shifted', 'even', 'odd', 'all', 'none')
 
@@ -238,3 +239,28 @@ class BoatTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def build_boat_model(
+        model_cls: type,
+        variant: str,
+        pretrained: bool,
+        checkpoint_filter_fn: Callable,
+        default_depths: Tuple[int, ...],
+        **kwargs: Any,
+) -> nn.Module:
+    """timm's ``build_model_with_cfg`` for a BOAT family, with ``features_only`` served by
+    ``forward_intermediates`` (NCHW maps) and a ``pretrained_cfg`` that tells whether the input size is fixed."""
+    out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', default_depths)))))
+    model = build_model_with_cfg(
+        model_cls,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs,
+    )
+    if isinstance(model, BoatTransformer):
+        model.pretrained_cfg = model.default_cfg = dict(model.pretrained_cfg,
+                                                        fixed_input_size=not model.dynamic_img_size)
+    return model

@@ -21,11 +21,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, to_2tuple
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import DropPath, Mlp
+from timm.models import generate_default_cfgs, register_model
 
 from ..fsla import FeatureSpaceAttention
-from .base import BoatStage, BoatTransformer, fsla_in_block, init_weights
+from .base import BoatStage, BoatTransformer, build_boat_model, fsla_in_block, init_weights
 
 __all__ = ['stripe_attention', 'CrossShapedWindowAttention', 'BilateralCSWinBlock', 'BoatCSWinTransformer']
 
@@ -333,15 +333,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: BoatCSWinTr
 
 
 def _create_boat_cswin(variant: str, pretrained: bool = False, **kwargs: Any) -> BoatCSWinTransformer:
-    out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (1, 2, 21, 1))))))
-    return build_model_with_cfg(
-        BoatCSWinTransformer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    return build_boat_model(BoatCSWinTransformer, variant, pretrained, checkpoint_filter_fn, (1, 2, 21, 1), **kwargs)
 
 
 def _cfg(**kwargs: Any) -> Dict[str, Any]:

@@ -16,13 +16,13 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, PatchEmbed, resize_rel_pos_bias_table, to_2tuple
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import DropPath, PatchEmbed, resize_rel_pos_bias_table
+from timm.models import generate_default_cfgs, register_model
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, calc_stage_window_sizes, \
     resolve_stage_window_sizes
 
 from ..fsla import FeatureSpaceAttention
-from .base import BoatStage, BoatTransformer, fsla_in_block, init_weights
+from .base import BoatStage, BoatTransformer, build_boat_model, fsla_in_block, init_weights
 
 __all__ = ['BilateralSwinBlock', 'BoatSwinTransformer']
 
@@ -250,15 +250,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: BoatSwinTra
 
 
 def _create_boat_swin(variant: str, pretrained: bool = False, **kwargs: Any) -> BoatSwinTransformer:
-    out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (2, 2, 6, 2))))))
-    return build_model_with_cfg(
-        BoatSwinTransformer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    return build_boat_model(BoatSwinTransformer, variant, pretrained, checkpoint_filter_fn, (2, 2, 6, 2), **kwargs)
 
 
 def _cfg(**kwargs: Any) -> Dict[str, Any]:
