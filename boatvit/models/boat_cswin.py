@@ -61,8 +61,9 @@ def stripe_attention(
     d = C // num_heads
     area = sh * sw
 
-    def to_windows(t: torch.Tensor) -> torch.Tensor:  # (B, Hp, Wp, C) -> (B * nW, area, C)
-        return t.view(B, Hp // sh, sh, Wp // sw, sw, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, area, C)
+    def to_windows(t: torch.Tensor) -> torch.Tensor:  # (B, Hp, Wp, c) -> (B * nW, area, c)
+        c = t.shape[-1]
+        return t.view(B, Hp // sh, sh, Wp // sw, sw, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, area, c)
 
     def to_heads(t: torch.Tensor) -> torch.Tensor:  # (B * nW, area, C) -> (B * nW, heads, area, d)
         return t.view(-1, area, num_heads, d).transpose(1, 2)
