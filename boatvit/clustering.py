@@ -123,6 +123,29 @@ def _check_queries(q: torch.Tensor) -> None:
         raise ValueError(f'q needs at least one token and one channel, got shape {tuple(q.shape)}.')
 
 
+@lru_cache(maxsize=256)
+def _ghost_keys(group_size: int, ghosts: Tuple[int, ...]) -> Optional[torch.Tensor]:
+    """``(groups, group_size)`` bool, True at the ghost slots of every group (its last ones), or None if none."""
+    if not any(ghosts):
+        return None
+    real = group_size - torch.tensor(ghosts)
+    return torch.arange(group_size) >= real[:, None]
+
+
+def _argsort_rows(key: torch.Tensor) -> torch.Tensor:
+    """Ascending order of every row of ``key`` ``(rows, n)``, as indices into the flattened ``key``."""
+    rows, n = key.shape
+    offsets = torch.arange(0, rows * n, n, device=key.device)[:, None]
+    if key.dtype == torch.float32 and key.device.type == 'cpu':
+        # torch sorts a large 1-D integer tensor with a parallel radix sort, several times faster on CPU than its
+        # comparison sort of many short rows: one 64-bit code per token, its row above an order-preserving image
+        # of its float32 bits (negative floats have their magnitude bits flipped, then all are offset by 2^31)
+        bits = key.view(torch.int32).long()
+        code = (bits ^ ((bits >> 31) & 0x7FFFFFFF)) + 2**31 + (offsets // n << 32)
+        return torch.sort(code.view(-1)).indices
+    return (torch.sort(key, dim=-1).indices + offsets).view(-1)
+
+
 def _clustered_order(
         q: torch.Tensor,
         layout: ClusterLayout,
@@ -133,46 +156,46 @@ def _clustered_order(
     B, heads, N, d = q.shape
     n_pad = layout.padded_tokens
     rows = B * heads
-    order = torch.arange(n_pad, device=q.device).expand(rows, n_pad)
     if layout.levels == 0:
-        return order.reshape(B, heads, n_pad)
+        return torch.arange(n_pad, device=q.device).expand(B, heads, n_pad)
 
     # the assignment is discrete (a sort): nothing differentiable flows through it
-    q = q.detach().reshape(rows, N, d)
+    q = q.detach()
     if q.dtype in (torch.float16, torch.bfloat16):
         q = q.float()  # a split decided in half precision moves many tokens (see REFERENCE.md, bug 5)
-    q = F.pad(q, (0, 0, 0, n_pad - N))
-    # both the raw queries (centroid update) and the unit ones (cosines) are gathered together, once per level
-    feats = torch.cat([q, F.normalize(q, dim=-1)], dim=-1)
-    inf = torch.tensor(float('inf'), dtype=q.dtype, device=q.device)
-    positions = torch.arange(n_pad, device=q.device)
+    # the only copy of the queries, zero-padded with the ghosts; every level moves it once, to its new order
+    raw = q.new_zeros(rows * n_pad, d)
+    raw.view(B, heads, n_pad, d)[:, :, :N] = q
+    # cosines are (q . c) / max(|q|, eps), F.normalize's convention; the norms travel with the tokens
+    inv_norm = raw.norm(dim=-1).clamp_min(1e-12).reciprocal()
+    order = torch.arange(rows * n_pad, device=q.device)  # flat positions in the padded (rows, n_pad) input
 
     for level in range(layout.levels):
-        groups = 2**level
-        n = n_pad // groups
-        cur = feats.view(rows, groups, n, 2 * d)
-        raw, unit = cur[..., :d], cur[..., d:]
+        groups = rows * 2**level
+        n = n_pad >> level
+        x = raw.view(groups, n, d)
+        inv = inv_norm.view(groups, 1, n)
         # initial centroids: the two halves of the group in its current order (ghosts add zeros)
-        centroids = F.normalize(raw.unflatten(2, (2, n // 2)).mean(dim=3), dim=-1)  # (rows, groups, 2, d)
+        centroids = F.normalize(x.view(groups, 2, n // 2, d).mean(2), dim=-1)  # (groups, 2, d)
+        # (groups, 2, n) layout: the softmax over the two centroids runs along a strided axis, vectorised over n
         for _ in range(iterations):
-            assign = torch.softmax(unit @ centroids.transpose(-1, -2) * temperature, dim=-1)  # (rows, groups, n, 2)
-            centroids = F.normalize(assign.transpose(-1, -2) @ raw, dim=-1)
-        cos = unit @ centroids.transpose(-1, -2)
-        key = (cos[..., 0] + 1) / (cos[..., 1] + 1)  # (rows, groups, n)
+            assign = torch.softmax(torch.bmm(centroids, x.transpose(1, 2)) * inv * temperature, dim=1)
+            centroids = F.normalize(torch.bmm(assign, x), dim=-1)
+        cos = torch.bmm(centroids, x.transpose(1, 2)) * inv
+        key = (cos[:, 0] + 1) / (cos[:, 1] + 1)  # (groups, n)
         ghosts = layout.ghosts_per_level[level]
-        if any(ghosts):
-            real = n - torch.tensor(ghosts, device=q.device)
-            key = torch.where(positions[:n] >= real[:, None], inf, key)
-        sorted_pos = torch.sort(key, dim=-1).indices
+        ghost_keys = _ghost_keys(n, ghosts)
+        if ghost_keys is not None:
+            key = key.view(rows, -1, n).masked_fill(ghost_keys.to(q.device), float('inf')).view(groups, n)
+        flat = _argsort_rows(key)
         split = _split_index(n, ghosts)
         if split is not None:
-            sorted_pos = sorted_pos.gather(-1, split.to(q.device).expand(rows, -1, -1))
-        # positions are within a group; make them global in the flat row
-        flat_pos = (sorted_pos + positions[:groups, None] * n).reshape(rows, n_pad)
-        order = order.gather(-1, flat_pos)
+            flat = flat.view(rows, -1, n).gather(-1, split.to(q.device).expand(rows, -1, -1)).view(-1)
+        order = order.index_select(0, flat)
         if level + 1 < layout.levels:
-            feats = feats.gather(1, flat_pos[..., None].expand(-1, -1, 2 * d))
-    return order.reshape(B, heads, n_pad)
+            raw = raw.index_select(0, flat)
+            inv_norm = inv_norm.index_select(0, flat)
+    return (order % n_pad).view(B, heads, n_pad)
 
 
 def balanced_hierarchical_clustering(

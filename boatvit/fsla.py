@@ -46,6 +46,51 @@ def _key_slots(layout: ClusterLayout, overlap: int) -> Tuple[torch.Tensor, Optio
     return slots, (~ghost[slots]).view(num, 1, c + extra)
 
 
+def _packed_feature_space_attention(
+        qkv: torch.Tensor,
+        scale: Optional[float],
+        cluster_size: int,
+        overlap: int,
+        iterations: int,
+        temperature: float,
+        dropout_p: float,
+) -> torch.Tensor:
+    """:func:`feature_space_attention` on ``qkv`` packed as ``(B, N, 3, heads, head_dim)``, the layout of a qkv
+    Linear's output, returning ``(B, N, heads * head_dim)``, the layout its output projection takes.
+
+    The clustered q, k and v are fetched straight from that layout with two row gathers (``index_select``, a copy of
+    whole ``head_dim`` rows) and the output is put back in token order by a third: no head-major copy of q, k, v or
+    of the output is ever made.
+    """
+    B, N, _, heads, d = qkv.shape
+    layout = cluster_layout(N, cluster_size)
+    order = balanced_hierarchical_clustering(
+        qkv[:, :, 0].transpose(1, 2), cluster_size, iterations, temperature, return_padded=True)
+    slots, key_mask = _key_slots(layout, overlap)
+    c, num, n_pad = layout.cluster_size, layout.num_clusters, layout.padded_tokens
+    span = slots.numel() // num
+    device = qkv.device
+
+    # row of q[b, t, h] in qkv.view(-1, d); k and v of the same (b, t, h) are heads and 2 * heads rows further.
+    # Ghost slots read the last real token: they are masked as keys and their query outputs are dropped.
+    image_rows = torch.arange(0, B * N * 3 * heads, N * 3 * heads, device=device).view(B, 1, 1)
+    q_rows = image_rows + order.clamp(max=N - 1) * (3 * heads) + torch.arange(heads, device=device).view(1, heads, 1)
+    kv_rows = q_rows.gather(-1, slots.to(device).expand(B, heads, -1))
+    kv_rows = torch.stack([kv_rows + heads, kv_rows + 2 * heads])
+    rows = qkv.reshape(-1, d)
+    q_c = rows.index_select(0, q_rows.view(-1)).view(B, heads * num, c, d)
+    k_c, v_c = rows.index_select(0, kv_rows.view(-1)).view(2, B, heads * num, span, d).unbind(0)
+    if key_mask is not None:
+        key_mask = key_mask.to(device).repeat(heads, 1, 1)
+    out = F.scaled_dot_product_attention(q_c, k_c, v_c, attn_mask=key_mask, dropout_p=dropout_p, scale=scale)
+
+    # out[b, h] holds the clustered slots of (b, h); token t of it sits in the slot where order[b, h] is t
+    slot_of = torch.empty_like(order).scatter_(-1, order, torch.arange(n_pad, device=device).expand_as(order))
+    head_rows = torch.arange(0, B * heads * n_pad, n_pad, device=device).view(B, heads, 1)
+    out_rows = (slot_of[..., :N] + head_rows).transpose(1, 2)  # (B, N, heads)
+    return out.reshape(-1, d).index_select(0, out_rows.reshape(-1)).view(B, N, heads * d)
+
+
 def feature_space_attention(
         q: torch.Tensor,
         k: torch.Tensor,
@@ -79,24 +124,9 @@ def feature_space_attention(
     if not 0 <= overlap < cluster_size:
         raise ValueError(f'overlap must be in [0, cluster_size={cluster_size}), got {overlap}.')
     B, heads, N, d = q.shape
-    layout = cluster_layout(N, cluster_size)
-    order = balanced_hierarchical_clustering(q, cluster_size, iterations, temperature, return_padded=True)
-    slots, key_mask = _key_slots(layout, overlap)
-    c, num = layout.cluster_size, layout.num_clusters
-    span = slots.numel() // num
-
-    # ghost slots read the last real token: they are masked as keys and their query outputs are dropped
-    source = order.clamp(max=N - 1)
-    kv_source = source.gather(-1, slots.to(q.device).expand(B, heads, -1))
-    q_c = q.gather(2, source[..., None].expand(-1, -1, -1, d)).view(B, heads * num, c, d)
-    k_c = k.gather(2, kv_source[..., None].expand(-1, -1, -1, d)).view(B, heads * num, span, d)
-    v_c = v.gather(2, kv_source[..., None].expand(-1, -1, -1, d)).view(B, heads * num, span, d)
-    if key_mask is not None:
-        key_mask = key_mask.to(q.device).repeat(heads, 1, 1)
-    out = F.scaled_dot_product_attention(q_c, k_c, v_c, attn_mask=key_mask, dropout_p=dropout_p, scale=scale)
-    out = out.view(B, heads, layout.padded_tokens, d)
-    restored = torch.zeros_like(out).scatter(2, order[..., None].expand(-1, -1, -1, d), out)
-    return restored[:, :, :N]
+    qkv = torch.stack([t.transpose(1, 2) for t in (q, k, v)], dim=2)
+    out = _packed_feature_space_attention(qkv, scale, cluster_size, overlap, iterations, temperature, dropout_p)
+    return out.view(B, N, heads, d).transpose(1, 2)
 
 
 class FeatureSpaceAttention(nn.Module):
@@ -172,10 +202,9 @@ class FeatureSpaceAttention(nn.Module):
         H, W = size
         if H * W != N:
             raise ValueError(f'size {tuple(size)} has {H * W} positions but x has N={N} tokens.')
-        heads = self.num_heads
-        q, k, v = self.qkv(x).view(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4).unbind(0)
-        out = feature_space_attention(
-            q, k, v,
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads)
+        out = _packed_feature_space_attention(
+            qkv,
             scale=self.scale,
             cluster_size=self.cluster_size,
             overlap=self.overlap,
@@ -183,7 +212,7 @@ class FeatureSpaceAttention(nn.Module):
             temperature=self.temperature,
             dropout_p=self.attn_drop if self.training else 0.0,
         )
-        out = out.transpose(1, 2).reshape(B, N, C)
-        v_img = v.permute(0, 1, 3, 2).reshape(B, C, H, W)
-        out = out + self.lepe(v_img).flatten(2).transpose(1, 2)
+        # V in the token layout is an NHWC image; the depthwise conv runs on it as a channels-last NCHW tensor
+        v_img = qkv[:, :, 2].reshape(B, H, W, C).permute(0, 3, 1, 2)
+        out = out + self.lepe(v_img).permute(0, 2, 3, 1).reshape(B, N, C)
         return self.proj_drop(self.proj(out))
