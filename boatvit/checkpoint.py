@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Tuple, Union
 
 import torch
-import torch.nn as nn
 
 from .models import boat_cswin, boat_swin
 from .models.base import BoatTransformer
+from .safe_load import load_checkpoint_file
 
 __all__ = ['LoadResult', 'select_state_dict', 'detect_family', 'convert_state_dict', 'load_reference_weights']
 
@@ -20,6 +20,8 @@ _FAMILY_NAMES = {'swin': 'BOAT-Swin', 'cswin': 'BOAT-CSWin'}
 # are EMA weights)
 _ENTRIES = ('state_dict_ema', 'state_dict', 'model')
 _PREFIXES = ('module.', '_orig_mod.')
+# both families end in timm's ClassifierHead
+_CLASSIFIER = 'head.fc.'
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,7 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: BoatTransf
     return _FILTERS[family](dict(state_dict), model)
 
 
-def _strict_check(converted: Mapping[str, torch.Tensor], model: nn.Module) -> None:
-    expected = model.state_dict()
+def _strict_check(converted: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
     missing = sorted(set(expected) - set(converted))
     unexpected = sorted(set(converted) - set(expected))
     shapes = [f'{k}: checkpoint {tuple(converted[k].shape)} vs model {tuple(v.shape)}'
@@ -108,6 +109,7 @@ def load_reference_weights(
         model: BoatTransformer,
         checkpoint: Union[str, os.PathLike, Mapping[str, Any]],
         use_ema: bool = True,
+        load_classifier: bool = True,
 ) -> LoadResult:
     """Load a reference BOAT checkpoint into a boatvit model; every model tensor must be filled, or nothing is.
 
@@ -117,18 +119,32 @@ def load_reference_weights(
             one (``{'state_dict': ..., 'state_dict_ema': ...}``) or a bare state dict, with reference or boatvit
             key names. Swin ``attn_mask`` / ``relative_position_index`` buffers may be present or not.
         use_ema: prefer ``state_dict_ema`` when present.
+        load_classifier: False keeps the model's own classifier (``head.fc``) and ignores the checkpoint's, to
+            fine-tune to another number of classes (what timm does when ``num_classes`` differs from the weights').
 
     Returns:
         :class:`LoadResult`.
+
+    Raises:
+        ValueError: the checkpoint does not fit the model (beginning with the file name when given a path).
     """
     if not isinstance(model, BoatTransformer):
         raise TypeError(f'model must be a boatvit BOAT model, got {type(model).__name__}.')
+    source = None
     if isinstance(checkpoint, (str, os.PathLike)):
-        from .safe_load import load_checkpoint_file
-
-        checkpoint = load_checkpoint_file(checkpoint)
-    entry, state_dict = select_state_dict(checkpoint, use_ema=use_ema)
-    converted = convert_state_dict(state_dict, model)
-    _strict_check(converted, model)
-    model.load_state_dict(converted, strict=True)
+        source = os.fspath(checkpoint)
+        checkpoint = load_checkpoint_file(source)  # its errors name the file
+    expected = model.state_dict()
+    try:
+        entry, state_dict = select_state_dict(checkpoint, use_ema=use_ema)
+        converted = convert_state_dict(state_dict, model)
+        if not load_classifier:
+            converted = {k: v for k, v in converted.items() if not k.startswith(_CLASSIFIER)}
+            expected = {k: v for k, v in expected.items() if not k.startswith(_CLASSIFIER)}
+        _strict_check(converted, expected)
+    except ValueError as e:
+        if source is None:
+            raise
+        raise ValueError(f'{source}: {e}') from e
+    model.load_state_dict(converted, strict=load_classifier)
     return LoadResult(entry=entry, family=model.family, num_tensors=len(converted))
