@@ -1,0 +1,209 @@
+"""``boatvit clusters``: what the feature-space local attention does, drawn.
+
+For each chosen FSLA layer, the model's input image beside one panel per head in which every token is coloured by
+the cluster the balanced hierarchical clustering put it in. Tokens of one cluster attend to each other (and to 20
+tokens of the sibling cluster), wherever they are in the image.
+
+The clustering is recomputed from the layer's own input: a pre-hook on each `FeatureSpaceAttention` takes the
+tokens and the ``(H, W)`` grid it is called with, projects the queries with the layer's ``qkv`` and clusters them
+with the layer's own parameters, exactly as its forward does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from matplotlib.colors import hsv_to_rgb
+from matplotlib.figure import Figure
+
+from .cli import UsageError
+from .clustering import balanced_hierarchical_clustering, cluster_layout
+from .convert import add_model_arguments, load_model
+from .evaluate import build_model
+from .fsla import FeatureSpaceAttention
+from .predict import data_config, eval_transform, open_image
+from .runs import atomic_path
+
+__all__ = ['fsla_layers', 'first_layer_per_stage', 'cluster_labels', 'plot_clusters']
+
+DPI = 64
+MAX_DEFAULT_HEADS = 4
+_GOLDEN = 0.618033988749895
+
+
+def fsla_layers(model: torch.nn.Module) -> Dict[str, FeatureSpaceAttention]:
+    """Every feature-space attention module by its name (``layers.0.blocks.1.fsla``), in forward order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, FeatureSpaceAttention)}
+
+
+def first_layer_per_stage(names: Sequence[str]) -> List[str]:
+    """The first FSLA layer of each stage (``layers.{i}.*``) among ``names``."""
+    firsts = {}
+    for name in names:
+        firsts.setdefault(name.split('.')[1], name)
+    return list(firsts.values())
+
+
+@torch.inference_mode()
+def cluster_labels(model: torch.nn.Module, images: torch.Tensor, layers: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """The cluster of every token at each named FSLA layer.
+
+    Args:
+        model: a BOAT model.
+        images: ``(B, 3, H, W)`` normalised input.
+        layers: FSLA module names (see `fsla_layers`).
+
+    Returns:
+        ``{name: (B, heads, h, w) int64}``: the index of each token's cluster in the layer's ``h x w`` token grid;
+        clusters ``2j`` and ``2j+1`` are siblings of the last split.
+    """
+    modules = fsla_layers(model)
+    labels = {}
+
+    def capture(name: str):
+        def hook(module: FeatureSpaceAttention, args) -> None:
+            x, (H, W) = args
+            B, N, C = x.shape
+            q = module.qkv(x)[..., :C].reshape(B, N, module.num_heads, C // module.num_heads).transpose(1, 2)
+            order = balanced_hierarchical_clustering(q, module.cluster_size, module.iterations, module.temperature)
+            sizes = torch.tensor(cluster_layout(N, module.cluster_size).cluster_sizes(), device=order.device)
+            cluster_of_slot = torch.repeat_interleave(torch.arange(len(sizes), device=order.device), sizes)
+            token_cluster = torch.empty_like(order).scatter_(-1, order, cluster_of_slot.expand_as(order))
+            labels[name] = token_cluster.view(B, module.num_heads, H, W).cpu()
+        return hook
+
+    handles = [modules[name].register_forward_pre_hook(capture(name)) for name in layers]
+    try:
+        model.eval()(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return labels
+
+
+def _palette(n: int) -> np.ndarray:
+    """``n`` RGB colours; hues step by the golden ratio so sibling clusters (consecutive indices) look different."""
+    hues = (np.arange(n) * _GOLDEN) % 1.0
+    return hsv_to_rgb(np.stack([hues, np.full(n, 0.75), np.full(n, 0.95)], axis=-1))
+
+
+def _overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    """The image tinted by each pixel's token cluster, with darkened cluster borders."""
+    height, width = image.shape[:2]
+    h, w = labels.shape
+    per_pixel = labels[(np.arange(height) * h // height)[:, None], (np.arange(width) * w // width)[None, :]]
+    tinted = (1 - alpha) * image + alpha * _palette(int(labels.max()) + 1)[per_pixel]
+    border = np.zeros((height, width), dtype=bool)
+    border[:, 1:] |= per_pixel[:, 1:] != per_pixel[:, :-1]
+    border[1:, :] |= per_pixel[1:, :] != per_pixel[:-1, :]
+    tinted[border] *= 0.3
+    return tinted
+
+
+def plot_clusters(
+        image: np.ndarray,
+        labels: Dict[str, torch.Tensor],
+        path: Path,
+        heads: Optional[Sequence[int]] = None,
+        panel_px: int = 256,
+) -> None:
+    """Draw one row per layer: the image, then the chosen heads' clusters; written atomically as a PNG.
+
+    Args:
+        image: ``(H, W, 3)`` floats in [0, 1], the model's input.
+        labels: ``{layer: (heads, h, w)}`` from `cluster_labels` (one image).
+        path: the PNG to write; it is ``(1 + shown heads) * panel_px`` wide and ``len(labels) * panel_px`` high.
+        heads: head indices to show where a layer has them; default: the first 4 of each layer.
+        panel_px: side of each panel in pixels.
+    """
+    shown = {name: [h for h in (heads if heads is not None else range(MAX_DEFAULT_HEADS)) if h < lab.shape[0]]
+             for name, lab in labels.items()}
+    cols = 1 + max(len(h) for h in shown.values())
+    fig = Figure(figsize=(cols * panel_px / DPI, len(labels) * panel_px / DPI), dpi=DPI, layout='constrained')
+    axes = fig.subplots(len(labels), cols, squeeze=False)
+    for row, (name, lab) in zip(axes, labels.items()):
+        row[0].imshow(image)
+        row[0].set_title(f'{name}\n{lab.shape[1]}x{lab.shape[2]} tokens', fontsize=9)
+        for ax, head in zip(row[1:], shown[name]):
+            ax.imshow(_overlay(image, lab[head].numpy()))
+            ax.set_title(f'head {head}: {int(lab[head].max()) + 1} clusters', fontsize=9)
+        for ax in row:
+            ax.set_axis_off()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format='png', dpi=DPI)  # a bare Figure renders with Agg: no display needed
+
+
+def _choose_layers(available: Sequence[str], requested: Optional[Sequence[str]]) -> List[str]:
+    if not requested:
+        return first_layer_per_stage(available)
+    if list(requested) == ['all']:
+        return list(available)
+    chosen = []
+    for name in requested:
+        full = name if name.endswith('.fsla') else f'{name}.fsla'
+        if full not in available:
+            raise UsageError(f'--layer {name}: no feature-space attention there; the FSLA layers are '
+                             f'{", ".join(n[:-len(".fsla")] for n in available)} (or pass --layer all)')
+        chosen.append(full)
+    return chosen
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        'clusters',
+        help='draw the feature-space attention clusters of an image',
+        description='Run one image through a BOAT model and draw, for chosen FSLA layers and heads, the image with '
+                    'each token coloured by its cluster, beside the plain image.',
+    )
+    parser.add_argument('image', help='image file')
+    parser.add_argument('-o', '--output', required=True, help='PNG file to write')
+    parser.add_argument('--weights', help='checkpoint or .safetensors file; without it the model is untrained')
+    add_model_arguments(parser)
+    parser.add_argument('--layer', nargs='+', metavar='NAME',
+                        help="FSLA layers, e.g. layers.0.blocks.1, or 'all'; default: the first of each stage")
+    parser.add_argument('--heads', nargs='+', type=int, metavar='H',
+                        help=f'heads to draw; default: the first {MAX_DEFAULT_HEADS} of each layer')
+    parser.add_argument('--panel-size', type=int, default=256, help='pixels per panel side (default: 256)')
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    if out.suffix.lower() != '.png':
+        raise UsageError(f'{out}: the output must be a .png file')
+    if not out.parent.is_dir():
+        raise UsageError(f'{out}: the directory {out.parent} does not exist; create it first')
+    if args.panel_size < 64:
+        raise UsageError(f'--panel-size must be at least 64 pixels, got {args.panel_size}')
+    kwargs = dict(args.model_kwargs) if args.model_kwargs is not None else None
+    if args.weights:
+        loaded = load_model(args.weights, model=args.model, model_kwargs=kwargs, use_ema=args.ema)
+        model, name, metadata = loaded.model, loaded.name, loaded.metadata
+    elif args.model:
+        model, name, metadata = build_model(args.model, num_classes=0, model_kwargs=kwargs).eval(), args.model, {}
+        print(f'boatvit clusters: no --weights, so {name} is untrained and its clusters are those of random '
+              'features', file=sys.stderr)
+    else:
+        raise UsageError('pass --weights PATH, or --model NAME to look at an untrained model')
+    modules = fsla_layers(model)
+    if not modules:
+        raise UsageError(f'{name} has no feature-space attention layers')
+    layers = _choose_layers(list(modules), args.layer)
+    max_heads = max(modules[n].num_heads for n in layers)
+    bad = [h for h in args.heads or () if not 0 <= h < max_heads]
+    if bad:
+        raise UsageError(f'--heads {bad}: the chosen layers have at most {max_heads} heads (0 to {max_heads - 1})')
+
+    image = eval_transform(model, metadata)(open_image(Path(args.image)))
+    labels = cluster_labels(model, image[None], layers)
+    config = data_config(model, metadata)
+    mean, std = torch.tensor(config['mean'])[:, None, None], torch.tensor(config['std'])[:, None, None]
+    plain = (image * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+    plot_clusters(plain, {n: lab[0] for n, lab in labels.items()}, out, heads=args.heads, panel_px=args.panel_size)
+    print(f'wrote {out}: {len(layers)} FSLA layer(s) of {name}')
+    return 0
