@@ -12,7 +12,11 @@ import sys
 from typing import List, Optional
 
 # sub-command name -> module that implements it
-COMMANDS = {}
+COMMANDS = {
+    'convert': 'boatvit.convert',
+    'predict': 'boatvit.predict',
+    'clusters': 'boatvit.visualize',
+}
 
 
 class UsageError(Exception):
