@@ -216,7 +216,7 @@ def balanced_hierarchical_clustering(
 
     Args:
         q: query features, ``(B, heads, N, head_dim)``, any floating dtype. float16/bfloat16 are clustered in
-            float32. No gradient flows through the result.
+            float32, with autocast off. No gradient flows through the result.
         cluster_size: target tokens per cluster (49 in BOAT); clusters hold between ``cluster_size`` and
             ``2 * cluster_size`` tokens (sizes differ by at most one), or all N when ``N < 2 * cluster_size``.
         iterations: soft k-means refinement steps per split (2 in BOAT).
@@ -236,7 +236,8 @@ def balanced_hierarchical_clustering(
     if not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f'temperature must be a positive finite number, got {temperature!r}.')
     layout = cluster_layout(q.shape[2], cluster_size)
-    with torch.no_grad():
+    # autocast would run the centroid matmuls in half precision even on float32 queries (see bug 5)
+    with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
         order = _clustered_order(q, layout, iterations, temperature)
     if return_padded or not layout.ghost_slots:
         return order
