@@ -111,7 +111,7 @@ def load_model(
         use_ema: take ``state_dict_ema`` when the checkpoint has it.
 
     Raises:
-        UsageError: naming the file and the problem; nothing is loaded into a model that is returned.
+        UsageError: naming the file and the problem.
     """
     path = Path(path)
     try:

@@ -121,7 +121,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument('--weights', required=True, help='checkpoint or .safetensors file')
     add_model_arguments(parser)
     parser.add_argument('--topk', type=int, default=5, help='classes to show per image (default: 5)')
-    parser.add_argument('--batch-size', type=int, default=16)
+    parser.add_argument('--batch-size', type=int, default=16, help='images per forward pass (default: 16)')
     parser.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     parser.add_argument('--json', action='store_true', help='print the results as JSON')
     parser.set_defaults(run=run)
