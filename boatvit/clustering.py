@@ -136,10 +136,11 @@ def _argsort_rows(key: torch.Tensor) -> torch.Tensor:
     """Ascending order of every row of ``key`` ``(rows, n)``, as indices into the flattened ``key``."""
     rows, n = key.shape
     offsets = torch.arange(0, rows * n, n, device=key.device)[:, None]
-    if key.dtype == torch.float32 and key.device.type == 'cpu':
+    if key.dtype == torch.float32 and key.device.type == 'cpu' and not torch.onnx.is_in_onnx_export():
         # torch sorts a large 1-D integer tensor with a parallel radix sort, several times faster on CPU than its
         # comparison sort of many short rows: one 64-bit code per token, its row above an order-preserving image
-        # of its float32 bits (negative floats have their magnitude bits flipped, then all are offset by 2^31)
+        # of its float32 bits (negative floats have their magnitude bits flipped, then all are offset by 2^31).
+        # ONNX has no bitcast, so an exported graph keeps the row sort.
         bits = key.view(torch.int32).long()
         code = (bits ^ ((bits >> 31) & 0x7FFFFFFF)) + 2**31 + (offsets // n << 32)
         return torch.sort(code.view(-1)).indices
