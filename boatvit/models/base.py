@@ -7,6 +7,7 @@ The public model API follows timm's hierarchical models (``swin_transformer.py``
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
@@ -125,7 +126,7 @@ class BoatTransformer(nn.Module):
                              f'create the model with in_chans={x.shape[1]} or convert the images.')
         if x.shape[0] == 0:
             raise ValueError('got an empty batch (B = 0); pass at least one image.')
-        H, W = x.shape[-2:]
+        H, W = operator.index(x.shape[-2]), operator.index(x.shape[-1])
         if self.dynamic_img_size:
             if min(H, W) < self.min_img_size:
                 raise ValueError(f'image size {H}x{W} is too small: each side must be at least {self.min_img_size} '
@@ -239,6 +240,16 @@ class BoatTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """timm calls this for ``pretrained_cfg_overlay=dict(file=PATH, custom_load=True)``: load a released checkpoint
+        (either reference format; timm's own loader refuses the BOAT-Swin one) or a ``boatvit convert`` file strictly,
+        without running code from it. A model created with another ``num_classes`` than its pretrained cfg keeps its
+        own classifier, as timm does for fine-tuning."""
+        from ..checkpoint import load_reference_weights  # checkpoint.py imports the model modules
+
+        load_reference_weights(self, checkpoint_path,
+                               load_classifier=self.num_classes == self.pretrained_cfg.get('num_classes'))
 
 
 def build_boat_model(

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp
+from timm.layers import DropPath, Mlp, calculate_drop_path_rates
 from timm.models import generate_default_cfgs, register_model
 
 from ..fsla import FeatureSpaceAttention
@@ -269,7 +269,7 @@ class BoatCSWinTransformer(BoatTransformer):
                              "'all' or 'none'.")
         fsla_in_block(fsla_blocks, 0)  # validates the name
         self.patch_embed = ConvStem(in_chans, embed_dim)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = calculate_drop_path_rates(drop_path_rate, sum(depths))
         stages = []
         dim = embed_dim
         for i in range(num_stages):
@@ -359,10 +359,13 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs({
-    # released EMA weights (Dropbox links in the reference README); convert with `boatvit convert`
-    'boat_cswin_tiny_224.in1k': _cfg(notes=('released file: cswin_tiny.pth.tar',)),
-    'boat_cswin_small_224.in1k': _cfg(notes=('released file: cswin_small.pth.tar',)),
-    'boat_cswin_base_224.in1k': _cfg(notes=('released file: cswin_base.pth.tar',)),
+    # released EMA weights; load them as the BOAT-Swin comment says
+    'boat_cswin_tiny_224.in1k': _cfg(
+        notes=('released file: https://www.dropbox.com/s/rsmtu6r0v2lt0y5/cswin_tiny.pth.tar',)),
+    'boat_cswin_small_224.in1k': _cfg(
+        notes=('released file: https://www.dropbox.com/s/cnl00d1faxxoi19/cswin_small.pth.tar',)),
+    'boat_cswin_base_224.in1k': _cfg(
+        notes=('released file: https://www.dropbox.com/s/92sr8r8zhng1mqg/cswin_base.pth.tar',)),
 })
 
 

@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, PatchEmbed, resize_rel_pos_bias_table
+from timm.layers import DropPath, PatchEmbed, calculate_drop_path_rates, resize_rel_pos_bias_table
 from timm.models import generate_default_cfgs, register_model
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, calc_stage_window_sizes, \
     resolve_stage_window_sizes
@@ -163,7 +163,7 @@ class BoatSwinTransformer(BoatTransformer):
         windows = resolve_stage_window_sizes(window_size, num_stages)
         self._ref_window_sizes = windows
         self._ref_grid_size = tuple(grid)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = calculate_drop_path_rates(drop_path_rate, sum(depths))
         stages = []
         dim = embed_dim
         for i in range(num_stages):
@@ -259,7 +259,7 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
         'num_classes': 1000,
         'input_size': (3, 224, 224),
         'pool_size': (7, 7),
-        'crop_pct': 0.9,
+        'crop_pct': 0.875,  # the reference evaluation: resize to 256, centre crop 224 (BOAT-Swin data/build.py)
         'interpolation': 'bicubic',
         'fixed_input_size': True,
         'mean': IMAGENET_DEFAULT_MEAN,
@@ -275,11 +275,11 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs({
-    # released weights (Dropbox links in the reference README) cannot be fetched automatically; convert them with
-    # `boatvit convert` and pass pretrained_cfg_overlay=dict(file=...)
-    'boat_swin_tiny_224.in1k': _cfg(notes=('released file: tiny.pth',)),
-    'boat_swin_small_224.in1k': _cfg(notes=('released file: small.pth',)),
-    'boat_swin_base_224.in1k': _cfg(notes=('released file: base.pth',)),
+    # released weights cannot be fetched automatically: pass pretrained_cfg_overlay=dict(file=PATH) with a
+    # `boatvit convert` output, or dict(file=PATH, custom_load=True) with the downloaded file itself
+    'boat_swin_tiny_224.in1k': _cfg(notes=('released file: https://www.dropbox.com/s/xa94uewsrvjglnn/tiny.pth',)),
+    'boat_swin_small_224.in1k': _cfg(notes=('released file: https://www.dropbox.com/s/7ih1zvii3bvdcgd/small.pth',)),
+    'boat_swin_base_224.in1k': _cfg(notes=('released file: https://www.dropbox.com/s/70hr7h0smcr0gr9/base.pth',)),
     # boatvit's own small model for small images (the embedded digits demo); no released weights
     'boat_swin_nano_32.untrained': _cfg(
         input_size=(3, 32, 32), pool_size=(2, 2), num_classes=10, crop_pct=1.0, interpolation='bilinear',
