@@ -126,6 +126,9 @@ class BoatTransformer(nn.Module):
                              f'create the model with in_chans={x.shape[1]} or convert the images.')
         if x.shape[0] == 0:
             raise ValueError('got an empty batch (B = 0); pass at least one image.')
+        # torch.compile: the clustering tree and the window padding are Python structure built from the token counts,
+        # so a graph can only serve one image size. index() makes a symbolic size a guard on its value here, at the
+        # input; left symbolic, the sizes reach the clustering, where dynamo's shape solver stalls for minutes.
         H, W = operator.index(x.shape[-2]), operator.index(x.shape[-1])
         if self.dynamic_img_size:
             if min(H, W) < self.min_img_size:
