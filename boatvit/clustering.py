@@ -18,15 +18,33 @@ Everything about the ghosts depends only on ``(N, cluster_size)``: it is the :cl
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple, TypeVar
 
 import torch
 import torch.nn.functional as F
 
 __all__ = ['ClusterLayout', 'cluster_layout', 'balanced_hierarchical_clustering', 'clustering_levels']
+
+_F = TypeVar('_F', bound=Callable)
+
+
+def trace_safe_cache(fn: _F) -> _F:
+    """``functools.lru_cache`` for the helpers that derive Python structure or constant index tensors from a size.
+
+    While ``torch.export`` (and with it the ONNX exporter) traces a model, every new tensor is a fake tensor: a
+    cached one would be handed to all later eager calls, which then fail. Under tracing the helper runs uncached,
+    so its tensors become constants of the graph; torch.compile, which ignores lru_cache anyway, stops warning.
+    """
+    cached = functools.lru_cache(maxsize=256)(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs) if torch.compiler.is_compiling() else cached(*args, **kwargs)
+
+    return wrapper
 
 
 def clustering_levels(num_tokens: int, cluster_size: int) -> int:
@@ -72,7 +90,7 @@ class ClusterLayout:
         return sizes
 
 
-@lru_cache(maxsize=256)
+@trace_safe_cache
 def cluster_layout(num_tokens: int, cluster_size: int = 49) -> ClusterLayout:
     """The :class:`ClusterLayout` of ``num_tokens`` tokens clustered into groups of about ``cluster_size``."""
     if not isinstance(num_tokens, int) or num_tokens < 1:
@@ -91,7 +109,7 @@ def cluster_layout(num_tokens: int, cluster_size: int = 49) -> ClusterLayout:
     return ClusterLayout(num_tokens, levels, size, tuple(per_level), slots)
 
 
-@lru_cache(maxsize=256)
+@trace_safe_cache
 def _split_index(group_size: int, ghosts: Tuple[int, ...]) -> Optional[torch.Tensor]:
     """Where each slot of the two children comes from in a sorted parent row (reals ascending, then ghosts).
 
@@ -123,7 +141,7 @@ def _check_queries(q: torch.Tensor) -> None:
         raise ValueError(f'q needs at least one token and one channel, got shape {tuple(q.shape)}.')
 
 
-@lru_cache(maxsize=256)
+@trace_safe_cache
 def _ghost_keys(group_size: int, ghosts: Tuple[int, ...]) -> Optional[torch.Tensor]:
     """``(groups, group_size)`` bool, True at the ghost slots of every group (its last ones), or None if none."""
     if not any(ghosts):

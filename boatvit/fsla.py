@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .clustering import ClusterLayout, balanced_hierarchical_clustering, cluster_layout
+from .clustering import ClusterLayout, balanced_hierarchical_clustering, cluster_layout, trace_safe_cache
 
 __all__ = ['feature_space_attention', 'FeatureSpaceAttention']
 
 
-@lru_cache(maxsize=256)
+@trace_safe_cache
 def _key_slots(layout: ClusterLayout, overlap: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Which clustered-order slots each cluster reads its keys and values from, and which of them are real.
 
