@@ -13,6 +13,8 @@ from typing import List, Optional
 
 # sub-command name -> module that implements it
 COMMANDS = {
+    'train': 'boatvit.train',
+    'eval': 'boatvit.evaluate',
     'convert': 'boatvit.convert',
     'predict': 'boatvit.predict',
     'clusters': 'boatvit.visualize',

@@ -1,0 +1,179 @@
+"""Data for training and evaluation: the built-in digits set, image folders and timm data sets.
+
+Every split is opened by `open_split`, which returns a map-style data set whose ``transform`` attribute takes a PIL
+image, and the class names in label order. Bad data directories are reported here, at the boundary, with what was
+expected and how to fix it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import create_dataset
+from timm.data.readers.img_extensions import get_img_extensions
+
+from .cli import UsageError
+
+DIGITS = 'digits'
+DIGITS_SPLITS = ('train', 'val')
+
+
+class DigitsDataset(torch.utils.data.Dataset):
+    """scikit-learn's handwritten digits (1797 8x8 images, 10 classes), upscaled to RGB images.
+
+    The data ship with scikit-learn, so this set needs no download and no disk. The split is a fixed stratified
+    80/20 train/val split (1437/360 images, seed 0) so every machine trains and evaluates on the same images.
+
+    Args:
+        split: 'train' or 'val'.
+        img_size: side of the square output images in pixels, upscaled bicubically from 8x8.
+        transform: applied to each PIL image; None returns the PIL image.
+    """
+
+    classes = [str(d) for d in range(10)]
+
+    def __init__(self, split: str = 'train', img_size: int = 32, transform: Optional[Callable] = None):
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        if split not in DIGITS_SPLITS:
+            raise UsageError(f'the digits data set has splits {DIGITS_SPLITS}, not {split!r}')
+        digits = load_digits()
+        # pixel values are counts of set bits in 4x4 blocks, 0..16
+        pixels = np.round(digits.images * (255 / 16)).astype(np.uint8)
+        train_idx, val_idx = train_test_split(
+            np.arange(len(pixels)), test_size=0.2, stratify=digits.target, random_state=0
+        )
+        idx = np.sort(train_idx if split == 'train' else val_idx)
+        self.images = [
+            np.asarray(Image.fromarray(p).resize((img_size, img_size), Image.Resampling.BICUBIC)) for p in pixels[idx]
+        ]
+        self.targets = digits.target[idx].tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        img = Image.fromarray(self.images[index]).convert('RGB')
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[index]
+
+
+def open_split(
+        data: str,
+        split: str,
+        dataset: str = '',
+        download: bool = False,
+        img_size: int = 32,
+) -> Tuple[torch.utils.data.Dataset, List[str]]:
+    """Open one split of a data set, without transforms.
+
+    Args:
+        data: 'digits' for the built-in digits, else the root directory: with ``dataset=''`` it must hold
+            ``<split>/<class>/<image>`` files, otherwise it is the root that timm's ``create_dataset`` gets.
+        split: split name, e.g. 'train' or 'val'; for image folders the name of the sub-folder.
+        dataset: a ``timm.data.create_dataset`` name such as 'torch/cifar10' or 'hfds/...'; '' for image folders.
+        download: let ``create_dataset`` download the data set if it supports that.
+        img_size: output image side for the digits, ignored otherwise.
+
+    Returns:
+        (data set with a settable ``transform`` attribute, class names in label order)
+    """
+    if data == DIGITS and not dataset:
+        ds = DigitsDataset(split, img_size=img_size)
+        return ds, list(ds.classes)
+    root = Path(data)
+    if not root.is_dir():
+        raise UsageError(
+            f'data directory {str(root)!r} does not exist; pass --data DIR with {split}/<class>/<image> files'
+            f" inside, or --data {DIGITS} for the built-in digits"
+        )
+    if dataset:
+        return _open_timm_split(dataset, root, split, download)
+    return _open_folder_split(root, split)
+
+
+def _open_folder_split(root: Path, split: str) -> Tuple[torch.utils.data.Dataset, List[str]]:
+    folder = root / split
+    if not folder.is_dir():
+        found = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise UsageError(
+            f'data directory {str(root)!r} has no {split!r} folder (it has {found}); expected'
+            f' {root / split}/<class>/<image> with one folder per class'
+        )
+    extensions = get_img_extensions(as_set=True)
+    loose = [p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in extensions]
+    if loose or not any(p.is_dir() for p in folder.iterdir()):
+        raise UsageError(
+            f'{str(folder)!r} must hold one sub-folder of images per class ({folder}/<class>/<image>), but it has'
+            f' {"images directly inside, e.g. " + repr(loose[0]) if loose else "no sub-folders"}'
+        )
+    try:
+        ds = create_dataset('', root=str(folder), split=split, search_split=False)
+    except RuntimeError as e:  # timm's reader finds no image files
+        raise UsageError(
+            f'{str(folder)!r} holds no images ({", ".join(sorted(extensions))}); put each class\'s images in'
+            f' {folder}/<class>/'
+        ) from e
+    class_to_idx = ds.reader.class_to_idx
+    return ds, sorted(class_to_idx, key=class_to_idx.get)
+
+
+def _open_timm_split(
+        dataset: str, root: Path, split: str, download: bool,
+) -> Tuple[torch.utils.data.Dataset, List[str]]:
+    try:
+        ds = create_dataset(dataset, root=str(root), split=split, download=download)
+    except (AssertionError, RuntimeError, FileNotFoundError, ValueError) as e:
+        raise UsageError(
+            f'could not open data set {dataset!r} split {split!r} under {str(root)!r} ({e}); check --dataset and'
+            ' --data, or add --download to fetch it'
+        ) from e
+    if isinstance(ds, torch.utils.data.IterableDataset) or not hasattr(ds, '__len__'):
+        raise UsageError(f'data set {dataset!r} streams; use an image folder or a map-style data set (torch/, hfds/)')
+    classes = dataset_classes(ds)
+    if classes is None:
+        raise UsageError(f'cannot tell the classes of data set {dataset!r}; convert it to an image folder')
+    return ds, classes
+
+
+def dataset_classes(ds: torch.utils.data.Dataset) -> Optional[List[str]]:
+    """Class names in label order, from a timm reader's ``class_to_idx`` or a torchvision ``classes`` list."""
+    class_to_idx = getattr(getattr(ds, 'reader', None), 'class_to_idx', None) or getattr(ds, 'class_to_idx', None)
+    if class_to_idx:
+        return sorted(class_to_idx, key=class_to_idx.get)
+    classes = getattr(ds, 'classes', None)
+    return [str(c) for c in classes] if classes else None
+
+
+def check_same_classes(train_classes: Sequence[str], val_classes: Sequence[str], where: str) -> None:
+    """Raise a `UsageError` unless both splits have the same classes in the same label order."""
+    if list(train_classes) == list(val_classes):
+        return
+    only_train = sorted(set(train_classes) - set(val_classes))
+    only_val = sorted(set(val_classes) - set(train_classes))
+    raise UsageError(
+        f'classes differ between the train and val splits of {where} (only in train: {only_train[:10]},'
+        f' only in val: {only_val[:10]}); labels are assigned by sorted class name, so every class needs a folder'
+        ' in both splits'
+    )
+
+
+def shard(ds: torch.utils.data.Dataset, rank: int, world_size: int) -> torch.utils.data.Dataset:
+    """Every ``world_size``-th item from ``rank`` on, so evaluation shards count each image exactly once."""
+    if world_size == 1:
+        return ds
+    return torch.utils.data.Subset(ds, range(rank, len(ds), world_size))
+
+
+def default_workers() -> int:
+    """Data loader processes: one per core up to 8; none with 2 cores or fewer, which the training process needs."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    return 0 if cores <= 2 else min(8, cores)

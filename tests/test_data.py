@@ -1,0 +1,98 @@
+"""Tests for boatvit.data: the built-in digits split, image folders and the errors bad data directories get."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from boatvit.cli import UsageError
+from boatvit.data import DigitsDataset, check_same_classes, open_split, shard
+
+
+def make_image_folder(root: Path, splits: dict, size: int = 32, seed: int = 0) -> Path:
+    """``splits`` maps split -> {class: number of images}; writes random RGB PNGs."""
+    rng = np.random.default_rng(seed)
+    for split, classes in splits.items():
+        for name, count in classes.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f'{i}.png')
+    return root
+
+
+def test_digits_split_is_fixed_stratified_and_disjoint():
+    train, val = DigitsDataset('train'), DigitsDataset('val')
+    assert (len(train), len(val)) == (1437, 360)
+    # stratified: every class holds 20 % of its images in val, up to rounding
+    total = Counter(load_digits().target.tolist())
+    val_counts = Counter(val.targets)
+    assert all(abs(val_counts[c] - 0.2 * total[c]) <= 1 for c in range(10))
+    train_images = {img.tobytes() for img in train.images}
+    # a handful of digits occur twice in the data, so allow a few coincidences but no shared split
+    assert sum(img.tobytes() in train_images for img in val.images) <= 5
+    again = DigitsDataset('val')
+    assert again.targets == val.targets and all(np.array_equal(a, b) for a, b in zip(again.images, val.images))
+
+
+def test_digits_images_are_upscaled_rgb():
+    ds = DigitsDataset('val', img_size=32)
+    img, label = ds[0]
+    assert img.mode == 'RGB' and img.size == (32, 32)
+    assert label == ds.targets[0]
+    pixels = np.asarray(img)
+    assert pixels[..., 0].tolist() == pixels[..., 2].tolist()  # grey
+    # shrunk back to 8x8, the image is closest to a source digit with the same label, and almost equal to it
+    digits = load_digits()
+    block_means = pixels[..., 0].reshape(8, 4, 8, 4).mean(axis=(1, 3)).ravel()
+    corr = [np.corrcoef(block_means, source.ravel())[0, 1] for source in digits.images]
+    assert digits.target[int(np.argmax(corr))] == label and max(corr) > 0.95
+
+def test_open_split_reads_image_folder_classes_in_sorted_order(tmp_path):
+    root = make_image_folder(tmp_path, {'train': {'cat': 2, 'ant': 3}})
+    ds, classes = open_split(str(root), 'train')
+    assert classes == ['ant', 'cat']
+    assert sorted(target for _, target in ds) == [0, 0, 0, 1, 1]
+
+
+@pytest.mark.parametrize('layout, message', [
+    (None, 'does not exist'),
+    ({'val': {'a': 1}}, "has no 'train' folder"),
+    ({'train': {}}, 'no sub-folders'),
+    ({'train': {'a': 0}}, 'holds no images'),
+])
+def test_bad_data_directories_say_what_to_do(tmp_path, layout, message):
+    root = tmp_path / 'data'
+    if layout is not None:
+        root.mkdir()
+        for split, classes in layout.items():
+            (root / split).mkdir()
+            for name in classes:
+                (root / split / name).mkdir()
+    with pytest.raises(UsageError, match=message):
+        open_split(str(root), 'train')
+
+
+def test_images_outside_class_folders_are_rejected(tmp_path):
+    make_image_folder(tmp_path, {'train': {'a': 1}})
+    Image.new('RGB', (8, 8)).save(tmp_path / 'train' / 'loose.png')
+    with pytest.raises(UsageError, match="one sub-folder of images per class.*'loose.png'"):
+        open_split(str(tmp_path), 'train')
+
+
+def test_class_mismatch_names_the_differing_classes():
+    check_same_classes(['a', 'b'], ['a', 'b'], 'x')
+    with pytest.raises(UsageError, match=r"only in train: \['b'\], only in val: \['c'\]"):
+        check_same_classes(['a', 'b'], ['a', 'c'], 'x')
+
+
+def test_shards_cover_every_item_once():
+    items = list(range(11))
+    shards = [list(shard(items, rank, 3)) for rank in range(3)]
+    assert sorted(sum(shards, [])) == items
+    assert shard(items, 0, 1) is items

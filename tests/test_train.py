@@ -1,0 +1,227 @@
+"""Tests for boatvit.train: the embedded default end to end, resume, torchrun, recipes and bad input."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+import boatvit.train as train_mod
+from boatvit import runs
+from boatvit.cli import build_parser, main
+from boatvit.recipes import RECIPES
+from boatvit.train import TrainConfig, config_from_args, learning_rate
+from test_data import make_image_folder
+from test_evaluate import TINY_FLAGS
+
+# the embedded default shortened: 2 epochs of 3 batches of 16, validation on 3 batches
+SHORT = ['--epochs', '2', '--limit-batches', '3', '--batch-size', '16', '--workers', '0', '--quiet', *TINY_FLAGS]
+# augmentation, mixup and EMA on, so a resume must restore every RNG and the EMA to match
+RANDOM = ['--mixup', '0.4', '--cutmix', '0.4', '--aa', 'rand-m5', '--reprob', '0.25', '--ema-decay', '0.9']
+
+
+def train(tmp_path: Path, name: str, *flags: str) -> Path:
+    assert main(['train', '--output', str(tmp_path), '--name', name, *SHORT, *flags]) == 0
+    return tmp_path / name
+
+
+def assert_same_tensors(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=lambda m: f'{k}: {m}')
+
+
+@pytest.fixture(scope='module')
+def default_run(tmp_path_factory) -> Path:
+    """The embedded default, shortened; shared by the tests that only read it."""
+    return train(tmp_path_factory.mktemp('runs'), 'default')
+
+
+@pytest.fixture(scope='module')
+def straight_run(tmp_path_factory) -> Path:
+    """2 epochs in one go with every random augmentation and EMA."""
+    return train(tmp_path_factory.mktemp('runs'), 'straight', *RANDOM)
+
+
+def test_default_run_writes_every_artefact(default_run, capsys):
+    run_dir = default_run
+    for name in ('config.json', 'metrics.csv', 'metrics.json', 'curves.png', 'last.safetensors', 'last.pt',
+                 'best.safetensors', 'best.pt'):
+        assert (run_dir / name).is_file(), name
+    assert not list(run_dir.glob('.*.tmp'))
+
+    config = json.loads((run_dir / 'config.json').read_text())
+    assert config['recipe'] == 'digits' and config['config']['model'] == 'boat_swin_nano_32'
+    assert config['config']['data'] == 'digits' and config['classes'] == [str(d) for d in range(10)]
+    metrics = json.loads((run_dir / 'metrics.json').read_text())
+    assert [row['epoch'] for row in metrics] == [1, 2]
+    assert {'train_loss', 'lr', 'val_loss', 'val_top1', 'val_top5', 'train_images_per_s'} <= metrics[0].keys()
+    csv_lines = (run_dir / 'metrics.csv').read_text().splitlines()
+    assert len(csv_lines) == 3 and csv_lines[0].startswith('epoch,train_loss')
+    assert (run_dir / 'curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+    state = runs.load_state(run_dir / 'last.pt')  # weights_only: no pickled code in the resumable state
+    assert state['epoch'] == 2 and {'optimizer', 'scheduler', 'scaler', 'model'} <= state['trainer'].keys()
+    meta = runs.read_weights_metadata(run_dir / 'last.safetensors')
+    assert meta['model'] == 'boat_swin_nano_32' and meta['epoch'] == 2 and meta['data'] == 'digits'
+    assert_same_tensors(load_file(run_dir / 'last.safetensors'), state['trainer']['model'])
+    # the weights carry their model and transform, so the run directory is all eval needs
+    assert main(['eval', '--weights', str(run_dir), '--json', '--workers', '0']) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result['images'] == 360 and 0 <= result['top1'] <= 100
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize('crash', ['mid-epoch', 'while saving'])
+def test_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, straight_run, crash):
+    """2 epochs in one go equal 1 epoch, a crash, a resume and 1 more epoch: bit for bit on the CPU."""
+    straight = straight_run
+
+    if crash == 'mid-epoch':
+        # the model raises on its fifth training forward: the second batch of epoch 2
+        real_build = train_mod.build_model
+
+        def build_crashing(*args, **kwargs):
+            model = real_build(*args, **kwargs)
+            calls = itertools.count()
+
+            def hook(module, inputs):
+                if module.training and next(calls) == 4:
+                    raise Crash()
+            model.register_forward_pre_hook(hook)
+            return model
+        monkeypatch.setattr(train_mod, 'build_model', build_crashing)
+    else:
+        # the renaming of epoch 2's resumable state fails: the file still holds epoch 1
+        real_replace = os.replace
+
+        def replace_failing(src, dst):
+            if Path(dst).name == 'last.pt' and runs.load_state(src)['epoch'] == 2:
+                raise Crash()
+            real_replace(src, dst)
+        monkeypatch.setattr(runs.os, 'replace', replace_failing)
+    with pytest.raises(Crash):
+        train(tmp_path, 'resumed', *RANDOM)
+    monkeypatch.undo()
+    resumed = tmp_path / 'resumed'
+    assert runs.load_state(resumed / 'last.pt')['epoch'] == 1
+    assert not list(resumed.glob('.*.tmp'))
+
+    assert main(['train', '--resume', str(resumed), '--quiet', '--workers', '0']) == 0
+    assert_same_tensors(load_file(resumed / 'last.safetensors'), load_file(straight / 'last.safetensors'))
+    a, b = runs.load_state(resumed / 'last.pt'), runs.load_state(straight / 'last.pt')
+    assert_same_tensors(a['trainer']['model'], b['trainer']['model'])
+    assert a['trainer']['optimizer']['state'].keys() == b['trainer']['optimizer']['state'].keys()
+    for key in a['trainer']['optimizer']['state']:
+        assert_same_tensors(a['trainer']['optimizer']['state'][key], b['trainer']['optimizer']['state'][key])
+    drop_timing = [{k: v for k, v in row.items() if 'per_s' not in k} for row in a['history']]
+    assert drop_timing == [{k: v for k, v in row.items() if 'per_s' not in k} for row in b['history']]
+
+
+def test_resume_refuses_other_settings_and_finished_runs(tmp_path, default_run, capsys):
+    run_dir = default_run
+    assert main(['train', '--resume', str(run_dir), '--lr', '0.1']) == 2
+    assert '--resume continues with the run\'s own config.json; drop --lr' in capsys.readouterr().err
+    assert main(['train', '--resume', str(run_dir)]) == 0
+    assert 'already finished' in capsys.readouterr().out
+    assert main(['train', '--resume', str(tmp_path)]) == 2
+    assert 'is not a run directory' in capsys.readouterr().err
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    common = ['--no-aug', '--mixup', '0', '--cutmix', '0', '--drop-path', '0', '--epochs', '1']
+    whole = train(tmp_path, 'whole', *common, '--batch-size', '16', '--limit-batches', '2')
+    halves = train(tmp_path, 'halves', *common, '--batch-size', '8', '--grad-accum', '2', '--limit-batches', '4')
+    assert_same_tensors(load_file(whole / 'last.safetensors'), load_file(halves / 'last.safetensors'), atol=1e-5)
+
+
+@pytest.mark.parametrize('flags', [['--amp', 'bf16', '--grad-checkpointing'], ['--amp', 'fp16']])
+def test_precision_and_checkpointing_options_train(tmp_path, capsys, flags):
+    run_dir = train(tmp_path, 'run', '--epochs', '1', '--limit-batches', '1', *flags)
+    assert all(torch.isfinite(t).all() for t in load_file(run_dir / 'last.safetensors').values())
+    assert 'held-out top-1' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(tmp_path):
+    """2 gloo processes x 4 images train the same weights as 1 process x 8 images, to float noise."""
+    # SGD rather than AdamW: Adam divides by the gradient's own scale, which would hide mis-averaged gradients
+    common = [
+        '-m', 'boatvit', 'train', '--output', str(tmp_path), '--epochs', '1', '--limit-batches', '3',
+        '--workers', '0', '--quiet', '--no-aug', '--mixup', '0', '--cutmix', '0', '--drop-path', '0',
+        '--opt', 'sgd', '--lr', '0.05', *TINY_FLAGS,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    subprocess.run([sys.executable, *common, '--name', 'one', '--batch-size', '8'], check=True, env=env, timeout=300)
+    subprocess.run([
+        sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+        *common, '--name', 'two', '--batch-size', '4',
+    ], check=True, env=env, timeout=300)
+    one, two = load_file(tmp_path / 'one' / 'last.safetensors'), load_file(tmp_path / 'two' / 'last.safetensors')
+    # the runs differ only in the order gradients are summed: measured 1.5e-8 apart after 3 steps (weights up to 1)
+    assert_same_tensors(one, two, atol=1e-6)
+    (row_one,), (row_two,) = (json.loads((tmp_path / n / 'metrics.json').read_text()) for n in ('one', 'two'))
+    for key in ('train_loss', 'val_loss', 'val_top1'):
+        assert row_one[key] == pytest.approx(row_two[key], rel=1e-5), key
+    config = json.loads((tmp_path / 'two' / 'config.json').read_text())
+    assert config['world_size'] == 2 and config['global_batch_size'] == 8
+
+
+def test_bad_input_gets_a_clear_error(tmp_path, capsys):
+    data = make_image_folder(tmp_path / 'data', {'train': {'a': 2, 'b': 2}, 'val': {'a': 1, 'c': 1}})
+    assert main(['train', '--data', str(data), '--output', str(tmp_path)]) == 2
+    assert "only in train: ['b'], only in val: ['c']" in capsys.readouterr().err
+    assert main(['train', *SHORT, '--batch-size', '2000', '--output', str(tmp_path)]) == 2
+    assert 'more than the 1437 training images; lower --batch-size' in capsys.readouterr().err
+    assert main(['train', '--model', 'no_such_model', '--output', str(tmp_path)]) == 2
+    assert "unknown model 'no_such_model'" in capsys.readouterr().err
+    assert main(['train', '--recipe', 'boat_swin_tiny_224']) == 2
+    assert 'needs --data' in capsys.readouterr().err
+
+
+def parse_train(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(['train', *argv])
+
+
+def test_flags_override_the_recipe_and_the_lr_scales_with_the_global_batch():
+    config, recipe = config_from_args(parse_train())
+    assert recipe == 'digits' and config.model == 'boat_swin_nano_32' and config.data == 'digits'
+    assert config_from_args(parse_train('--data', 'digits', '--epochs', '3'))[0] == dataclasses.replace(config, epochs=3)
+    config, recipe = config_from_args(parse_train('--recipe', 'boat_cswin_base_224', '--data', 'x', '--epochs', '5'))
+    assert recipe == 'boat_cswin_base_224' and config.epochs == 5 and config.ema_decay == 0.99992
+    # reference: lr 1e-3 at 8 GPUs x 256
+    assert learning_rate(config, world_size=8) == pytest.approx(1e-3)
+    assert learning_rate(config, world_size=2) == pytest.approx(2.5e-4)
+    config, recipe = config_from_args(parse_train('--data', 'x', '--clip-grad', '0', '--aa', 'none'))
+    assert recipe is None and config.clip_grad is None and config.aa is None and config.epochs == TrainConfig.epochs
+
+
+@pytest.mark.parametrize('name', sorted(RECIPES))
+def test_recipes_name_registered_models_and_valid_configs(name):
+    assert timm.is_model(RECIPES[name]['model'])
+    TrainConfig(**dict(RECIPES[name], data='x'))
+
+
+def test_reference_recipes():
+    swin, cswin = RECIPES['boat_swin_tiny_224'], RECIPES['boat_cswin_tiny_224']
+    assert [RECIPES[f'boat_swin_{s}_224']['drop_path'] for s in ('tiny', 'small', 'base')] == [0.2, 0.3, 0.5]
+    assert [RECIPES[f'boat_cswin_{s}_224']['drop_path'] for s in ('tiny', 'small', 'base')] == [0.2, 0.4, 0.5]
+    assert swin['lr_base'] / swin['lr_base_size'] == 5e-4 / 512 and swin['clip_grad'] == 5.0
+    assert cswin['lr_base'] / cswin['lr_base_size'] == 2e-3 / 2048 and cswin['clip_grad'] is None
+    assert cswin['ema_decay'] == 0.99984 and RECIPES['boat_cswin_base_224']['weight_decay'] == 0.1
+    for recipe in (swin, cswin):
+        assert (recipe['epochs'], recipe['warmup_epochs'], recipe['mixup'], recipe['cutmix']) == (300, 20, 0.8, 1.0)
+        assert (recipe['smoothing'], recipe['aa'], recipe['reprob']) == (0.1, 'rand-m9-mstd0.5-inc1', 0.25)
