@@ -53,13 +53,14 @@ def _packed_feature_space_attention(
         iterations: int,
         temperature: float,
         dropout_p: float,
-) -> torch.Tensor:
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`feature_space_attention` on ``qkv`` packed as ``(B, N, 3, heads, head_dim)``, the layout of a qkv
-    Linear's output, returning ``(B, N, heads * head_dim)``, the layout its output projection takes.
+    Linear's output, returning the attention output and V, both ``(B, N, heads * head_dim)`` in token order: the
+    layout the output projection and the channels-last LePE conv take.
 
-    The clustered q, k and v are fetched straight from that layout with two row gathers (``index_select``, a copy of
-    whole ``head_dim`` rows) and the output is put back in token order by a third: no head-major copy of q, k, v or
-    of the output is ever made.
+    The clustered q, k and v and the token-order V are cut from one row gather (``index_select``, a copy of whole
+    ``head_dim`` rows) straight from that layout, so backward scatters into ``qkv`` once; the output is put back in
+    token order by a second gather. No head-major copy of q, k, v or of the output is ever made.
     """
     B, N, _, heads, d = qkv.shape
     layout = cluster_layout(N, cluster_size)
@@ -70,15 +71,18 @@ def _packed_feature_space_attention(
     span = slots.numel() // num
     device = qkv.device
 
-    # row of q[b, t, h] in qkv.view(-1, d); k and v of the same (b, t, h) are heads and 2 * heads rows further.
-    # Ghost slots read the last real token: they are masked as keys and their query outputs are dropped.
-    image_rows = torch.arange(0, B * N * 3 * heads, N * 3 * heads, device=device).view(B, 1, 1)
-    q_rows = image_rows + order.clamp(max=N - 1) * (3 * heads) + torch.arange(heads, device=device).view(1, heads, 1)
-    kv_rows = q_rows.gather(-1, slots.to(device).expand(B, heads, -1))
-    kv_rows = torch.stack([kv_rows + heads, kv_rows + 2 * heads])
-    rows = qkv.reshape(-1, d)
-    q_c = rows.index_select(0, q_rows.view(-1)).view(B, heads * num, c, d)
-    k_c, v_c = rows.index_select(0, kv_rows.view(-1)).view(2, B, heads * num, span, d).unbind(0)
+    # q[b, t, h] is row (b * N + t) * 3 * heads + h of qkv.view(-1, d); its k and v are heads and 2 * heads rows
+    # further. Ghost slots read the last real token: they are masked as keys and their query outputs are dropped.
+    head = torch.arange(heads, device=device)
+    q_rows = (torch.arange(0, B * N, N, device=device).view(B, 1, 1) + order.clamp(max=N - 1)) * (3 * heads)
+    q_rows = q_rows + head.view(heads, 1)  # (B, heads, n_pad), clustered order
+    kv_rows = q_rows.gather(-1, slots.to(device).expand(B, heads, -1))  # (B, heads, num * span)
+    v_rows = torch.arange(0, B * N * 3 * heads, 3 * heads, device=device).view(B * N, 1) + head + 2 * heads
+    index = torch.cat([q_rows.view(-1), (kv_rows + heads).view(-1), (kv_rows + 2 * heads).view(-1), v_rows.view(-1)])
+    q_c, k_c, v_c, v = qkv.reshape(-1, d).index_select(0, index).split(
+        [q_rows.numel(), kv_rows.numel(), kv_rows.numel(), v_rows.numel()])
+    q_c = q_c.view(B, heads * num, c, d)
+    k_c, v_c = k_c.view(B, heads * num, span, d), v_c.view(B, heads * num, span, d)
     if key_mask is not None:
         key_mask = key_mask.to(device).repeat(heads, 1, 1)
     out = F.scaled_dot_product_attention(q_c, k_c, v_c, attn_mask=key_mask, dropout_p=dropout_p, scale=scale)
@@ -87,7 +91,7 @@ def _packed_feature_space_attention(
     slot_of = torch.empty_like(order).scatter_(-1, order, torch.arange(n_pad, device=device).expand_as(order))
     head_rows = torch.arange(0, B * heads * n_pad, n_pad, device=device).view(B, heads, 1)
     out_rows = (slot_of[..., :N] + head_rows).transpose(1, 2)  # (B, N, heads)
-    return out.reshape(-1, d).index_select(0, out_rows.reshape(-1)).view(B, N, heads * d)
+    return out.reshape(-1, d).index_select(0, out_rows.reshape(-1)).view(B, N, heads * d), v.view(B, N, heads * d)
 
 
 def feature_space_attention(
@@ -124,7 +128,7 @@ def feature_space_attention(
         raise ValueError(f'overlap must be in [0, cluster_size={cluster_size}), got {overlap}.')
     B, heads, N, d = q.shape
     qkv = torch.stack([t.transpose(1, 2) for t in (q, k, v)], dim=2)
-    out = _packed_feature_space_attention(qkv, scale, cluster_size, overlap, iterations, temperature, dropout_p)
+    out, _ = _packed_feature_space_attention(qkv, scale, cluster_size, overlap, iterations, temperature, dropout_p)
     return out.view(B, N, heads, d).transpose(1, 2)
 
 
@@ -202,7 +206,7 @@ class FeatureSpaceAttention(nn.Module):
         if H * W != N:
             raise ValueError(f'size {tuple(size)} has {H * W} positions but x has N={N} tokens.')
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads)
-        out = _packed_feature_space_attention(
+        out, v = _packed_feature_space_attention(
             qkv,
             scale=self.scale,
             cluster_size=self.cluster_size,
@@ -211,7 +215,6 @@ class FeatureSpaceAttention(nn.Module):
             temperature=self.temperature,
             dropout_p=self.attn_drop if self.training else 0.0,
         )
-        # V in the token layout is an NHWC image; the depthwise conv runs on it as a channels-last NCHW tensor
-        v_img = qkv[:, :, 2].reshape(B, H, W, C).permute(0, 3, 1, 2)
-        out = out + self.lepe(v_img).permute(0, 2, 3, 1).reshape(B, N, C)
+        # V in token order is an NHWC image; the depthwise conv runs on it as a channels-last NCHW tensor
+        out = out + self.lepe(v.view(B, H, W, C).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(B, N, C)
         return self.proj_drop(self.proj(out))
