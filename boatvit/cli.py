@@ -18,6 +18,7 @@ COMMANDS = {
     'convert': 'boatvit.convert',
     'predict': 'boatvit.predict',
     'clusters': 'boatvit.visualize',
+    'export': 'boatvit.export',
 }
 
 

@@ -1,0 +1,318 @@
+"""``boatvit export``: a BOAT model to ONNX, checked against PyTorch with ONNX Runtime, written atomically.
+
+The graph is traced by the dynamo-based ``torch.onnx.export`` at one image size, with a dynamic batch axis unless a
+batch size is given. At a fixed size everything about the clustering is static (tree depth, ghost padding, index
+tables), so the graph holds only standard operators: the Swin shift is a pair of ``Slice``/``Concat``, the clustering
+one ``TopK`` per level (a sort of every group's keys), the cluster gathers ``Gather``/``GatherElements`` and the
+return to token order a ``ScatterElements``.
+
+The sorts are what limits deployment. The first level of an FSLA layer's clustering sorts all its tokens (padded
+to ``c * 2^K``), so its ``TopK`` has K = that count: 3136 for stage 1 of every registered model at 224x224. TensorRT
+caps K at 3840 (:data:`TENSORRT_TOPK_LIMIT`); :func:`fsla_sorts` gives every layer's K for an input size, and the
+command says when a layer is above the cap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import timm
+import torch
+import torch.nn as nn
+
+from . import __version__
+from .cli import UsageError
+from .clustering import cluster_layout
+from .convert import add_model_arguments, load_model
+from .evaluate import build_model
+from .fsla import FeatureSpaceAttention
+from .models.base import BoatTransformer
+from .predict import data_config
+from .runs import atomic_path
+
+__all__ = ['TENSORRT_TOPK_LIMIT', 'FslaSort', 'OnnxExport', 'ExportCheckError', 'fsla_sorts', 'export_onnx']
+
+# TensorRT's ITopKLayer takes K <= 3840 (1024 before TensorRT 8.6 GA)
+TENSORRT_TOPK_LIMIT = 3840
+DEFAULT_OPSET = 18
+MIN_OPSET = 17
+_ONNX_PACKAGES = ('onnx', 'onnxruntime', 'onnxscript')
+
+
+@dataclass(frozen=True)
+class FslaSort:
+    """The largest sort of one FSLA layer at one input size.
+
+    Attributes:
+        module: the layer's name in the model (``layers.0.blocks.1.fsla``).
+        tokens: N, the tokens it clusters.
+        topk: K of its largest ``TopK`` (the padded token count), 0 when N is below two clusters and nothing is sorted.
+    """
+
+    module: str
+    tokens: int
+    topk: int
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    """What :func:`export_onnx` wrote and how well ONNX Runtime reproduced PyTorch.
+
+    Attributes:
+        path: the ONNX file.
+        input_shape: ``(batch, channels, H, W)``; batch is None when the batch axis is dynamic.
+        opset: the ONNX opset.
+        max_abs_diff: largest ``|onnxruntime - pytorch|`` over the check batch's outputs.
+        sorts: every FSLA layer's largest sort, in forward order.
+    """
+
+    path: Path
+    input_shape: Tuple[Optional[int], int, int, int]
+    opset: int
+    max_abs_diff: float
+    sorts: Tuple[FslaSort, ...]
+
+    @property
+    def largest_sort(self) -> Optional[FslaSort]:
+        return max(self.sorts, key=lambda s: s.topk, default=None)
+
+    @property
+    def fits_tensorrt(self) -> bool:
+        """Whether every sort is within TensorRT's TopK limit."""
+        return all(s.topk <= TENSORRT_TOPK_LIMIT for s in self.sorts)
+
+
+class ExportCheckError(RuntimeError):
+    """ONNX Runtime's outputs differ from PyTorch's beyond the tolerance; nothing was written."""
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, BoatTransformer):
+        raise TypeError(
+            f'model must be a boatvit BOAT model (timm.create_model("boat_...")), got {type(model).__name__}.')
+    dtypes = {p.dtype for p in model.parameters()}
+    devices = {p.device.type for p in model.parameters()}
+    if dtypes != {torch.float32} or devices != {'cpu'}:
+        raise ValueError(f'export needs a float32 model on the CPU, got parameters of dtype {sorted(map(str, dtypes))} '
+                         f'on {sorted(devices)}; call model.float().cpu() first.')
+
+
+def _image_size(model: BoatTransformer, img_size: Union[None, int, Sequence[int]]) -> Tuple[int, int]:
+    if img_size is None:
+        return tuple(model.img_size)
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in size):
+        raise ValueError(f'img_size must be an int or (height, width) of ints, got {img_size!r}.')
+    return size
+
+
+def fsla_sorts(model: nn.Module, images: torch.Tensor) -> List[FslaSort]:
+    """The largest sort of every :class:`~boatvit.FeatureSpaceAttention` of ``model`` when it runs on ``images``.
+
+    Runs one forward pass (no gradient) and records the token count each FSLA layer sees.
+    """
+    names = {m: n for n, m in model.named_modules() if isinstance(m, FeatureSpaceAttention)}
+    sorts = []
+
+    def record(module: FeatureSpaceAttention, args: Tuple[Any, ...]) -> None:
+        layout = cluster_layout(args[0].shape[1], module.cluster_size)
+        sorts.append(FslaSort(names[module], layout.num_tokens, layout.padded_tokens if layout.levels else 0))
+
+    handles = [m.register_forward_pre_hook(record) for m in names]
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for h in handles:
+            h.remove()
+    return sorts
+
+
+def _require_onnx_packages() -> None:
+    missing = [p for p in _ONNX_PACKAGES if importlib.util.find_spec(p) is None]
+    if missing:
+        raise ImportError(f'ONNX export needs {", ".join(missing)}; install them with pip install "boatvit[onnx]".')
+
+
+def export_onnx(
+        model: BoatTransformer,
+        path: Union[str, os.PathLike],
+        img_size: Union[None, int, Tuple[int, int]] = None,
+        batch_size: Optional[int] = None,
+        opset: int = DEFAULT_OPSET,
+        atol: float = 1e-4,
+        rtol: float = 1e-4,
+        seed: int = 0,
+        metadata: Optional[Mapping[str, Any]] = None,
+) -> OnnxExport:
+    """Export ``model`` to ONNX, run the file with ONNX Runtime on a random batch and compare with PyTorch.
+
+    The file appears at ``path`` only once the check has passed (it is written beside it, then renamed).
+
+    Args:
+        model: a float32 BOAT model on the CPU; it runs in eval mode (its train/eval mode is restored afterwards).
+        path: the ``.onnx`` file to write (weights inside, so at most 2 GB: every registered model fits).
+        img_size: input size the graph is traced at, an int or (height, width); default: ``model.img_size``. A model
+            built without ``dynamic_img_size`` only takes its own size.
+        batch_size: a fixed batch size, or None for a dynamic batch axis.
+        opset: ONNX opset, at least 17.
+        atol, rtol: the check passes when ``|ort - torch| <= atol + rtol * |torch|`` everywhere.
+        seed: seed of the random check batch (standard normal, like normalised images).
+        metadata: stored JSON-encoded in the file's ``metadata_props`` (with ``boatvit_version``).
+
+    Returns:
+        :class:`OnnxExport`.
+
+    Raises:
+        ExportCheckError: ONNX Runtime disagrees with PyTorch; nothing is written. The clustering is discontinuous,
+            so a float32 rounding difference can move a token into another cluster: try another ``seed``.
+    """
+    _check_model(model)
+    height, width = _image_size(model, img_size)
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+        raise ValueError(f'batch_size must be a positive int or None (dynamic batch), got {batch_size!r}.')
+    if not isinstance(opset, int) or opset < MIN_OPSET:
+        raise ValueError(f'opset must be an int >= {MIN_OPSET}, got {opset!r}.')
+    path = Path(path)
+    if path.is_dir() or not path.parent.is_dir():
+        raise ValueError(f'{path}: the output must be a file in an existing directory.')
+    _require_onnx_packages()
+    import onnxruntime
+
+    generator = torch.Generator().manual_seed(seed)
+    # a dynamic batch is traced at 2: torch.export specialises a size-1 dimension
+    images = torch.randn(batch_size or 2, model.in_chans, height, width, generator=generator)
+    model.check_input(images)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            expected = model(images).numpy()
+        sorts = tuple(fsla_sorts(model, images[:1]))
+        dynamic_shapes = None if batch_size else {'x': {0: torch.export.Dim('batch', min=1)}}
+        # the exporter's constant folding logs a warning for every Concat of more than 64 inputs it leaves alone
+        folding_log = logging.getLogger('onnxscript.optimizer._constant_folding')
+        level = folding_log.level
+        folding_log.setLevel(logging.ERROR)
+        try:
+            program = torch.onnx.export(
+                model, (images,), dynamo=True, opset_version=opset, dynamic_shapes=dynamic_shapes,
+                input_names=['images'], output_names=['logits'], external_data=False, verbose=False)
+        finally:
+            folding_log.setLevel(level)
+    finally:
+        model.train(was_training)
+    props = dict(metadata or {}, boatvit_version=__version__)
+    program.model.metadata_props.update({k: json.dumps(v) for k, v in props.items()})
+
+    with atomic_path(path) as tmp:
+        program.save(tmp, external_data=False)
+        session = onnxruntime.InferenceSession(str(tmp), providers=['CPUExecutionProvider'])
+        (actual,) = session.run(None, {'images': images.numpy()})
+        diff = abs(actual - expected)
+        max_abs_diff = float(diff.max())
+        if not (diff <= atol + rtol * abs(expected)).all():
+            raise ExportCheckError(
+                f'ONNX Runtime differs from PyTorch by up to {max_abs_diff:.3g} (atol {atol:g}, rtol {rtol:g}) on a '
+                f'random {tuple(images.shape)} batch (seed {seed}); {path} was not written. The clustering is '
+                'discontinuous: a rounding difference can move a token to another cluster. Try another seed, or '
+                'report the model and size if it persists.')
+    return OnnxExport(path, (batch_size, model.in_chans, height, width), opset, max_abs_diff, sorts)
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        'export',
+        help='export a BOAT model to ONNX, checked with ONNX Runtime',
+        description='Export a BOAT model (random weights, or --weights: a released checkpoint or a safetensors file '
+                    'from `boatvit convert` / `boatvit train`) to ONNX at one image size, run the file with ONNX '
+                    'Runtime on a random batch, compare with PyTorch, and only then write it. Says when a sort is '
+                    f'above TensorRT\'s TopK limit ({TENSORRT_TOPK_LIMIT}).',
+    )
+    parser.add_argument('-o', '--output', required=True, help='ONNX file to write')
+    parser.add_argument('--weights', help='checkpoint or .safetensors file (default: random weights)')
+    add_model_arguments(parser)
+    parser.add_argument('--img-size', type=int, help='image size the graph takes; default: the model\'s (224)')
+    parser.add_argument('--batch-size', type=int,
+                        help='fixed batch size of the graph; default: a dynamic batch axis')
+    parser.add_argument('--opset', type=int, default=DEFAULT_OPSET, help=f'ONNX opset (default: {DEFAULT_OPSET})')
+    parser.add_argument('--atol', type=float, default=1e-4,
+                        help='tolerance of the ONNX Runtime check, absolute and relative (default: 1e-4)')
+    parser.add_argument('--seed', type=int, default=0, help='seed of the random check batch (default: 0)')
+    parser.set_defaults(run=run)
+
+
+def _build(args: argparse.Namespace) -> Tuple[BoatTransformer, Dict[str, Any]]:
+    """The model to export and what the ONNX file records about it."""
+    kwargs = dict(args.model_kwargs) if args.model_kwargs is not None else None
+    boat_models = timm.list_models('boat_*')
+    if args.model and args.model not in boat_models:
+        raise UsageError(f'{args.model!r} is not a BOAT model; choose one of {", ".join(boat_models)}')
+    if args.weights:
+        loaded = load_model(args.weights, model=args.model, model_kwargs=kwargs, use_ema=args.ema)
+        name, kwargs, metadata = loaded.name, dict(loaded.model_kwargs), loaded.metadata
+        model = loaded.model
+        if args.img_size and tuple(model.img_size) != (args.img_size, args.img_size):
+            # built again at the export size (Swin masks and padding depend on it); the weights do not
+            state = model.state_dict()
+            model = _build_at_size(name, model.num_classes, dict(kwargs, img_size=args.img_size))
+            model.load_state_dict(state)
+    else:
+        if not args.model:
+            raise UsageError('pass --model NAME (a registered BOAT model), and --weights PATH for trained weights')
+        name, kwargs, metadata = args.model, dict(kwargs or {}), {}
+        model = _build_at_size(name, kwargs.pop('num_classes', 1000), dict(kwargs, img_size=args.img_size))
+    config = dict(data_config(model, metadata))
+    config['input_size'] = (model.in_chans, *model.img_size)
+    return model, {'model': name, 'model_kwargs': kwargs, 'data_config': config}
+
+
+def _build_at_size(name: str, num_classes: int, kwargs: Dict[str, Any]) -> BoatTransformer:
+    try:
+        return build_model(name, num_classes, model_kwargs={k: v for k, v in kwargs.items() if v is not None})
+    except ValueError as e:  # the model's own argument checks (an image size below its total stride, ...)
+        raise UsageError(f'cannot build {name}: {e}') from e
+
+
+def run(args: argparse.Namespace) -> int:
+    for flag, value in (('--img-size', args.img_size), ('--batch-size', args.batch_size)):
+        if value is not None and value < 1:
+            raise UsageError(f'{flag} must be a positive integer, got {value}')
+    if args.opset < MIN_OPSET:
+        raise UsageError(f'--opset must be at least {MIN_OPSET}, got {args.opset}')
+    if not args.atol > 0:
+        raise UsageError(f'--atol must be positive, got {args.atol}')
+    out = Path(args.output)
+    if out.is_dir() or not out.parent.is_dir():
+        raise UsageError(f'{out}: the output must be a file in an existing directory')
+    if args.weights and out.exists() and out.resolve() == Path(args.weights).resolve():
+        raise UsageError(f'{out}: the output would overwrite the weights; pick another name')
+    model, metadata = _build(args)
+    try:
+        result = export_onnx(model, out, batch_size=args.batch_size, opset=args.opset, atol=args.atol,
+                             rtol=args.atol, seed=args.seed, metadata=metadata)
+    except ImportError as e:
+        raise UsageError(str(e)) from e
+    except ExportCheckError as e:
+        print(f'boatvit export: check failed: {e}', file=sys.stderr)
+        return 1
+    batch = 'dynamic batch' if result.input_shape[0] is None else f'batch {result.input_shape[0]}'
+    print(f'wrote {out}: {metadata["model"]}, input (N, {", ".join(map(str, result.input_shape[1:]))}), {batch}, '
+          f'opset {result.opset}; ONNX Runtime matches PyTorch (max |diff| {result.max_abs_diff:.2g})')
+    largest = result.largest_sort
+    if largest is not None and largest.topk:
+        print(f'largest sort (ONNX TopK): K = {largest.topk} in {largest.module}')
+    if not result.fits_tensorrt:
+        over = [s for s in result.sorts if s.topk > TENSORRT_TOPK_LIMIT]
+        print(f'note: {len(over)} FSLA layer(s) sort more than {TENSORRT_TOPK_LIMIT} tokens ({over[0].module}: '
+              f'{over[0].topk}), above TensorRT\'s TopK limit; ONNX Runtime runs the file, TensorRT alone does not '
+              '(see the README, "Deployment")', file=sys.stderr)
+    return 0
