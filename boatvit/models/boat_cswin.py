@@ -69,8 +69,8 @@ def stripe_attention(
         return t.view(-1, area, num_heads, d).transpose(1, 2)
 
     qw, kw, vw = (to_windows(t) for t in (q, k, v))
-    pos = lepe(vw.transpose(1, 2).reshape(-1, C, sh, sw))
-    pos = pos.view(-1, num_heads, d, area).transpose(-1, -2)
+    # each V window is an NHWC image: the depthwise conv takes it as a channels-last NCHW view, no copy
+    pos = to_heads(lepe(vw.view(-1, sh, sw, C).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(-1, area, C))
     mask = None
     if pad_h or pad_w:
         real = torch.zeros(1, Hp, Wp, 1, dtype=torch.bool, device=q.device)
