@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple, TypeVar
 
@@ -252,7 +253,7 @@ def balanced_hierarchical_clustering(
     _check_queries(q)
     if not isinstance(iterations, int) or iterations < 0:
         raise ValueError(f'iterations must be a non-negative int, got {iterations!r}.')
-    if not math.isfinite(temperature) or temperature <= 0:
+    if not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f'temperature must be a positive finite number, got {temperature!r}.')
     layout = cluster_layout(q.shape[2], cluster_size)
     # autocast would run the centroid matmuls in half precision even on float32 queries (see bug 5)

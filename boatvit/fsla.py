@@ -94,6 +94,13 @@ def _packed_feature_space_attention(
     return out.reshape(-1, d).index_select(0, out_rows.reshape(-1)).view(B, N, heads * d), v.view(B, N, heads * d)
 
 
+def _check_cluster_args(cluster_size: int, overlap: int) -> None:
+    if not isinstance(cluster_size, int) or cluster_size < 1:
+        raise ValueError(f'cluster_size must be a positive int, got {cluster_size!r}.')
+    if not isinstance(overlap, int) or not 0 <= overlap < cluster_size:
+        raise ValueError(f'overlap must be an int in [0, cluster_size={cluster_size}), got {overlap!r}.')
+
+
 def feature_space_attention(
         q: torch.Tensor,
         k: torch.Tensor,
@@ -121,11 +128,13 @@ def feature_space_attention(
     Returns:
         ``(B, heads, N, head_dim)``, tokens in their input order.
     """
-    if q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(
-            f'q, k and v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}.')
-    if not 0 <= overlap < cluster_size:
-        raise ValueError(f'overlap must be in [0, cluster_size={cluster_size}), got {overlap}.')
+    for name, t in (('q', q), ('k', k), ('v', v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f'{name} must be a torch.Tensor of shape (B, heads, N, head_dim), got {type(t).__name__}.')
+    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f'q, k and v must have the same shape (B, heads, N, head_dim), got {tuple(q.shape)}, '
+                         f'{tuple(k.shape)}, {tuple(v.shape)}.')
+    _check_cluster_args(cluster_size, overlap)
     B, heads, N, d = q.shape
     qkv = torch.stack([t.transpose(1, 2) for t in (q, k, v)], dim=2)
     out, _ = _packed_feature_space_attention(qkv, scale, cluster_size, overlap, iterations, temperature, dropout_p)
@@ -168,11 +177,10 @@ class FeatureSpaceAttention(nn.Module):
             proj_drop: output dropout.
         """
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f'dim={dim} must be divisible by num_heads={num_heads}.')
-        if not 0 <= overlap < cluster_size:
-            raise ValueError(f'overlap must be in [0, cluster_size={cluster_size}), got {overlap}.')
-        cluster_layout(max(cluster_size, 1), cluster_size)  # validates cluster_size
+        if not all(isinstance(n, int) and n > 0 for n in (dim, num_heads)) or dim % num_heads:
+            raise ValueError(f'dim and num_heads must be positive ints, dim divisible by num_heads; got dim={dim!r}, '
+                             f'num_heads={num_heads!r}.')
+        _check_cluster_args(cluster_size, overlap)
         self.dim = dim
         self.num_heads = num_heads
         self.scale = scale
@@ -199,8 +207,12 @@ class FeatureSpaceAttention(nn.Module):
         Returns:
             ``(B, N, C)``.
         """
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f'x must be a torch.Tensor of shape (B, N, {self.dim}), got {type(x).__name__}.')
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f'FeatureSpaceAttention expects (B, N, {self.dim}) tokens, got shape {tuple(x.shape)}.')
+        if not isinstance(size, (tuple, list)) or len(size) != 2:
+            raise TypeError(f'size must be the token grid (H, W), got {size!r}.')
         B, N, C = x.shape
         H, W = size
         if H * W != N:
