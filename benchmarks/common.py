@@ -1,0 +1,230 @@
+"""What the benchmark scripts share: the device set-up, model specs, interleaved timing, peak memory measured in a
+fresh process, the environment record, a text table and the JSON file.
+
+Timing rules (see ``../shared/REFERENCE.md``, "CPU timing"): models are built once and timed in interleaved rounds,
+each round in a rotated order, so that a slow spell of a shared machine hits every model alike; every figure is the
+median over the rounds and the ratios compare medians taken side by side in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+import boatvit  # noqa: F401  (registers the BOAT models with timm)
+import timm
+
+RESULTS_DIR = Path(__file__).resolve().parent / 'results'
+
+
+def add_device_args(parser: argparse.ArgumentParser) -> None:
+    """The options every benchmark takes: device, threads, repeats, compile and the JSON path."""
+    parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda'),
+                        help='cpu: float32; cuda: bfloat16 autocast and larger batches')
+    parser.add_argument('--threads', type=int, default=2, help='CPU threads (torch.set_num_threads)')
+    parser.add_argument('--repeats', type=int, default=None, help='timed rounds per figure (default: cpu 9, cuda 30)')
+    parser.add_argument('--warmup', type=int, default=None, help='untimed rounds first (default: cpu 2, cuda 10)')
+    parser.add_argument('--compile', action='store_true', help='torch.compile every model (FSLA hooks are skipped)')
+    parser.add_argument('--json', type=Path, default=None, help='where to write the results (default: results/)')
+
+
+def setup(args: argparse.Namespace) -> None:
+    """Fill the device-dependent defaults and fix the CPU thread count."""
+    cuda = args.device == 'cuda'
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit('--device cuda: torch sees no CUDA device.')
+    args.repeats = args.repeats or (30 if cuda else 9)
+    args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
+    torch.set_num_threads(args.threads)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def autocast(device: str) -> ContextManager:
+    """bfloat16 autocast on CUDA, nothing on CPU (where the targets are float32). The FSLA clusters in float32 either
+    way."""
+    return torch.autocast('cuda', dtype=torch.bfloat16) if device == 'cuda' else nullcontext()
+
+
+def sync(device: str) -> None:
+    if device == 'cuda':
+        torch.cuda.synchronize()
+
+
+def parse_spec(spec: str) -> tuple:
+    """``'name'`` or ``'name:key=value,key=value'`` to ``(name, kwargs)``; values are parsed as Python literals
+    where they can be (``img_size=448``), else kept as strings (``fsla_blocks=none``)."""
+    name, _, rest = spec.partition(':')
+    kwargs = {}
+    for item in filter(None, rest.split(',')):
+        key, _, value = item.partition('=')
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key] = value
+    return name, kwargs
+
+
+def build_model(spec: str, device: str, compile: bool = False, **overrides: Any) -> nn.Module:
+    """A randomly initialised timm model from a spec (see ``parse_spec``), on ``device``."""
+    name, kwargs = parse_spec(spec)
+    torch.manual_seed(0)
+    model = timm.create_model(name, **{**kwargs, **overrides}).to(device)
+    return torch.compile(model) if compile else model
+
+
+def make_step(model: nn.Module, mode: str, batch: int, img_size: int, device: str) -> Callable[[], None]:
+    """One inference forward (``mode='inference'``, eval mode, ``inference_mode``) or one training step
+    (``'train'``: forward, cross-entropy on fixed random labels, backward, AdamW step) on a fixed random batch."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, img_size, img_size, generator=g).to(device)
+    if mode == 'inference':
+        model.eval()
+
+        def step() -> None:
+            with torch.inference_mode(), autocast(device):
+                model(x)
+        return step
+
+    model.train()
+    y = torch.randint(0, model.num_classes, (batch,), generator=g).to(device)
+    # a tiny learning rate: the weights stay where they were initialised, so every step costs the same
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
+
+    def step() -> None:
+        with autocast(device):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def time_interleaved(
+        steps: Dict[str, Callable[[], Any]],
+        device: str,
+        repeats: int,
+        warmup: int,
+) -> Dict[str, List[float]]:
+    """Seconds per call of every step, ``repeats`` rounds of one call each, the order rotated every round."""
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            sync(device)
+            start = time.perf_counter()
+            steps[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def summary(seconds: Sequence[float]) -> Dict[str, float]:
+    """Median, min and max in milliseconds."""
+    return {'median_ms': 1e3 * median(seconds), 'min_ms': 1e3 * min(seconds), 'max_ms': 1e3 * max(seconds)}
+
+
+def load_average() -> Optional[List[float]]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        text = Path('/proc/cpuinfo').read_text()
+        return re.search(r'model name\s*:\s*(.*)', text).group(1).strip()
+    except (OSError, AttributeError):
+        return platform.processor() or platform.machine()
+
+
+def environment(args: argparse.Namespace) -> Dict[str, Any]:
+    """What the figures depend on: machine, versions, threads, date, and how busy the machine was."""
+    env = {
+        'date': datetime.date.today().isoformat(),
+        'machine': f'{_cpu_name()}, {os.cpu_count()} logical CPUs',
+        'platform': platform.platform(),
+        'python': platform.python_version(),
+        'torch': torch.__version__,
+        'timm': timm.__version__,
+        'boatvit': boatvit.__version__,
+        'device': args.device,
+        'threads': torch.get_num_threads(),
+        'dtype': 'bfloat16 autocast' if args.device == 'cuda' else 'float32',
+        'compile': args.compile,
+        'repeats': args.repeats,
+        'warmup': args.warmup,
+        'load_average_start': load_average(),
+    }
+    if args.device == 'cuda':
+        env['gpu'] = torch.cuda.get_device_name()
+    return env
+
+
+def print_table(title: str, rows: List[Dict[str, Any]], columns: Sequence[str]) -> None:
+    """A plain-text table of ``rows`` (dicts), floats with three significant decimals."""
+    def fmt(value: Any) -> str:
+        if isinstance(value, float):
+            return f'{value:.3f}' if abs(value) < 10 else f'{value:.1f}'
+        return '' if value is None else str(value)
+
+    cells = [[fmt(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print(f'\n{title}')
+    print('  '.join(c.ljust(w) for c, w in zip(columns, widths)))
+    print('  '.join('-' * w for w in widths))
+    for r in cells:
+        print('  '.join(v.ljust(w) for v, w in zip(r, widths)))
+    sys.stdout.flush()
+
+
+def write_json(args: argparse.Namespace, default_name: str, payload: Dict[str, Any]) -> Path:
+    path = args.json or RESULTS_DIR / f'{default_name}_{args.device}.json'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload['environment']['load_average_end'] = load_average()
+    path.write_text(json.dumps(payload, indent=2) + '\n')
+    print(f'\nwrote {path}')
+    return path
+
+
+def run_in_fresh_process(module: str, argv: Sequence[str]) -> Dict[str, Any]:
+    """Run ``python -m module *argv`` and return the JSON object it prints last.
+
+    glibc's mmap threshold is fixed at 64 KiB in the child so every large tensor is mapped and unmapped on its own,
+    and the resident set size follows what torch holds instead of what malloc keeps cached.
+    """
+    env = {**os.environ, 'MALLOC_MMAP_THRESHOLD_': '65536'}
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, '-m', module, *argv], cwd=root, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f'{module} {" ".join(argv)} failed:\n{proc.stderr[-3000:]}')
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def resident_kib() -> Dict[str, int]:
+    """Current and peak resident set size of this process (KiB), from ``/proc/self/status``."""
+    text = Path('/proc/self/status').read_text()
+    return {key: int(re.search(key + r':\s+(\d+)', text).group(1)) for key in ('VmRSS', 'VmHWM')}
