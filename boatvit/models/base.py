@@ -126,6 +126,14 @@ class BoatTransformer(nn.Module):
                              f'create the model with in_chans={x.shape[1]} or convert the images.')
         if x.shape[0] == 0:
             raise ValueError('got an empty batch (B = 0); pass at least one image.')
+        # otherwise the first conv fails with "Input type ... and bias type ... should be the same"; autocast casts
+        weight = self.patch_embed.proj.weight
+        if x.device != weight.device:
+            raise ValueError(f'the images are on {x.device} but the model is on {weight.device}; move one of them '
+                             f'with .to({str(weight.device)!r}) or .to({str(x.device)!r}).')
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f'the images are {x.dtype} but the model\'s weights are {weight.dtype}; convert with '
+                             f'x.to({weight.dtype}), or run the model under torch.autocast.')
         # torch.compile: the clustering tree and the window padding are Python structure built from the token counts,
         # so a graph can only serve one image size. index() makes a symbolic size a guard on its value here, at the
         # input; left symbolic, the sizes reach the clustering, where dynamo's shape solver stalls for minutes.
