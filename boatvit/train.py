@@ -121,14 +121,27 @@ class TrainConfig:
 RUNTIME_FLAGS = ('device', 'workers', 'output', 'name', 'quiet')
 
 
+TRAIN_EXAMPLES = '''examples:
+  boatvit train                                    # the embedded default, a few minutes on a CPU
+  boatvit train --data DIR --recipe boat_swin_tiny_224
+  boatvit train --data DIR --model boat_swin_tiny_224 --epochs 30 --batch-size 64 --amp bf16
+  boatvit train --resume runs/RUN                  # continue an interrupted run
+  torchrun --nproc_per_node 8 -m boatvit train --data DIR --recipe boat_cswin_tiny_224
+  # 2 machines x 8 GPUs: the same command on each machine, HOST being machine 0
+  torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id RUN_ID \\
+      -m boatvit train --data DIR --recipe boat_cswin_tiny_224 --output SHARED_DIR/runs
+'''
+
+
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         'train',
         help='train a model; with no arguments, a small BOAT-Swin on the built-in digits in a few minutes on a CPU',
-        description='Train a model. With no arguments: the embedded default (recipe "digits"). Flags override '
-                    'the recipe; --recipe picks a reference ImageNet recipe. Run under torchrun for several '
-                    'processes or machines.',
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description='Train a model. With no arguments: the embedded default (recipe "digits").\n'
+                    'Flags override the recipe (boatvit/recipes.py); --recipe picks a reference ImageNet recipe.\n'
+                    'The values a run used are in RUN_DIR/config.json.',
+        epilog=TRAIN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     # default=None throughout: a flag given on the command line is told apart from the recipe's value
     run_group = parser.add_argument_group('run')

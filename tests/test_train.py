@@ -180,6 +180,20 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert config['world_size'] == 2 and config['global_batch_size'] == 8
 
 
+def test_image_folder_with_the_full_augmentation_trains_and_evaluates(tmp_path, capsys):
+    # the generic defaults: RandAugment, random erasing, mixup and cutmix, label smoothing
+    data = make_image_folder(tmp_path / 'data', {'train': {'a': 8, 'b': 8}, 'val': {'a': 3, 'b': 2}})
+    assert main(['train', '--data', str(data), '--model', 'boat_swin_nano_32', *TINY_FLAGS, '--epochs', '1',
+                 '--batch-size', '8', '--workers', '0', '--quiet', '--output', str(tmp_path), '--name', 'run']) == 0
+    config = json.loads((tmp_path / 'run' / 'config.json').read_text())
+    assert config['recipe'] is None and config['config']['aa'] == 'rand-m9-mstd0.5-inc1'
+    assert config['classes'] == ['a', 'b'] and config['updates_per_epoch'] == 2
+    capsys.readouterr()
+    assert main(['eval', '--weights', str(tmp_path / 'run'), '--json', '--workers', '0']) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result['images'] == 5 and result['data'] == str(data)
+
+
 def test_bad_input_gets_a_clear_error(tmp_path, capsys):
     data = make_image_folder(tmp_path / 'data', {'train': {'a': 2, 'b': 2}, 'val': {'a': 1, 'c': 1}})
     assert main(['train', '--data', str(data), '--output', str(tmp_path)]) == 2
@@ -190,6 +204,8 @@ def test_bad_input_gets_a_clear_error(tmp_path, capsys):
     assert "unknown model 'no_such_model'" in capsys.readouterr().err
     assert main(['train', '--recipe', 'boat_swin_tiny_224']) == 2
     assert 'needs --data' in capsys.readouterr().err
+    assert main(['train', '--dataset', 'torch/cifar10', '--data', str(tmp_path), '--output', str(tmp_path)]) == 2
+    assert "could not open data set 'torch/cifar10'" in capsys.readouterr().err
 
 
 def parse_train(*argv: str) -> argparse.Namespace:
@@ -199,7 +215,8 @@ def parse_train(*argv: str) -> argparse.Namespace:
 def test_flags_override_the_recipe_and_the_lr_scales_with_the_global_batch():
     config, recipe = config_from_args(parse_train())
     assert recipe == 'digits' and config.model == 'boat_swin_nano_32' and config.data == 'digits'
-    assert config_from_args(parse_train('--data', 'digits', '--epochs', '3'))[0] == dataclasses.replace(config, epochs=3)
+    shorter, _ = config_from_args(parse_train('--data', 'digits', '--epochs', '3'))
+    assert shorter == dataclasses.replace(config, epochs=3)
     config, recipe = config_from_args(parse_train('--recipe', 'boat_cswin_base_224', '--data', 'x', '--epochs', '5'))
     assert recipe == 'boat_cswin_base_224' and config.epochs == 5 and config.ema_decay == 0.99992
     # reference: lr 1e-3 at 8 GPUs x 256
