@@ -23,7 +23,7 @@ from timm.data import create_transform, resolve_data_config
 
 from .cli import UsageError
 from .data import DIGITS, check_same_classes, default_workers, open_split
-from .runs import CONFIG_FILE, load_weights, read_weights_metadata
+from .runs import CONFIG_FILE, WEIGHTS_SUFFIX, load_weights, read_weights_metadata
 
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
@@ -170,7 +170,9 @@ def run(args: argparse.Namespace) -> int:
         if not (weights / CONFIG_FILE).is_file() or not (weights / 'best.safetensors').is_file():
             raise UsageError(f'{str(weights)!r} is not a finished run directory (no best.safetensors); pass a file')
         weights = weights / 'best.safetensors'
-    saved = read_weights_metadata(weights) if weights.is_file() and weights.suffix == '.safetensors' else {}
+    if not weights.is_file():
+        raise UsageError(f'weights file {str(weights)!r} does not exist; pass a .safetensors file or a run directory')
+    saved = read_weights_metadata(weights) if weights.suffix == WEIGHTS_SUFFIX else {}
 
     model_name = args.model or saved.get('model')
     if model_name is None:
@@ -179,10 +181,14 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f'--batch-size must be at least 1, got {args.batch_size}')
     # what the weights record about themselves applies to their own model only
     own = saved if model_name == saved.get('model') else {}
-    data = args.data or own.get('data')
-    if data is None:
-        raise UsageError('pass --data DIR (a folder with val/<class>/<image>) or --data digits')
-    dataset = args.dataset if args.dataset is not None else own.get('dataset', '') if args.data is None else ''
+    if args.data is None:  # the data the weights were trained on
+        data, dataset = own.get('data'), own.get('dataset', '')
+        if data is None:
+            raise UsageError(f'pass --data DIR (a folder with {args.split}/<class>/<image>) or --data {DIGITS}')
+    else:
+        data, dataset = args.data, ''
+    if args.dataset is not None:
+        dataset = args.dataset
     model_kwargs = dict(args.model_kwargs) if args.model_kwargs is not None else own.get('model_kwargs', {})
     img_size = args.img_size or own.get('img_size')
 
