@@ -155,14 +155,17 @@ def _argsort_rows(key: torch.Tensor) -> torch.Tensor:
     """Ascending order of every row of ``key`` ``(rows, n)``, as indices into the flattened ``key``."""
     rows, n = key.shape
     offsets = torch.arange(0, rows * n, n, device=key.device)[:, None]
-    if key.dtype == torch.float32 and key.device.type == 'cpu' and not torch.onnx.is_in_onnx_export():
+    if torch.onnx.is_in_onnx_export():
+        # ONNX has no bitcast, so an exported graph sorts the rows, as a full-length TopK with a constant K: TensorRT
+        # needs K when it builds the engine, and an exported sort reads K from the runtime shape (dynamic batch)
+        return (torch.topk(key, n, dim=-1, largest=False).indices + offsets).view(-1)
+    if key.dtype == torch.float32 and key.device.type == 'cpu':
         # torch sorts a large 1-D integer tensor with a parallel radix sort, several times faster on CPU than its
         # comparison sort of many short rows: one 64-bit code per token, its row above an order-preserving image
         # of its float32 bits (negative floats have their magnitude bits flipped, then all are offset by 2^31).
-        # ONNX has no bitcast, so an exported graph keeps the row sort.
         bits = key.view(torch.int32).long()
         code = (bits ^ ((bits >> 31) & 0x7FFFFFFF)) + 2**31 + (offsets // n << 32)
-        return torch.sort(code.view(-1)).indices
+        return torch.sort(code.view(-1), stable=True).indices
     return (torch.sort(key, dim=-1).indices + offsets).view(-1)
 
 
