@@ -1,0 +1,58 @@
+"""The parts of the fast FSLA that the float64 parity tests do not reach: its backward, the float32 radix sort and
+autocast."""
+
+import pytest
+import torch
+
+from boatvit import FeatureSpaceAttention, balanced_hierarchical_clustering, feature_space_attention
+from boatvit.clustering import _argsort_rows
+
+from naive_fsla import naive_feature_space_attention
+
+
+@pytest.mark.parametrize('n', [196, 150])  # no ghosts; ghosts and uneven clusters
+def test_gradients_match_naive(n):
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(1, 2, n, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    weight = torch.randn(1, 2, n, 4, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((feature_space_attention(q, k, v) * weight).sum(), (q, k, v))
+    expected = torch.autograd.grad((naive_feature_space_attention(q, k, v) * weight).sum(), (q, k, v))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_module_gradients_match_naive_with_lepe():
+    torch.manual_seed(0)
+    module = FeatureSpaceAttention(8, 2).double()
+    x = torch.randn(2, 10 * 15, 8, dtype=torch.float64, requires_grad=True)
+    B, N, C = x.shape
+
+    def naive(x):
+        q, k, v = module.qkv(x).view(B, N, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        attn = naive_feature_space_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        lepe = module.lepe(v.permute(0, 1, 3, 2).reshape(B, C, 10, 15)).flatten(2).transpose(1, 2)
+        return module.proj(attn + lepe)
+
+    params = [x, *module.parameters()]
+    grads = torch.autograd.grad(module(x, (10, 15)).square().sum(), params)
+    expected = torch.autograd.grad(naive(x).square().sum(), params)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('rows, n', [(37, 301), (41, 1000)])  # below and above torch's radix-sort size
+def test_float32_argsort_matches_a_stable_sort(rows, n):
+    g = torch.Generator().manual_seed(0)
+    key = torch.randn(rows, n, generator=g) * torch.logspace(-30, 30, n)
+    key[0, :3] = float('inf')
+    key[1, :2] = 0.0
+    key[2, :2] = -float('inf')
+    expected = torch.sort(key.double(), dim=-1, stable=True).indices + torch.arange(0, rows * n, n)[:, None]
+    assert torch.equal(_argsort_rows(key), expected.view(-1))
+
+
+def test_autocast_does_not_change_the_clustering():
+    q = torch.randn(2, 3, 392, 16, generator=torch.Generator().manual_seed(1)).bfloat16()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        under_autocast = balanced_hierarchical_clustering(q)
+    assert torch.equal(under_autocast, balanced_hierarchical_clustering(q.float()))
