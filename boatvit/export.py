@@ -250,8 +250,8 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-def _build(args: argparse.Namespace) -> Tuple[BoatTransformer, Dict[str, Any]]:
-    """The model to export and what the ONNX file records about it."""
+def _model_to_export(args: argparse.Namespace) -> Tuple[BoatTransformer, Tuple[int, int], Dict[str, Any]]:
+    """The model to export, the image size and what the ONNX file records about it."""
     kwargs = dict(args.model_kwargs) if args.model_kwargs is not None else None
     boat_models = timm.list_models('boat_*')
     if args.model and args.model not in boat_models:
@@ -260,22 +260,23 @@ def _build(args: argparse.Namespace) -> Tuple[BoatTransformer, Dict[str, Any]]:
         loaded = load_model(args.weights, model=args.model, model_kwargs=kwargs, use_ema=args.ema)
         name, kwargs, metadata = loaded.name, dict(loaded.model_kwargs), loaded.metadata
         model = loaded.model
-        if args.img_size and tuple(model.img_size) != (args.img_size, args.img_size):
-            # built again at the export size (Swin masks and padding depend on it); the weights do not
+        if args.img_size and not model.dynamic_img_size and tuple(model.img_size) != (args.img_size, args.img_size):
+            # the same network taking other sizes: built at another img_size, Swin would fit its windows (and their
+            # position tables) to the new stage sizes, and the trained weights would no longer apply as trained
             state = model.state_dict()
-            model = _build_at_size(name, model.num_classes, dict(kwargs, img_size=args.img_size))
+            model = _build(name, model.num_classes, dict(kwargs, dynamic_img_size=True))
             model.load_state_dict(state)
     else:
         if not args.model:
             raise UsageError('pass --model NAME (a registered BOAT model), and --weights PATH for trained weights')
         name, kwargs, metadata = args.model, dict(kwargs or {}), {}
-        model = _build_at_size(name, kwargs.pop('num_classes', 1000), dict(kwargs, img_size=args.img_size))
-    config = dict(data_config(model, metadata))
-    config['input_size'] = (model.in_chans, *model.img_size)
-    return model, {'model': name, 'model_kwargs': kwargs, 'data_config': config}
+        model = _build(name, kwargs.pop('num_classes', 1000), dict(kwargs, img_size=args.img_size))
+    size = (args.img_size, args.img_size) if args.img_size else tuple(model.img_size)
+    config = dict(data_config(model, metadata), input_size=(model.in_chans, *size))
+    return model, size, {'model': name, 'model_kwargs': kwargs, 'data_config': config}
 
 
-def _build_at_size(name: str, num_classes: int, kwargs: Dict[str, Any]) -> BoatTransformer:
+def _build(name: str, num_classes: int, kwargs: Dict[str, Any]) -> BoatTransformer:
     try:
         return build_model(name, num_classes, model_kwargs={k: v for k, v in kwargs.items() if v is not None})
     except ValueError as e:  # the model's own argument checks (an image size below its total stride, ...)
@@ -295,17 +296,17 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f'{out}: the output must be a file in an existing directory')
     if args.weights and out.exists() and out.resolve() == Path(args.weights).resolve():
         raise UsageError(f'{out}: the output would overwrite the weights; pick another name')
-    model, metadata = _build(args)
+    model, size, metadata = _model_to_export(args)
     try:
-        result = export_onnx(model, out, batch_size=args.batch_size, opset=args.opset, atol=args.atol,
+        result = export_onnx(model, out, img_size=size, batch_size=args.batch_size, opset=args.opset, atol=args.atol,
                              rtol=args.atol, seed=args.seed, metadata=metadata)
     except ImportError as e:
         raise UsageError(str(e)) from e
     except ExportCheckError as e:
         print(f'boatvit export: check failed: {e}', file=sys.stderr)
         return 1
-    batch = 'dynamic batch' if result.input_shape[0] is None else f'batch {result.input_shape[0]}'
-    print(f'wrote {out}: {metadata["model"]}, input (N, {", ".join(map(str, result.input_shape[1:]))}), {batch}, '
+    batch = 'N' if result.input_shape[0] is None else str(result.input_shape[0])
+    print(f'wrote {out}: {metadata["model"]}, input images ({batch}, {", ".join(map(str, result.input_shape[1:]))}), '
           f'opset {result.opset}; ONNX Runtime matches PyTorch (max |diff| {result.max_abs_diff:.2g})')
     largest = result.largest_sort
     if largest is not None and largest.topk:

@@ -1,0 +1,209 @@
+"""ONNX export: both families at 224 against PyTorch through ONNX Runtime, the sort sizes against TensorRT's TopK
+limit, and ``boatvit export`` (weights, another size, atomic write, failed check, bad arguments)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections import Counter
+from pathlib import Path
+from typing import List
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import timm
+import torch
+from onnx import numpy_helper
+
+import boatvit
+from boatvit import cli
+from boatvit.clustering import cluster_layout
+from boatvit.export import TENSORRT_TOPK_LIMIT, ExportCheckError, export_onnx, fsla_sorts
+from boatvit.runs import save_weights
+
+REDUCED = {
+    'swin': ('boat_swin_tiny_224', dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), num_classes=5)),
+    'cswin': ('boat_cswin_tiny_224', dict(embed_dim=16, depths=(1, 2, 1, 1), num_heads=(2, 2, 4, 4), num_classes=5)),
+}
+
+
+def reduced(family: str, **kwargs) -> boatvit.models.BoatTransformer:
+    name, model_kwargs = REDUCED[family]
+    return timm.create_model(name, **dict(model_kwargs, **kwargs)).eval()
+
+
+def run_onnx(path: Path, images: torch.Tensor) -> np.ndarray:
+    session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    return session.run(None, {'images': images.numpy()})[0]
+
+
+def topk_sizes(proto: onnx.ModelProto) -> List[int]:
+    """K of every TopK node (K is a constant input: an initializer or a Constant node)."""
+    constants = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == 'Constant':
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return [int(np.asarray(constants[n.input[1]]).reshape(-1)[0]) for n in proto.graph.node if n.op_type == 'TopK']
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('family', ['swin', 'cswin'])
+def test_export_at_224_matches_pytorch(family, tmp_path):
+    model = reduced(family)
+    result = export_onnx(model, tmp_path / 'model.onnx')
+    proto = onnx.load(tmp_path / 'model.onnx')
+    onnx.checker.check_model(proto)
+    assert {o.domain: o.version for o in proto.opset_import}[''] >= 17
+    # every clustering level is one TopK over the groups' tokens; the Swin shift left no Roll-like custom op
+    assert Counter(n.op_type for n in proto.graph.node)['TopK'] == sum(
+        cluster_layout(s.tokens).levels for s in result.sorts)
+    assert all(n.domain in ('', 'ai.onnx') for n in proto.graph.node)
+    assert max(topk_sizes(proto)) == result.largest_sort.topk == 3136 <= TENSORRT_TOPK_LIMIT
+    assert result.fits_tensorrt
+    generator = torch.Generator().manual_seed(1)
+    for batch in (1, 3):  # the batch axis is dynamic
+        images = torch.randn(batch, 3, 224, 224, generator=generator)
+        with torch.no_grad():
+            expected = model(images).numpy()
+        np.testing.assert_allclose(run_onnx(tmp_path / 'model.onnx', images), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_sort_sizes_of_registered_models_at_224():
+    """The README's figure: the largest sort of every registered model at 224 is stage 1's 56 x 56 = 3136 tokens."""
+    for name in ('boat_swin_tiny_224', 'boat_cswin_tiny_224'):
+        model = timm.create_model(name).eval()
+        sorts = fsla_sorts(model, torch.zeros(1, 3, 224, 224))
+        assert max(s.topk for s in sorts) == 3136, name
+        # fewer than two clusters' worth of tokens (CSWin's stage 4: 7 x 7 = 49) are not sorted
+        assert all(s.topk == 0 for s in sorts if s.tokens < 2 * 49), name
+
+
+@pytest.mark.parametrize('family', ['swin', 'cswin'])
+def test_largest_square_size_within_tensorrt_limit(family):
+    """README: square images up to 244 keep every sort within 3840 (stage 1: 61 x 61 = 3721 tokens, padded to
+    64 clusters of 59); 248 does not (62 x 62 = 3844, padded to 64 x 61 = 3904)."""
+    model = reduced(family, dynamic_img_size=True)
+    below = fsla_sorts(model, torch.zeros(1, 3, 244, 244))
+    above = fsla_sorts(model, torch.zeros(1, 3, 248, 248))
+    assert max(s.topk for s in below) == 3776 <= TENSORRT_TOPK_LIMIT
+    assert max(s.topk for s in above) == 3904 > TENSORRT_TOPK_LIMIT
+
+
+def test_export_rejects_bad_arguments(tmp_path):
+    model = reduced('swin', img_size=64)
+    out = tmp_path / 'model.onnx'
+    with pytest.raises(TypeError, match='boatvit BOAT model'):
+        export_onnx(torch.nn.Linear(2, 2), out)
+    with pytest.raises(ValueError, match=r'float32 model on the CPU.*model.float\(\)'):
+        export_onnx(reduced('swin', img_size=64).half(), out)
+    with pytest.raises(ValueError, match='batch_size must be a positive int'):
+        export_onnx(model, out, batch_size=0)
+    with pytest.raises(ValueError, match='opset must be an int >= 17'):
+        export_onnx(model, out, opset=13)
+    with pytest.raises(ValueError, match='img_size must be an int or'):
+        export_onnx(model, out, img_size='64')
+    with pytest.raises(ValueError, match='built for 64x64 images, got 96x96'):
+        export_onnx(model, out, img_size=96)
+    with pytest.raises(ValueError, match='existing directory'):
+        export_onnx(model, tmp_path / 'missing' / 'model.onnx')
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_cli_export_with_weights_at_another_size(tmp_path, capsys):
+    """Weights trained at 224 exported at 120 x 120 (stage 1: 900 tokens, padded with 12 ghosts): the file runs in
+    ONNX Runtime like the trained network taking 120 x 120 images in PyTorch (``dynamic_img_size``, the trained
+    windows), records the model and its data config, and eager use still works after the export (a cached index
+    tensor built while tracing used to be a fake tensor)."""
+    name, kwargs = REDUCED['swin']
+    kwargs = dict(kwargs, fsla_overlap=13)  # index tables no other test has cached
+    trained = timm.create_model(name, **kwargs)
+    weights, out = tmp_path / 'weights.safetensors', tmp_path / 'model.onnx'
+    save_weights(weights, trained.state_dict(), {'model': name, 'model_kwargs': kwargs})
+
+    assert cli.main(['export', '--weights', str(weights), '--img-size', '120', '-o', str(out)]) == 0
+    assert 'ONNX Runtime matches PyTorch' in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['model.onnx', 'weights.safetensors']
+
+    proto = onnx.load(out)
+    props = {p.key: json.loads(p.value) for p in proto.metadata_props}
+    assert props['model'] == name and props['boatvit_version'] == boatvit.__version__
+    assert props['data_config']['input_size'] == [3, 120, 120]
+    model = timm.create_model(name, **dict(kwargs, dynamic_img_size=True)).eval()
+    model.load_state_dict(trained.state_dict())
+    images = torch.randn(2, 3, 120, 120, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(images)
+    assert type(expected) is torch.Tensor
+    np.testing.assert_allclose(run_onnx(out, images), expected.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_cli_export_failed_check_writes_nothing(tmp_path, capsys, monkeypatch):
+    real_session = onnxruntime.InferenceSession
+
+    class OffByOne:
+        def __init__(self, *args, **kwargs):
+            self.session = real_session(*args, **kwargs)
+
+        def run(self, *args, **kwargs):
+            return [y + 1 for y in self.session.run(*args, **kwargs)]
+
+    monkeypatch.setattr(onnxruntime, 'InferenceSession', OffByOne)
+    out = tmp_path / 'model.onnx'
+    out.write_bytes(b'previous file')
+    assert cli.main(['export', '--model', 'boat_swin_nano_32', '--batch-size', '1', '-o', str(out)]) == 1
+    err = capsys.readouterr().err
+    assert 'check failed' in err and 'differs from PyTorch by up to 1' in err
+    assert out.read_bytes() == b'previous file'  # the old file is untouched, no temporary file is left
+    assert [p.name for p in tmp_path.iterdir()] == ['model.onnx']
+
+
+def test_export_check_error_is_raised_by_the_api(tmp_path, monkeypatch):
+    class Zeros:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def run(self, *args, **kwargs):
+            return [np.zeros((2, 10), dtype=np.float32)]
+
+    monkeypatch.setattr(onnxruntime, 'InferenceSession', Zeros)
+    with pytest.raises(ExportCheckError, match='was not written'):
+        export_onnx(timm.create_model('boat_swin_nano_32'), tmp_path / 'model.onnx')
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize('argv, message', [
+    ([], 'pass --model NAME'),
+    (['--model', 'resnet18'], "'resnet18' is not a BOAT model"),
+    (['--model', 'boat_swin_tiny_224', '--img-size', '0'], '--img-size must be a positive integer'),
+    (['--model', 'boat_swin_tiny_224', '--img-size', '16'], 'ints >= 32'),
+    (['--model', 'boat_swin_tiny_224', '--batch-size', '0'], '--batch-size must be a positive integer'),
+    (['--model', 'boat_swin_tiny_224', '--opset', '16'], '--opset must be at least 17'),
+    (['--model', 'boat_swin_tiny_224', '--atol', '0'], '--atol must be positive'),
+    (['--model', 'boat_swin_tiny_224', '--weights', 'missing.safetensors'], 'missing.safetensors'),
+    (['--model', 'boat_swin_tiny_224', '--model-kwargs', 'depths=(2,2)'], 'same length'),
+])
+def test_cli_export_bad_arguments(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(['export', *argv, '-o', 'model.onnx']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('boatvit export: error: ') and message in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize('output', ['missing/model.onnx', '.'])
+def test_cli_export_bad_output(output, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(['export', '--model', 'boat_swin_nano_32', '-o', output]) == 2
+    assert 'existing directory' in capsys.readouterr().err
+
+
+def test_cli_export_without_onnx_packages(tmp_path, capsys, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name: None if name == 'onnxruntime' else find_spec(name))
+    assert cli.main(['export', '--model', 'boat_swin_nano_32', '-o', str(tmp_path / 'model.onnx')]) == 2
+    assert 'pip install "boatvit[onnx]"' in capsys.readouterr().err
