@@ -164,7 +164,7 @@ def _argsort_rows(key: torch.Tensor) -> torch.Tensor:
         # comparison sort of many short rows: one 64-bit code per token, its row above an order-preserving image
         # of its float32 bits (negative floats have their magnitude bits flipped, then all are offset by 2^31).
         bits = key.view(torch.int32).long()
-        code = (bits ^ ((bits >> 31) & 0x7FFFFFFF)) + 2**31 + (offsets // n << 32)
+        code = (bits ^ ((bits >> 31) & 0x7FFFFFFF)) + ((offsets // n << 32) + 2**31)
         return torch.sort(code.view(-1), stable=True).indices
     return (torch.sort(key, dim=-1).indices + offsets).view(-1)
 
@@ -198,14 +198,15 @@ def _clustered_order(
         n = n_pad >> level
         x = raw.view(groups, n, d)
         inv = inv_norm.view(groups, 1, n)
+        inv_temperature = inv * temperature
         # initial centroids: the two halves of the group in its current order (ghosts add zeros)
         centroids = F.normalize(x.view(groups, 2, n // 2, d).mean(2), dim=-1)  # (groups, 2, d)
         # (groups, 2, n) layout: the softmax over the two centroids runs along a strided axis, vectorised over n
         for _ in range(iterations):
-            assign = torch.softmax(torch.bmm(centroids, x.transpose(1, 2)) * inv * temperature, dim=1)
+            assign = torch.softmax(torch.bmm(centroids, x.transpose(1, 2)).mul_(inv_temperature), dim=1)
             centroids = F.normalize(torch.bmm(assign, x), dim=-1)
-        cos = torch.bmm(centroids, x.transpose(1, 2)) * inv
-        key = (cos[:, 0] + 1) / (cos[:, 1] + 1)  # (groups, n)
+        cos_plus_1 = torch.bmm(centroids, x.transpose(1, 2)).mul_(inv).add_(1)
+        key = cos_plus_1[:, 0] / cos_plus_1[:, 1]  # (groups, n)
         ghosts = layout.ghosts_per_level[level]
         ghost_keys = _ghost_keys(n, ghosts)
         if ghost_keys is not None:
