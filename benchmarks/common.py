@@ -192,7 +192,7 @@ def print_table(title: str, rows: List[Dict[str, Any]], columns: Sequence[str]) 
         return '' if value is None else str(value)
 
     cells = [[fmt(row.get(c)) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
     print(f'\n{title}')
     print('  '.join(c.ljust(w) for c, w in zip(columns, widths)))
     print('  '.join('-' * w for w in widths))
