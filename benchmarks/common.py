@@ -51,8 +51,9 @@ def setup(args: argparse.Namespace) -> None:
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
     torch.set_num_threads(args.threads)
     if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        # TF32 would run the clustering's float32 matmuls with 10-bit mantissas, which moves tokens between clusters
+        # as half precision does (REFERENCE.md, bug 5); torch's default is off, and so it stays
+        torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def autocast(device: str) -> ContextManager:
