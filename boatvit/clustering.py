@@ -111,10 +111,11 @@ def cluster_layout(num_tokens: int, cluster_size: int = 49) -> ClusterLayout:
 
 
 @trace_safe_cache
-def _split_index(group_size: int, ghosts: Tuple[int, ...]) -> Optional[torch.Tensor]:
+def _split_index(group_size: int, ghosts: Tuple[int, ...], device: torch.device) -> Optional[torch.Tensor]:
     """Where each slot of the two children comes from in a sorted parent row (reals ascending, then ghosts).
 
-    Returns ``(groups, group_size)`` int64 or None when no group has a ghost (the children are plain halves).
+    Returns ``(groups, group_size)`` int64 on ``device`` (cached there: no host-to-device copy per call) or None when
+    no group has a ghost (the children are plain halves).
     """
     if not any(ghosts):
         return None
@@ -127,7 +128,7 @@ def _split_index(group_size: int, ghosts: Tuple[int, ...]) -> Optional[torch.Ten
         child0 = list(range(real0)) + list(range(real, real + g0))
         child1 = list(range(real0, real0 + real1)) + list(range(real + g0, group_size))
         rows.append(child0 + child1)
-    return torch.tensor(rows, dtype=torch.long)
+    return torch.tensor(rows, dtype=torch.long, device=device)
 
 
 def _check_queries(q: torch.Tensor) -> None:
@@ -143,12 +144,13 @@ def _check_queries(q: torch.Tensor) -> None:
 
 
 @trace_safe_cache
-def _ghost_keys(group_size: int, ghosts: Tuple[int, ...]) -> Optional[torch.Tensor]:
-    """``(groups, group_size)`` bool, True at the ghost slots of every group (its last ones), or None if none."""
+def _ghost_keys(group_size: int, ghosts: Tuple[int, ...], device: torch.device) -> Optional[torch.Tensor]:
+    """``(groups, group_size)`` bool on ``device``, True at the ghost slots of every group (its last ones), or None
+    if none."""
     if not any(ghosts):
         return None
-    real = group_size - torch.tensor(ghosts)
-    return torch.arange(group_size) >= real[:, None]
+    real = group_size - torch.tensor(ghosts, device=device)
+    return torch.arange(group_size, device=device) >= real[:, None]
 
 
 def _argsort_rows(key: torch.Tensor) -> torch.Tensor:
@@ -208,13 +210,13 @@ def _clustered_order(
         cos_plus_1 = torch.bmm(centroids, x.transpose(1, 2)).mul_(inv).add_(1)
         key = cos_plus_1[:, 0] / cos_plus_1[:, 1]  # (groups, n)
         ghosts = layout.ghosts_per_level[level]
-        ghost_keys = _ghost_keys(n, ghosts)
+        ghost_keys = _ghost_keys(n, ghosts, q.device)
         if ghost_keys is not None:
-            key = key.view(rows, -1, n).masked_fill(ghost_keys.to(q.device), float('inf')).view(groups, n)
+            key = key.view(rows, -1, n).masked_fill(ghost_keys, float('inf')).view(groups, n)
         flat = _argsort_rows(key)
-        split = _split_index(n, ghosts)
+        split = _split_index(n, ghosts, q.device)
         if split is not None:
-            flat = flat.view(rows, -1, n).gather(-1, split.to(q.device).expand(rows, -1, -1)).view(-1)
+            flat = flat.view(rows, -1, n).gather(-1, split.expand(rows, -1, -1)).view(-1)
         order = order.index_select(0, flat)
         if level + 1 < layout.levels:
             raw = raw.index_select(0, flat)

@@ -14,7 +14,11 @@ __all__ = ['feature_space_attention', 'FeatureSpaceAttention']
 
 
 @trace_safe_cache
-def _key_slots(layout: ClusterLayout, overlap: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _key_slots(
+        layout: ClusterLayout,
+        overlap: int,
+        device: torch.device,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Which clustered-order slots each cluster reads its keys and values from, and which of them are real.
 
     Cluster 2j reads its own c slots then the first ``overlap`` slots of cluster 2j+1; cluster 2j+1 its own then
@@ -23,7 +27,7 @@ def _key_slots(layout: ClusterLayout, overlap: int) -> Tuple[torch.Tensor, Optio
 
     Returns:
         ``(G * S,)`` int64 slots with ``S = c + overlap`` (or c), and a ``(G, 1, S)`` bool mask of real keys, or
-        None when the layout has no ghosts.
+        None when the layout has no ghosts; on ``device``, where they are cached (no host-to-device copy per call).
     """
     c, num = layout.cluster_size, layout.num_clusters
     extra = overlap if num > 1 else 0
@@ -37,10 +41,10 @@ def _key_slots(layout: ClusterLayout, overlap: int) -> Tuple[torch.Tensor, Optio
         else:
             sibling = list(range(j * c - extra, j * c))
         slots.extend(own + sibling)
-    slots = torch.tensor(slots, dtype=torch.long)
+    slots = torch.tensor(slots, dtype=torch.long, device=device)
     if not layout.ghost_slots:
         return slots, None
-    ghost = torch.zeros(layout.padded_tokens, dtype=torch.bool)
+    ghost = torch.zeros(layout.padded_tokens, dtype=torch.bool, device=device)
     ghost[list(layout.ghost_slots)] = True
     return slots, (~ghost[slots]).view(num, 1, c + extra)
 
@@ -66,7 +70,7 @@ def _packed_feature_space_attention(
     layout = cluster_layout(N, cluster_size)
     order = balanced_hierarchical_clustering(
         qkv[:, :, 0].transpose(1, 2), cluster_size, iterations, temperature, return_padded=True)
-    slots, key_mask = _key_slots(layout, overlap)
+    slots, key_mask = _key_slots(layout, overlap, qkv.device)
     c, num, n_pad = layout.cluster_size, layout.num_clusters, layout.padded_tokens
     span = slots.numel() // num
     device = qkv.device
@@ -76,7 +80,7 @@ def _packed_feature_space_attention(
     head = torch.arange(heads, device=device)
     q_rows = (torch.arange(0, B * N, N, device=device).view(B, 1, 1) + order.clamp(max=N - 1)) * (3 * heads)
     q_rows = q_rows + head.view(heads, 1)  # (B, heads, n_pad), clustered order
-    kv_rows = q_rows.gather(-1, slots.to(device).expand(B, heads, -1))  # (B, heads, num * span)
+    kv_rows = q_rows.gather(-1, slots.expand(B, heads, -1))  # (B, heads, num * span)
     v_rows = torch.arange(0, B * N * 3 * heads, 3 * heads, device=device).view(B * N, 1) + head + 2 * heads
     index = torch.cat([q_rows.view(-1), (kv_rows + heads).view(-1), (kv_rows + 2 * heads).view(-1), v_rows.view(-1)])
     q_c, k_c, v_c, v = qkv.reshape(-1, d).index_select(0, index).split(
@@ -84,7 +88,7 @@ def _packed_feature_space_attention(
     q_c = q_c.view(B, heads * num, c, d)
     k_c, v_c = k_c.view(B, heads * num, span, d), v_c.view(B, heads * num, span, d)
     if key_mask is not None:
-        key_mask = key_mask.to(device).repeat(heads, 1, 1)
+        key_mask = key_mask.repeat(heads, 1, 1)
     out = F.scaled_dot_product_attention(q_c, k_c, v_c, attn_mask=key_mask, dropout_p=dropout_p, scale=scale)
 
     # out[b, h] holds the clustered slots of (b, h); token t of it sits in the slot where order[b, h] is t
