@@ -167,10 +167,9 @@ def write_metrics(run_dir: os.PathLike, history: List[Mapping[str, Any]]) -> Non
 
 def plot_curves(path: os.PathLike, history: List[Mapping[str, Any]]) -> None:
     """Plot loss, learning rate and accuracy per epoch into a PNG."""
-    import matplotlib
-
-    matplotlib.use('Agg')  # no display on training machines
-    import matplotlib.pyplot as plt
+    # imported here because only rank 0 plots and matplotlib is slow to import; a bare Figure draws without
+    # pyplot's global state or a display
+    from matplotlib.figure import Figure
 
     epochs = [row['epoch'] for row in history]
     panels = (
@@ -178,8 +177,8 @@ def plot_curves(path: os.PathLike, history: List[Mapping[str, Any]]) -> None:
         ('learning rate', ('lr',)),
         ('accuracy (%)', ('val_top1', 'val_top5', 'val_top1_ema')),
     )
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), constrained_layout=True)
-    for ax, (title, keys) in zip(axes, panels):
+    fig = Figure(figsize=(4 * len(panels), 3.2), layout='constrained')
+    for ax, (title, keys) in zip(fig.subplots(1, len(panels)), panels):
         for key in keys:
             if key in history[0]:
                 ax.plot(epochs, [row[key] for row in history], marker='.', label=key)
@@ -189,7 +188,6 @@ def plot_curves(path: os.PathLike, history: List[Mapping[str, Any]]) -> None:
         ax.legend(fontsize='small')
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format='png', dpi=100)
-    plt.close(fig)
 
 
 def read_run_config(run_dir: os.PathLike) -> Dict[str, Any]:
