@@ -38,6 +38,7 @@ class DigitsDataset(torch.utils.data.Dataset):
     classes = [str(d) for d in range(10)]
 
     def __init__(self, split: str = 'train', img_size: int = 32, transform: Optional[Callable] = None):
+        # imported here: scikit-learn takes a second to import and only the digits need it
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
 

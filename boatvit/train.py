@@ -477,6 +477,9 @@ def fit(
     )
 
     model.to(device)
+    if device.type == 'cuda':
+        # fixed input sizes: let cuDNN pick its fastest kernels (bit-exact resumes are promised on the CPU only)
+        torch.backends.cudnn.benchmark = True
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if world_size > 1:
