@@ -174,7 +174,9 @@ def shard(ds: torch.utils.data.Dataset, rank: int, world_size: int) -> torch.uti
     return torch.utils.data.Subset(ds, range(rank, len(ds), world_size))
 
 
-def default_workers() -> int:
-    """Data loader processes: one per core up to 8; none with 2 cores or fewer, which the training process needs."""
+def default_workers(processes: int = 1) -> int:
+    """Data loader processes for each of ``processes`` training processes on this machine: the cores shared out, at
+    most 8 each; none when a process has 2 cores or fewer, which the training itself needs."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
-    return 0 if cores <= 2 else min(8, cores)
+    share = cores // processes
+    return 0 if share <= 2 else min(8, share)

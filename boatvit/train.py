@@ -612,7 +612,8 @@ def run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         history = fit(
             config, run_dir, device, rank=rank, world_size=world_size,
-            workers=default_workers() if args.workers is None else args.workers,
+            workers=default_workers(int(os.environ.get('LOCAL_WORLD_SIZE', '1'))) if args.workers is None
+            else args.workers,
             progress=not args.quiet and rank == 0, resume_state=resume_state, recipe=recipe,
         )
         if rank == 0:
