@@ -212,7 +212,10 @@ def _clustered_order(
         ghosts = layout.ghosts_per_level[level]
         ghost_keys = _ghost_keys(n, ghosts, q.device)
         if ghost_keys is not None:
-            key = key.view(rows, -1, n).masked_fill(ghost_keys, float('inf')).view(groups, n)
+            # ghosts must sort after every real token, also one with a NaN or +inf key (a non-finite query): a
+            # ghost among the real half would leave a real token out of the clusters and a ghost in them
+            big = torch.finfo(key.dtype).max
+            key = key.nan_to_num(big, big).view(rows, -1, n).masked_fill(ghost_keys, float('inf')).view(groups, n)
         flat = _argsort_rows(key)
         split = _split_index(n, ghosts, q.device)
         if split is not None:
