@@ -23,9 +23,10 @@ from boatvit.clustering import cluster_layout
 from boatvit.export import TENSORRT_TOPK_LIMIT, ExportCheckError, export_onnx, fsla_sorts
 from boatvit.runs import save_weights
 
+# FSLA in stages 1 to 3 (Swin: the second block of each; at 224 stage 4 is no larger than the window) or 1 to 4
 REDUCED = {
-    'swin': ('boat_swin_tiny_224', dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), num_classes=5)),
-    'cswin': ('boat_cswin_tiny_224', dict(embed_dim=16, depths=(1, 2, 1, 1), num_heads=(2, 2, 4, 4), num_classes=5)),
+    'swin': ('boat_swin_tiny_224', dict(embed_dim=16, depths=(2, 2, 2, 1), num_heads=(1, 2, 2, 4), num_classes=5)),
+    'cswin': ('boat_cswin_tiny_224', dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(2, 2, 4, 4), num_classes=5)),
 }
 
 
