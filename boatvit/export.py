@@ -2,12 +2,12 @@
 
 The graph is traced by the dynamo-based ``torch.onnx.export`` at one image size, with a dynamic batch axis unless a
 batch size is given. At a fixed size everything about the clustering is static (tree depth, ghost padding, index
-tables), so the graph holds only standard operators: the Swin shift is a pair of ``Slice``/``Concat``, the clustering
-one ``TopK`` per level (a sort of every group's keys), the cluster gathers ``Gather``/``GatherElements`` and the
-return to token order a ``ScatterElements``.
+tables), so the graph holds only standard operators: the Swin shift is ``Slice`` and ``Concat``, the clustering one
+``TopK`` with a constant K per level (a sort of every group's keys), the cluster gathers ``Gather`` and the return
+to token order ``ScatterElements``.
 
 The sorts are what limits deployment. The first level of an FSLA layer's clustering sorts all its tokens (padded
-to ``c * 2^K``), so its ``TopK`` has K = that count: 3136 for stage 1 of every registered model at 224x224. TensorRT
+to ``c * 2^K``), so its ``TopK`` has K = that count: 3136 for stage 1 of every ``*_224`` model at 224x224. TensorRT
 caps K at 3840 (:data:`TENSORRT_TOPK_LIMIT`); :func:`fsla_sorts` gives every layer's K for an input size, and the
 command says when a layer is above the cap.
 """
