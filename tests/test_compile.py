@@ -65,23 +65,23 @@ def test_changing_image_size_compiles_once_per_size(family):
     model = reduced(family, img_size=64, dynamic_img_size=True)
     counter = CompileCounter()
     compiled = torch.compile(model, fullgraph=True, backend=counter)
-    sizes = [(64, 64), (88, 88), (64, 64), (72, 72), (64, 96), (88, 88), (72, 72)]
+    sizes = [(64, 64), (88, 88), (64, 64), (64, 96), (88, 88)]
     with torch.no_grad():
         for height, width in sizes:
             x = images(2, height, width)
             torch.testing.assert_close(compiled(x), model(x), **CLOSE)
-    assert counter.frame_count == len(set(sizes)) == 4
+    assert counter.frame_count == len(set(sizes)) == 3
 
 
 @pytest.mark.parametrize('family, compiles', [('swin', 2), ('cswin', 3)])
 def test_changing_batch_size_compiles_a_few_graphs(family, compiles):
-    """Batch sizes 2, 3, 4 and 8 at one image size: dynamo makes the batch symbolic after the first change (one more
+    """Batch sizes 2, 3 and 4 at one image size: dynamo makes the batch symbolic after the first change (one more
     graph); CSWin's stripe convolutions add guards on batch ranges (2-3, 4-15), one graph each."""
     model = reduced(family, img_size=64)
     counter = CompileCounter()
     compiled = torch.compile(model, fullgraph=True, backend=counter)
     with torch.no_grad():
-        for batch in (2, 3, 4, 8):
+        for batch in (2, 3, 4):
             x = images(batch, 64, 64)
             torch.testing.assert_close(compiled(x), model(x), **CLOSE)
     assert counter.frame_count == compiles

@@ -20,7 +20,7 @@ from onnx import numpy_helper
 import boatvit
 from boatvit import cli
 from boatvit.clustering import cluster_layout
-from boatvit.export import TENSORRT_TOPK_LIMIT, ExportCheckError, export_onnx, fsla_sorts
+from boatvit.export import TENSORRT_TOPK_LIMIT, export_onnx, fsla_sorts
 from boatvit.runs import save_weights
 
 # FSLA in stages 1 to 3 (Swin: the second block of each; at 224 stage 4 is no larger than the window) or 1 to 4
@@ -61,6 +61,7 @@ def test_export_at_224_matches_pytorch(family, tmp_path):
     assert Counter(n.op_type for n in proto.graph.node)['TopK'] == sum(
         cluster_layout(s.tokens).levels for s in result.sorts)
     assert all(n.domain in ('', 'ai.onnx') for n in proto.graph.node)
+    # the README's figure: the largest sort at 224 is stage 1's 56 x 56 = 3136 tokens
     assert max(topk_sizes(proto)) == result.largest_sort.topk == 3136 <= TENSORRT_TOPK_LIMIT
     assert result.fits_tensorrt
     generator = torch.Generator().manual_seed(1)
@@ -69,17 +70,6 @@ def test_export_at_224_matches_pytorch(family, tmp_path):
         with torch.no_grad():
             expected = model(images).numpy()
         np.testing.assert_allclose(run_onnx(tmp_path / 'model.onnx', images), expected, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.slow
-def test_sort_sizes_of_registered_models_at_224():
-    """The README's figure: the largest sort of every registered model at 224 is stage 1's 56 x 56 = 3136 tokens."""
-    for name in ('boat_swin_tiny_224', 'boat_cswin_tiny_224'):
-        model = timm.create_model(name).eval()
-        sorts = fsla_sorts(model, torch.zeros(1, 3, 224, 224))
-        assert max(s.topk for s in sorts) == 3136, name
-        # fewer than two clusters' worth of tokens (CSWin's stage 4: 7 x 7 = 49) are not sorted
-        assert all(s.topk == 0 for s in sorts if s.tokens < 2 * 49), name
 
 
 @pytest.mark.parametrize('family', ['swin', 'cswin'])
@@ -142,7 +132,6 @@ def test_cli_export_with_weights_at_another_size(tmp_path, capsys):
     np.testing.assert_allclose(run_onnx(out, images), expected.numpy(), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.slow
 def test_cli_export_failed_check_writes_nothing(tmp_path, capsys, monkeypatch):
     real_session = onnxruntime.InferenceSession
 
@@ -161,20 +150,6 @@ def test_cli_export_failed_check_writes_nothing(tmp_path, capsys, monkeypatch):
     assert 'check failed' in err and 'differs from PyTorch by up to 1' in err
     assert out.read_bytes() == b'previous file'  # the old file is untouched, no temporary file is left
     assert [p.name for p in tmp_path.iterdir()] == ['model.onnx']
-
-
-def test_export_check_error_is_raised_by_the_api(tmp_path, monkeypatch):
-    class Zeros:
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def run(self, *args, **kwargs):
-            return [np.zeros((2, 10), dtype=np.float32)]
-
-    monkeypatch.setattr(onnxruntime, 'InferenceSession', Zeros)
-    with pytest.raises(ExportCheckError, match='was not written'):
-        export_onnx(timm.create_model('boat_swin_nano_32'), tmp_path / 'model.onnx')
-    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize('argv, message', [
