@@ -240,7 +240,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument('-o', '--output', required=True, help='ONNX file to write')
     parser.add_argument('--weights', help='checkpoint or .safetensors file (default: random weights)')
     add_model_arguments(parser)
-    parser.add_argument('--img-size', type=int, help='image size the graph takes; default: the model\'s (224)')
+    parser.add_argument('--img-size', type=int,
+                        help='image size the graph takes; default: the model\'s own (224 for the *_224 models)')
     parser.add_argument('--batch-size', type=int,
                         help='fixed batch size of the graph; default: a dynamic batch axis')
     parser.add_argument('--opset', type=int, default=DEFAULT_OPSET, help=f'ONNX opset (default: {DEFAULT_OPSET})')
@@ -272,6 +273,9 @@ def _model_to_export(args: argparse.Namespace) -> Tuple[BoatTransformer, Tuple[i
         name, kwargs, metadata = args.model, dict(kwargs or {}), {}
         model = _build(name, kwargs.pop('num_classes', 1000), dict(kwargs, img_size=args.img_size))
     size = (args.img_size, args.img_size) if args.img_size else tuple(model.img_size)
+    if min(size) < model.min_img_size:
+        raise UsageError(f'--img-size {size[0]} is too small: {name} takes images of at least {model.min_img_size} '
+                         'pixels a side')
     config = dict(data_config(model, metadata), input_size=(model.in_chans, *size))
     return model, size, {'model': name, 'model_kwargs': kwargs, 'data_config': config}
 

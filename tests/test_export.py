@@ -171,6 +171,15 @@ def test_cli_export_bad_arguments(argv, message, tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_cli_export_weights_at_a_size_too_small(tmp_path, capsys):
+    weights = tmp_path / 'nano.safetensors'
+    save_weights(weights, timm.create_model('boat_swin_nano_32').state_dict(), {'model': 'boat_swin_nano_32'})
+    argv = ['export', '--weights', str(weights), '--img-size', '8', '-o', str(tmp_path / 'model.onnx')]
+    assert cli.main(argv) == 2
+    assert '--img-size 8 is too small: boat_swin_nano_32 takes images of at least 16' in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ['nano.safetensors']
+
+
 @pytest.mark.parametrize('output', ['missing/model.onnx', '.'])
 def test_cli_export_bad_output(output, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
