@@ -143,6 +143,8 @@ BAD_CALLS = [
     ('model: depths', lambda: reduced('cswin', depths=(1, 1)), ValueError, 'must have the same length'),
     ('model: num_classes', lambda: reduced('swin', num_classes=-1), ValueError, 'non-negative int'),
     ('model: in_chans', lambda: reduced('cswin', in_chans=0), ValueError, 'in_chans must be a positive int'),
+    ('model: split_size', lambda: reduced('cswin', split_size=(0, 2, 7, 7)), ValueError,
+     r'split_size must be positive ints \(stripe widths\), got \(0, 2, 7, 7\)'),
     ('model: fsla_blocks', lambda: reduced('swin', fsla_blocks='every'), ValueError, "got 'every'"),
     ('model: fsla_overlap', lambda: reduced('swin', fsla_overlap=60), ValueError, 'overlap must be an int'),
     ('model: reset_classifier', lambda: reduced('swin').reset_classifier('5'), ValueError, "got '5'"),

@@ -264,6 +264,8 @@ class BoatCSWinTransformer(BoatTransformer):
         if not len(num_heads) == len(split_size) == num_stages:
             raise ValueError(f'depths {tuple(depths)}, num_heads {tuple(num_heads)} and split_size '
                              f'{tuple(split_size)} must have the same length.')
+        if not all(isinstance(s, int) and s > 0 for s in split_size):
+            raise ValueError(f'split_size must be positive ints (stripe widths), got {tuple(split_size)}.')
         if fsla_blocks == 'shifted':
             raise ValueError("fsla_blocks='shifted' is BOAT-Swin's placement; BOAT-CSWin takes 'even', 'odd', "
                              "'all' or 'none'.")
