@@ -524,6 +524,7 @@ def fit(
     best = max(history, key=lambda row: row['eval_top1'], default=None)
     for epoch in range(start_epoch, config.epochs):
         train_loader.sampler.set_epoch(epoch)
+        epoch_start = time.perf_counter()
         try:
             row = {'epoch': epoch + 1, **trainer.train_one_epoch(train_loader, epoch, progress)}
         except RuntimeError as e:
@@ -538,6 +539,7 @@ def fit(
         if trainer.ema is not None:
             val_ema = evaluate(trainer.ema.module, val_loader, device, config.amp)
             row.update({f'val_{k}_ema': val_ema[k] for k in ('loss', 'top1', 'top5')})
+        row['epoch_s'] = time.perf_counter() - epoch_start  # training and validation
         # the weights the run reports and saves: the EMA when there is one, as in the reference
         row['eval_top1'] = row['val_top1_ema'] if trainer.ema is not None else row['val_top1']
         history.append(row)
