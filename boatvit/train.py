@@ -41,12 +41,12 @@ from .runs import CONFIG_FILE, load_state, new_run_dir, plot_curves, read_run_co
     write_metrics
 
 
-
 @dataclasses.dataclass
 class TrainConfig:
     """Everything that decides what a run computes; saved as the run's ``config.json``.
 
-    Defaults are the BOAT-Swin reference recipe; `boatvit.recipes` holds the named presets.
+    The optimizer, schedule and augmentation defaults are the BOAT-Swin reference recipe's (`boatvit.recipes` holds
+    the named presets, the embedded default among them).
     """
 
     # data
@@ -580,26 +580,32 @@ def _init_distributed(device_name: str) -> Tuple[int, int, torch.device]:
     return dist.get_rank(), world_size, device
 
 
+def _open_resumed_run(args: argparse.Namespace, world_size: int) -> Tuple[Path, TrainConfig, Optional[str], dict]:
+    """The run directory, config, recipe and last saved state of the run ``--resume`` names."""
+    run_dir = Path(args.resume)
+    if run_dir.is_file():  # RUN_DIR/last.pt or another file of the run
+        run_dir = run_dir.parent
+    saved = read_run_config(run_dir)
+    given = [f'--{k.replace("_", "-")}' for k, v in vars(args).items()
+             if v not in (None, False) and k not in (*RUNTIME_FLAGS, 'resume', 'run', 'command')]
+    if given:
+        raise UsageError(f'--resume continues with the run\'s own {CONFIG_FILE}; drop {", ".join(given)}')
+    if saved['world_size'] != world_size:
+        raise UsageError(
+            f'{run_dir} was trained by {saved["world_size"]} processes; resume it with as many (the global batch and'
+            f' learning rate depend on it), not {world_size}'
+        )
+    if not (run_dir / 'last.pt').is_file():
+        raise UsageError(f'{run_dir} has no last.pt: it stopped before its first epoch ended; start it anew')
+    return run_dir, TrainConfig(**saved['config']), saved['recipe'], load_state(run_dir / 'last.pt')
+
+
 def run(args: argparse.Namespace) -> int:
     rank, world_size, device = _init_distributed(args.device)
     try:
         resume_state = None
         if args.resume:
-            run_dir = Path(args.resume)
-            saved = read_run_config(run_dir)
-            given = [f'--{k.replace("_", "-")}' for k, v in vars(args).items()
-                     if v not in (None, False) and k not in (*RUNTIME_FLAGS, 'resume', 'run', 'command')]
-            if given:
-                raise UsageError(f'--resume continues with the run\'s own {CONFIG_FILE}; drop {", ".join(given)}')
-            if saved['world_size'] != world_size:
-                raise UsageError(
-                    f'{run_dir} was trained by {saved["world_size"]} processes; resume it with as many (the global'
-                    f' batch and learning rate depend on it), not {world_size}'
-                )
-            if not (run_dir / 'last.pt').is_file():
-                raise UsageError(f'{run_dir} has no last.pt: it stopped before its first epoch ended; start it anew')
-            config, recipe = TrainConfig(**saved['config']), saved['recipe']
-            resume_state = load_state(run_dir / 'last.pt')
+            run_dir, config, recipe, resume_state = _open_resumed_run(args, world_size)
             if resume_state['epoch'] >= config.epochs:
                 if rank == 0:
                     report(f'{run_dir} already finished its {config.epochs} epochs')

@@ -137,7 +137,7 @@ def test_resume_refuses_other_settings_and_finished_runs(tmp_path, default_run, 
     run_dir = default_run
     assert main(['train', '--resume', str(run_dir), '--lr', '0.1']) == 2
     assert '--resume continues with the run\'s own config.json; drop --lr' in capsys.readouterr().err
-    assert main(['train', '--resume', str(run_dir)]) == 0
+    assert main(['train', '--resume', str(run_dir / 'last.pt')]) == 0
     assert 'already finished' in capsys.readouterr().out
     assert main(['train', '--resume', str(tmp_path)]) == 2
     assert 'is not a run directory' in capsys.readouterr().err
