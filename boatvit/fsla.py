@@ -14,39 +14,20 @@ __all__ = ['feature_space_attention', 'FeatureSpaceAttention']
 
 
 @trace_safe_cache
-def _key_slots(
-        layout: ClusterLayout,
-        overlap: int,
-        device: torch.device,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Which clustered-order slots each cluster reads its keys and values from, and which of them are real.
+def _window_key_mask(layout: ClusterLayout, overlap: int, device: torch.device) -> Optional[torch.Tensor]:
+    """Which keys of the two key windows of every sibling pair (see ``_packed_feature_space_attention``) are real
+    tokens.
 
-    Cluster 2j reads its own c slots then the first ``overlap`` slots of cluster 2j+1; cluster 2j+1 its own then
-    the last ``overlap`` of cluster 2j (the reference's one-directional sibling overlap). A single cluster has no
-    sibling and reads only itself.
-
-    Returns:
-        ``(G * S,)`` int64 slots with ``S = c + overlap`` (or c), and a ``(G, 1, S)`` bool mask of real keys, or
-        None when the layout has no ghosts; on ``device``, where they are cached (no host-to-device copy per call).
+    Returns ``(2, pairs, 1, c + overlap)`` bool on ``device`` (cached there): window 0 (cluster 2j) then window 1
+    (cluster 2j+1) of every pair; or None when the layout has no ghosts.
     """
-    c, num = layout.cluster_size, layout.num_clusters
-    extra = overlap if num > 1 else 0
-    slots = []
-    for j in range(num):
-        own = list(range(j * c, (j + 1) * c))
-        if extra == 0:
-            sibling = []
-        elif j % 2 == 0:
-            sibling = list(range((j + 1) * c, (j + 1) * c + extra))
-        else:
-            sibling = list(range(j * c - extra, j * c))
-        slots.extend(own + sibling)
-    slots = torch.tensor(slots, dtype=torch.long, device=device)
     if not layout.ghost_slots:
-        return slots, None
-    ghost = torch.zeros(layout.padded_tokens, dtype=torch.bool, device=device)
-    ghost[list(layout.ghost_slots)] = True
-    return slots, (~ghost[slots]).view(num, 1, c + extra)
+        return None
+    c, pairs = layout.cluster_size, layout.num_clusters // 2
+    real = torch.ones(layout.padded_tokens, dtype=torch.bool)
+    real[list(layout.ghost_slots)] = False
+    start = torch.tensor([0, c - overlap])[:, None, None] + torch.arange(pairs)[:, None] * 2 * c
+    return real[start + torch.arange(c + overlap)].unsqueeze(2).to(device)
 
 
 def _packed_feature_space_attention(
@@ -57,45 +38,51 @@ def _packed_feature_space_attention(
         iterations: int,
         temperature: float,
         dropout_p: float,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """:func:`feature_space_attention` on ``qkv`` packed as ``(B, N, 3, heads, head_dim)``, the layout of a qkv
-    Linear's output, returning the attention output and V, both ``(B, N, heads * head_dim)`` in token order: the
-    layout the output projection and the channels-last LePE conv take.
+    Linear's output; returns the attention output ``(B, N, heads * head_dim)`` in token order, the layout the output
+    projection takes.
 
-    The clustered q, k and v and the token-order V are cut from one row gather (``index_select``, a copy of whole
-    ``head_dim`` rows) straight from that layout, so backward scatters into ``qkv`` once; the output is put back in
-    token order by a second gather. No head-major copy of q, k, v or of the output is ever made.
+    q, k and v are put in clustered order by one row gather (``index_select`` of whole ``head_dim`` rows) straight
+    from that layout, so backward scatters into ``qkv`` once; the output goes back to token order by a second one.
+    The sibling overlap copies nothing: the keys of cluster 2j are the ``c + overlap`` consecutive slots from its
+    start (itself, then the head of cluster 2j+1) and those of cluster 2j+1 the ``c + overlap`` slots ending at its
+    end (the tail of cluster 2j, then itself). Both kinds of window recur every 2c slots, so each is an ``unfold``
+    view of the clustered keys and values (its backward adds the windows back, no scatter), and the even and odd
+    clusters attend in two calls.
     """
     B, N, _, heads, d = qkv.shape
     layout = cluster_layout(N, cluster_size)
     order = balanced_hierarchical_clustering(
         qkv[:, :, 0].transpose(1, 2), cluster_size, iterations, temperature, return_padded=True)
-    slots, key_mask = _key_slots(layout, overlap, qkv.device)
     c, num, n_pad = layout.cluster_size, layout.num_clusters, layout.padded_tokens
-    span = slots.numel() // num
     device = qkv.device
 
     # q[b, t, h] is row (b * N + t) * 3 * heads + h of qkv.view(-1, d); its k and v are heads and 2 * heads rows
     # further. Ghost slots read the last real token: they are masked as keys and their query outputs are dropped.
-    head = torch.arange(heads, device=device)
     q_rows = (torch.arange(0, B * N, N, device=device).view(B, 1, 1) + order.clamp(max=N - 1)) * (3 * heads)
-    q_rows = q_rows + head.view(heads, 1)  # (B, heads, n_pad), clustered order
-    kv_rows = q_rows.gather(-1, slots.expand(B, heads, -1))  # (B, heads, num * span)
-    v_rows = torch.arange(0, B * N * 3 * heads, 3 * heads, device=device).view(B * N, 1) + head + 2 * heads
-    index = torch.cat([q_rows.view(-1), (kv_rows + heads).view(-1), (kv_rows + 2 * heads).view(-1), v_rows.view(-1)])
-    q_c, k_c, v_c, v = qkv.reshape(-1, d).index_select(0, index).split(
-        [q_rows.numel(), kv_rows.numel(), kv_rows.numel(), v_rows.numel()])
-    q_c = q_c.view(B, heads * num, c, d)
-    k_c, v_c = k_c.view(B, heads * num, span, d), v_c.view(B, heads * num, span, d)
-    if key_mask is not None:
-        key_mask = key_mask.repeat(heads, 1, 1)
-    out = F.scaled_dot_product_attention(q_c, k_c, v_c, attn_mask=key_mask, dropout_p=dropout_p, scale=scale)
+    q_rows = q_rows + torch.arange(heads, device=device).view(heads, 1)  # (B, heads, n_pad), clustered order
+    clustered = qkv.reshape(-1, d).index_select(0, torch.cat([q_rows, q_rows + heads, q_rows + 2 * heads]).view(-1))
+    q, k, v = clustered.view(3, B * heads, n_pad, d).unbind(0)
+    if num == 1:
+        q, k, v = (t.view(B, heads, n_pad, d) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    else:
+        # the key windows of clusters 2j (start 2jc) and 2j+1 (start 2jc + c - overlap) are every 2c slots
+        q = q.view(B * heads, num // 2, 2, c, d)
+        windows = [(k[:, start:].unfold(1, c + overlap, 2 * c).transpose(-1, -2),
+                    v[:, start:].unfold(1, c + overlap, 2 * c).transpose(-1, -2)) for start in (0, c - overlap)]
+        masks = _window_key_mask(layout, overlap, device)
+        out = torch.stack([
+            F.scaled_dot_product_attention(q[:, :, i], k_i, v_i, attn_mask=None if masks is None else masks[i],
+                                           dropout_p=dropout_p, scale=scale)
+            for i, (k_i, v_i) in enumerate(windows)], dim=2)
 
-    # out[b, h] holds the clustered slots of (b, h); token t of it sits in the slot where order[b, h] is t
+    # out holds the clustered slots of every (b, h); token t of (b, h) sits in the slot where order[b, h] is t
     slot_of = torch.empty_like(order).scatter_(-1, order, torch.arange(n_pad, device=device).expand_as(order))
     head_rows = torch.arange(0, B * heads * n_pad, n_pad, device=device).view(B, heads, 1)
     out_rows = (slot_of[..., :N] + head_rows).transpose(1, 2)  # (B, N, heads)
-    return out.reshape(-1, d).index_select(0, out_rows.reshape(-1)).view(B, N, heads * d), v.view(B, N, heads * d)
+    return out.reshape(-1, d).index_select(0, out_rows.reshape(-1)).view(B, N, heads * d)
 
 
 def _check_cluster_args(cluster_size: int, overlap: int) -> None:
@@ -141,7 +128,7 @@ def feature_space_attention(
     _check_cluster_args(cluster_size, overlap)
     B, heads, N, d = q.shape
     qkv = torch.stack([t.transpose(1, 2) for t in (q, k, v)], dim=2)
-    out, _ = _packed_feature_space_attention(qkv, scale, cluster_size, overlap, iterations, temperature, dropout_p)
+    out = _packed_feature_space_attention(qkv, scale, cluster_size, overlap, iterations, temperature, dropout_p)
     return out.view(B, N, heads, d).transpose(1, 2)
 
 
@@ -222,7 +209,7 @@ class FeatureSpaceAttention(nn.Module):
         if H * W != N:
             raise ValueError(f'size {tuple(size)} has {H * W} positions but x has N={N} tokens.')
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads)
-        out, v = _packed_feature_space_attention(
+        out = _packed_feature_space_attention(
             qkv,
             scale=self.scale,
             cluster_size=self.cluster_size,
@@ -231,6 +218,7 @@ class FeatureSpaceAttention(nn.Module):
             temperature=self.temperature,
             dropout_p=self.attn_drop if self.training else 0.0,
         )
-        # V in token order is an NHWC image; the depthwise conv runs on it as a channels-last NCHW tensor
-        out = out + self.lepe(v.view(B, H, W, C).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(B, N, C)
+        # V in token order is an NHWC image (a strided view of qkv); the depthwise conv takes it channels-last
+        v = qkv[:, :, 2].reshape(B, H, W, C).permute(0, 3, 1, 2)
+        out = out + self.lepe(v).permute(0, 2, 3, 1).reshape(B, N, C)
         return self.proj_drop(self.proj(out))

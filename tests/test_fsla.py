@@ -26,10 +26,16 @@ def test_matches_naive(n, heads, scale):
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
-def test_matches_naive_small_clusters_and_overlap():
-    q, k, v = _qkv((1, 2, 90, 4), 7)
-    out = feature_space_attention(q, k, v, cluster_size=10, overlap=3)
-    expected = naive_feature_space_attention(q, k, v, cluster_size=10, overlap=3)
+@pytest.mark.parametrize('n, overlap', [
+    (90, 3),   # 8 clusters of 12 slots, 6 of them with a ghost (both clusters of a pair, too)
+    (80, 0),   # no overlap: each cluster attends to itself only
+    (80, 9),   # the largest overlap a cluster of 10 allows
+    (43, 5),   # 4 clusters of 11 slots, one ghost
+])
+def test_matches_naive_small_clusters_and_overlap(n, overlap):
+    q, k, v = _qkv((1, 2, n, 4), 7)
+    out = feature_space_attention(q, k, v, cluster_size=10, overlap=overlap)
+    expected = naive_feature_space_attention(q, k, v, cluster_size=10, overlap=overlap)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
