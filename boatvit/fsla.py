@@ -218,7 +218,8 @@ class FeatureSpaceAttention(nn.Module):
             temperature=self.temperature,
             dropout_p=self.attn_drop if self.training else 0.0,
         )
-        # V in token order is an NHWC image (a strided view of qkv); the depthwise conv takes it channels-last
-        v = qkv[:, :, 2].reshape(B, H, W, C).permute(0, 3, 1, 2)
+        # V in token order is an NHWC image; the depthwise conv takes it channels-last. It is copied out of qkv since
+        # the conv keeps its input for backward, and a view would keep all of q, k and v alive
+        v = qkv[:, :, 2].contiguous().view(B, H, W, C).permute(0, 3, 1, 2)
         out = out + self.lepe(v).permute(0, 2, 3, 1).reshape(B, N, C)
         return self.proj_drop(self.proj(out))
