@@ -18,6 +18,7 @@ Everything about the ghosts depends only on ``(N, cluster_size)``: it is the :cl
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import numbers
@@ -263,8 +264,11 @@ def balanced_hierarchical_clustering(
     if not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f'temperature must be a positive finite number, got {temperature!r}.')
     layout = cluster_layout(q.shape[2], cluster_size)
-    # autocast would run the centroid matmuls in half precision even on float32 queries (see bug 5)
-    with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
+    # autocast would run the centroid matmuls in half precision even on float32 queries (see bug 5); a device type
+    # without autocast (meta, for shape inference) has nothing to switch off
+    no_autocast = (torch.autocast(q.device.type, enabled=False) if torch.amp.is_autocast_available(q.device.type)
+                   else contextlib.nullcontext())
+    with torch.no_grad(), no_autocast:
         order = _clustered_order(q, layout, iterations, temperature)
     if return_padded or not layout.ghost_slots:
         return order

@@ -8,7 +8,8 @@ Documented behaviours checked here:
   outputs exactly as when it runs alone (every operation is per image; the clustering sorts each (image, head) row
   on its own);
 - the clustering of a non-finite query row is still a permutation of its tokens;
-- the same input gives bit-identical outputs, also with ``torch.use_deterministic_algorithms(True)``.
+- the same input gives bit-identical outputs, also with ``torch.use_deterministic_algorithms(True)``;
+- a model built on the meta device runs forward there (shape inference without memory).
 """
 
 from __future__ import annotations
@@ -254,3 +255,15 @@ def test_deterministic_algorithms(family, deterministic_algorithms):
     assert all(torch.equal(a, b) for a, b in zip(*grads))
     with torch.no_grad():
         assert torch.equal(model.eval()(x), expected)
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_forward_on_the_meta_device_gives_the_shapes(family):
+    name, kwargs = REDUCED[family]
+    with torch.device('meta'):
+        model = timm.create_model(name, img_size=64, **kwargs).eval()
+        images = torch.randn(3, 3, 64, 64)
+    logits = model(images)
+    assert logits.device.type == 'meta' and logits.shape == (3, 5)
+    features = model.forward_intermediates(images, intermediates_only=True)
+    assert [f.shape[-1] for f in features] == [16, 8, 4, 2]
