@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 
 from .clustering import ClusterLayout, balanced_hierarchical_clustering, cluster_layout, trace_safe_cache
 
@@ -132,6 +133,8 @@ def feature_space_attention(
     return out.view(B, N, heads, d).transpose(1, 2)
 
 
+# a leaf for torch.fx (timm's FX feature extraction): the clustering builds its tree from the token count
+@register_notrace_module
 class FeatureSpaceAttention(nn.Module):
     """BOAT's feature-space local attention with its LePE positional term.
 

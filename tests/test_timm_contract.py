@@ -69,3 +69,40 @@ def test_timm_features_and_intermediates(name):
         torch.testing.assert_close(final, model.forward_features(x))
         model.set_grad_checkpointing()
         torch.testing.assert_close(model.forward_intermediates(x)[0], final, rtol=1e-4, atol=1e-5)
+
+
+REDUCED = {
+    'boat_swin_tiny_224': dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), num_classes=5),
+    'boat_cswin_tiny_224': dict(embed_dim=16, depths=(1, 2, 1, 1), num_heads=(2, 2, 4, 4), num_classes=5),
+}
+
+
+@pytest.mark.parametrize('name', sorted(REDUCED))
+def test_fx_trace_matches_eager_forward_and_backward(name):
+    """timm's FX path (torchvision's feature extractor with timm's notrace leaves), as timm's own model tests run it:
+    the clustering and the stripe padding are leaves, everything else is traced."""
+    from timm.layers import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    model = timm.create_model(name, **REDUCED[name])
+    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
+    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    traced = create_feature_extractor(model, train_return_nodes=[train_nodes[-1]],
+                                      eval_return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer_kwargs)
+    x = torch.randn(2, 3, 224, 224)
+    model.eval()
+    traced.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(next(iter(traced(x).values())), model(x), rtol=0, atol=0)
+    traced.train()
+    next(iter(traced(x).values())).mean().backward()
+    missing = [n for n, p in traced.named_parameters() if p.grad is None]
+    assert not missing, f'no gradient for {missing}'
+
+
+@pytest.mark.parametrize('name', sorted(REDUCED))
+def test_fx_features_only(name):
+    backbone = timm.create_model(name, features_only=True, feature_cls='fx', **REDUCED[name]).eval()
+    with torch.no_grad():
+        shapes = [tuple(f.shape) for f in backbone(torch.randn(1, 3, 224, 224))]
+    assert shapes == [(1, 56 // 2**i, 56 // 2**i, 16 * 2**i) for i in range(4)]  # stage outputs, NHWC

@@ -112,6 +112,8 @@ class BoatTransformer(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a ValueError naming the problem when ``x`` is not an image batch this model can take."""
+        if isinstance(x, torch.fx.Proxy):
+            return  # torch.fx symbolic tracing (timm's FX feature extraction): there is no value to check yet
         if not isinstance(x, torch.Tensor):
             raise TypeError(f'expected a torch.Tensor of shape (B, {self.in_chans}, H, W), got {type(x).__name__}.')
         if x.ndim != 4:

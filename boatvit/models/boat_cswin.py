@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, calculate_drop_path_rates
+from timm.layers import DropPath, Mlp, calculate_drop_path_rates, register_notrace_module
 from timm.models import generate_default_cfgs, register_model
 
 from ..fsla import FeatureSpaceAttention
@@ -82,6 +82,8 @@ def stripe_attention(
     return out.reshape(B, Hp, Wp, C)[:, :H, :W]
 
 
+# a leaf for torch.fx (timm's FX feature extraction): the stripe padding is Python arithmetic on the grid size
+@register_notrace_module
 class CrossShapedWindowAttention(nn.Module):
     """CSWin's attention: one qkv projection; the channels split in two branches, vertical stripes of width
     ``split_size`` and horizontal stripes of height ``split_size``, each with half the heads and its own LePE;
