@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -87,19 +87,27 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: BoatTransf
     return _FILTERS[family](dict(state_dict), model)
 
 
+def state_dict_mismatch(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
+                        source: str = 'checkpoint', examples: Optional[int] = None) -> List[str]:
+    """What keeps ``state`` from loading strictly into a module whose state dict is ``expected``: one line each for
+    missing keys, unexpected keys and tensors of another shape, naming ``examples`` of each (all when None); empty
+    when it fits."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f'{k}: {source} {tuple(state[k].shape)} vs model {tuple(v.shape)}'
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    lines = []
+    for keys, what in ((missing, f'missing (in the model, not in the {source})'),
+                       (unexpected, f'unexpected (in the {source}, not in the model)'),
+                       (shapes, 'with another shape')):
+        if keys:
+            lines.append(f'{len(keys)} {what}: {keys[:examples] if examples else keys}')
+    return lines
+
+
 def _strict_check(converted: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
-    missing = sorted(set(expected) - set(converted))
-    unexpected = sorted(set(converted) - set(expected))
-    shapes = [f'{k}: checkpoint {tuple(converted[k].shape)} vs model {tuple(v.shape)}'
-              for k, v in expected.items() if k in converted and converted[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        lines = []
-        if missing:
-            lines.append(f'{len(missing)} missing (in the model, not in the checkpoint): {missing}')
-        if unexpected:
-            lines.append(f'{len(unexpected)} unexpected (in the checkpoint, not in the model): {unexpected}')
-        if shapes:
-            lines.append(f'{len(shapes)} with another shape: {shapes}')
+    lines = state_dict_mismatch(converted, expected)
+    if lines:
         raise ValueError('the checkpoint does not match the model; nothing was loaded.\n' + '\n'.join(lines)
                          + '\nCheck that the model variant (and num_classes, depths, embed_dim) matches the '
                          'checkpoint.')

@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .checkpoint import state_dict_mismatch
 from .cli import UsageError
 
 CONFIG_FILE = 'config.json'
@@ -99,22 +100,8 @@ def load_weights(model: torch.nn.Module, path: os.PathLike, model_name: str) -> 
         )
     metadata = read_weights_metadata(path)
     state = load_file(str(path))
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    reshaped = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or reshaped:
-        problems = []
-        if missing:
-            problems.append(f'{len(missing)} missing keys, e.g. {missing[0]!r}')
-        if unexpected:
-            problems.append(f'{len(unexpected)} unexpected keys, e.g. {unexpected[0]!r}')
-        if reshaped:
-            k = reshaped[0]
-            problems.append(
-                f'{len(reshaped)} tensors of another shape, e.g. {k!r} {tuple(state[k].shape)} in the file vs'
-                f' {tuple(expected[k].shape)} in the model'
-            )
+    problems = state_dict_mismatch(state, model.state_dict(), source='file', examples=1)
+    if problems:
         saved_from = f'; they were saved from {metadata["model"]!r}' if 'model' in metadata else ''
         raise UsageError(
             f'weights {str(path)!r} do not fit model {model_name!r} ({"; ".join(problems)}){saved_from}; pass the'

@@ -12,12 +12,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Un
 
 import torch
 import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, trunc_normal_
 from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
-__all__ = ['BoatStage', 'BoatTransformer', 'build_boat_model', 'init_weights']
+__all__ = ['BoatStage', 'BoatTransformer', 'boat_cfg', 'build_boat_model', 'init_weights']
 
 FSLA_PLACEMENTS = ('shifted', 'even', 'odd', 'all', 'none')
 
@@ -263,6 +264,29 @@ class BoatTransformer(nn.Module):
 
         load_reference_weights(self, checkpoint_path,
                                load_classifier=self.num_classes == self.pretrained_cfg.get('num_classes'))
+
+
+def boat_cfg(crop_pct: float, **kwargs: Any) -> Dict[str, Any]:
+    """A BOAT model's timm pretrained cfg: what both families share, ``crop_pct`` (their evaluations differ) and
+    ``kwargs`` on top."""
+    return {
+        'url': '',
+        'num_classes': 1000,
+        'input_size': (3, 224, 224),
+        'pool_size': (7, 7),
+        'crop_pct': crop_pct,
+        'interpolation': 'bicubic',
+        'fixed_input_size': True,
+        'mean': IMAGENET_DEFAULT_MEAN,
+        'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embed.proj',
+        'classifier': 'head.fc',
+        'license': 'mit',
+        'paper_ids': 'arXiv:2201.13027',
+        'paper_name': 'BOAT: Bilateral Local Attention Vision Transformer',
+        'origin_url': 'https://github.com/mahaoyuHKU/pytorch-boat',
+        **kwargs,
+    }
 
 
 def build_boat_model(

@@ -20,12 +20,11 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, calculate_drop_path_rates, register_notrace_module
 from timm.models import generate_default_cfgs, register_model
 
 from ..fsla import FeatureSpaceAttention
-from .base import BoatStage, BoatTransformer, build_boat_model, fsla_in_block, init_weights
+from .base import BoatStage, BoatTransformer, boat_cfg, build_boat_model, fsla_in_block, init_weights
 
 __all__ = ['stripe_attention', 'CrossShapedWindowAttention', 'BilateralCSWinBlock', 'BoatCSWinTransformer']
 
@@ -342,24 +341,7 @@ def _create_boat_cswin(variant: str, pretrained: bool = False, **kwargs: Any) ->
 
 
 def _cfg(**kwargs: Any) -> Dict[str, Any]:
-    return {
-        'url': '',
-        'num_classes': 1000,
-        'input_size': (3, 224, 224),
-        'pool_size': (7, 7),
-        'crop_pct': 0.9,
-        'interpolation': 'bicubic',
-        'fixed_input_size': True,
-        'mean': IMAGENET_DEFAULT_MEAN,
-        'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed.proj',
-        'classifier': 'head.fc',
-        'license': 'mit',
-        'paper_ids': 'arXiv:2201.13027',
-        'paper_name': 'BOAT: Bilateral Local Attention Vision Transformer',
-        'origin_url': 'https://github.com/mahaoyuHKU/pytorch-boat',
-        **kwargs,
-    }
+    return boat_cfg(**{'crop_pct': 0.9, **kwargs})
 
 
 default_cfgs = generate_default_cfgs({

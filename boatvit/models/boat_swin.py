@@ -15,14 +15,13 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, PatchEmbed, calculate_drop_path_rates, resize_rel_pos_bias_table
 from timm.models import generate_default_cfgs, register_model
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, calc_stage_window_sizes, \
     resolve_stage_window_sizes
 
 from ..fsla import FeatureSpaceAttention
-from .base import BoatStage, BoatTransformer, build_boat_model, fsla_in_block, init_weights
+from .base import BoatStage, BoatTransformer, boat_cfg, build_boat_model, fsla_in_block, init_weights
 
 __all__ = ['BilateralSwinBlock', 'BoatSwinTransformer']
 
@@ -254,24 +253,8 @@ def _create_boat_swin(variant: str, pretrained: bool = False, **kwargs: Any) -> 
 
 
 def _cfg(**kwargs: Any) -> Dict[str, Any]:
-    return {
-        'url': '',
-        'num_classes': 1000,
-        'input_size': (3, 224, 224),
-        'pool_size': (7, 7),
-        'crop_pct': 0.875,  # the reference evaluation: resize to 256, centre crop 224 (BOAT-Swin data/build.py)
-        'interpolation': 'bicubic',
-        'fixed_input_size': True,
-        'mean': IMAGENET_DEFAULT_MEAN,
-        'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed.proj',
-        'classifier': 'head.fc',
-        'license': 'mit',
-        'paper_ids': 'arXiv:2201.13027',
-        'paper_name': 'BOAT: Bilateral Local Attention Vision Transformer',
-        'origin_url': 'https://github.com/mahaoyuHKU/pytorch-boat',
-        **kwargs,
-    }
+    # the reference evaluation: resize to 256, centre crop 224 (BOAT-Swin data/build.py)
+    return boat_cfg(**{'crop_pct': 0.875, **kwargs})
 
 
 default_cfgs = generate_default_cfgs({
