@@ -18,7 +18,7 @@ from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
-__all__ = ['BoatStage', 'BoatTransformer', 'boat_cfg', 'build_boat_model', 'init_weights']
+__all__ = ['BoatStage', 'BoatTransformer', 'build_boat_model', 'init_weights']
 
 FSLA_PLACEMENTS = ('shifted', 'even', 'odd', 'all', 'none')
 

@@ -340,8 +340,8 @@ def _create_boat_cswin(variant: str, pretrained: bool = False, **kwargs: Any) ->
     return build_boat_model(BoatCSWinTransformer, variant, pretrained, checkpoint_filter_fn, (1, 2, 21, 1), **kwargs)
 
 
-def _cfg(**kwargs: Any) -> Dict[str, Any]:
-    return boat_cfg(**{'crop_pct': 0.9, **kwargs})
+def _cfg(crop_pct: float = 0.9, **kwargs: Any) -> Dict[str, Any]:
+    return boat_cfg(crop_pct, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -252,9 +252,9 @@ def _create_boat_swin(variant: str, pretrained: bool = False, **kwargs: Any) -> 
     return build_boat_model(BoatSwinTransformer, variant, pretrained, checkpoint_filter_fn, (2, 2, 6, 2), **kwargs)
 
 
-def _cfg(**kwargs: Any) -> Dict[str, Any]:
-    # the reference evaluation: resize to 256, centre crop 224 (BOAT-Swin data/build.py)
-    return boat_cfg(**{'crop_pct': 0.875, **kwargs})
+def _cfg(crop_pct: float = 0.875, **kwargs: Any) -> Dict[str, Any]:
+    # 0.875: the reference evaluation, resize to 256 and centre crop 224 (BOAT-Swin data/build.py)
+    return boat_cfg(crop_pct, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
