@@ -154,6 +154,28 @@ def _ghost_keys(group_size: int, ghosts: Tuple[int, ...], device: torch.device) 
     return torch.arange(group_size, device=device) >= real[:, None]
 
 
+def _sort_keys(key: torch.Tensor, ghost_keys: Optional[torch.Tensor]) -> torch.Tensor:
+    """What the rows of ``key`` ``(rows, groups, n)`` are sorted by: the same order, with NaN keys (from a
+    non-finite query) after every finite one and the ghost slots (``ghost_keys``, broadcast over rows) after every
+    real token, also one with a NaN or +inf key: a ghost among the real half would leave a real token out of the
+    clusters and a ghost in them.
+
+    Eager and compiled: integers whose order is the float order, which torch.sort puts in the same permutation,
+    ties included, a quarter faster (no NaN test per comparison). ONNX has no bitcast: an exported graph sorts
+    the floats, NaN and +inf keys clamped to the largest finite float so that the ghosts can come after them.
+    """
+    if torch.onnx.is_in_onnx_export():
+        big = torch.finfo(key.dtype).max
+        key = key.nan_to_num(big, big)
+        return key if ghost_keys is None else key.masked_fill(ghost_keys, float('inf'))
+    int_dtype = torch.int32 if key.dtype == torch.float32 else torch.int64
+    info = torch.iinfo(int_dtype)
+    bits = key.nan_to_num(nan=float('inf'), posinf=float('inf'), neginf=float('-inf')).view(int_dtype)
+    # the bits of a negative float grow as it falls: flipping all but the sign bit makes them fall too
+    codes = bits ^ ((bits >> (info.bits - 1)) & info.max)
+    return codes if ghost_keys is None else codes.masked_fill_(ghost_keys, info.max)
+
+
 def _argsort_rows(key: torch.Tensor) -> torch.Tensor:
     """Ascending order of every row of ``key`` ``(rows, n)``, as indices into the flattened ``key``.
 
@@ -209,16 +231,10 @@ def _clustered_order(
         cos_plus_1 = torch.bmm(centroids, x.transpose(1, 2)).mul_(inv).add_(1)
         key = cos_plus_1[:, 0] / cos_plus_1[:, 1]  # (groups, n)
         ghosts = layout.ghosts_per_level[level]
-        ghost_keys = _ghost_keys(n, ghosts, q.device)
-        if ghost_keys is not None:
-            # ghosts must sort after every real token, also one with a NaN or +inf key (a non-finite query): a
-            # ghost among the real half would leave a real token out of the clusters and a ghost in them
-            big = torch.finfo(key.dtype).max
-            key = key.nan_to_num(big, big).view(rows, -1, n).masked_fill(ghost_keys, float('inf')).view(groups, n)
-        flat = _argsort_rows(key)
+        flat = _argsort_rows(_sort_keys(key.view(rows, 2**level, n), _ghost_keys(n, ghosts, q.device)).view(groups, n))
         split = _split_index(n, ghosts, q.device)
         if split is not None:
-            flat = flat.view(rows, -1, n).gather(-1, split.expand(rows, -1, -1)).view(-1)
+            flat = flat.view(rows, 2**level, n).gather(-1, split.expand(rows, -1, -1)).view(-1)
         order = order.index_select(0, flat)
         if level + 1 < layout.levels:
             raw = raw.index_select(0, flat)

@@ -4,6 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from boatvit import balanced_hierarchical_clustering, cluster_layout
+from boatvit.clustering import _sort_keys
 from boatvit.fsla import FeatureSpaceAttention
 
 from naive_fsla import naive_permutation
@@ -100,3 +101,19 @@ def test_bad_arguments():
         balanced_hierarchical_clustering(q, temperature=0.0)
     with pytest.raises(TypeError, match='torch.Tensor'):
         balanced_hierarchical_clustering([[1.0]])
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_sort_keys_keep_the_float_order(dtype):
+    """The clustering sorts integer codes of its float keys: the same permutation as sorting the floats, ties,
+    negative keys and infinities included; NaN keys after +inf ones and ghost slots after everything."""
+    g = torch.Generator().manual_seed(0)
+    key = (torch.randint(-30, 30, (4, 2, 300), generator=g) / 7).to(dtype)  # many ties, both signs
+    key[0, 0, :5] = torch.tensor([float('inf'), float('-inf'), float('nan'), -0.5, 1e-30], dtype=dtype)
+    want = torch.sort(torch.where(key.isnan(), float('inf'), key).view(8, 300), dim=-1).indices
+    got = torch.sort(_sort_keys(key, None).view(8, 300), dim=-1).indices
+    assert torch.equal(got, want)
+    ghost = torch.zeros(2, 300, dtype=torch.bool)
+    ghost[:, -3:] = True
+    order = torch.sort(_sort_keys(key, ghost).view(8, 300), dim=-1).indices
+    assert (order[:, -3:] >= 297).all() and (order[:, :-3] < 297).all()

@@ -19,8 +19,10 @@ def _qkv(shape, seed):
     (257, 1, 0.3),      # ghosts spread over 4 clusters
     (20, 3, None),      # fewer tokens than a cluster
 ])
-def test_matches_naive(n, heads, scale):
-    q, k, v = _qkv((2, heads, n, 8), n)
+@pytest.mark.parametrize('recording', [False, True], ids=['inference', 'autograd'])
+def test_matches_naive(n, heads, scale, recording):
+    """Both attention routes: matmul-softmax-matmul in CPU inference, SDPA while autograd records."""
+    q, k, v = (t.requires_grad_(recording) for t in _qkv((2, heads, n, 8), n))
     out = feature_space_attention(q, k, v, scale=scale)
     expected = naive_feature_space_attention(q, k, v, scale=scale)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
@@ -32,8 +34,9 @@ def test_matches_naive(n, heads, scale):
     (80, 9),   # the largest overlap a cluster of 10 allows
     (43, 5),   # 4 clusters of 11 slots, one ghost
 ])
-def test_matches_naive_small_clusters_and_overlap(n, overlap):
-    q, k, v = _qkv((1, 2, n, 4), 7)
+@pytest.mark.parametrize('recording', [False, True], ids=['inference', 'autograd'])
+def test_matches_naive_small_clusters_and_overlap(n, overlap, recording):
+    q, k, v = (t.requires_grad_(recording) for t in _qkv((1, 2, n, 4), 7))
     out = feature_space_attention(q, k, v, cluster_size=10, overlap=overlap)
     expected = naive_feature_space_attention(q, k, v, cluster_size=10, overlap=overlap)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
@@ -63,6 +66,18 @@ def test_fixture_output(reference_fixture):
     torch.testing.assert_close(out.sum(-1), t['fsla.output.token_sum'], **close)
     torch.testing.assert_close(out.sum(1), t['fsla.output.channel_sum'], **close)
     torch.testing.assert_close(out[:, t['fsla.output.sample_idx']], t['fsla.output.sample'], **close)
+
+
+def test_attention_dropout_applies_in_both_routes():
+    """``dropout_p`` is not dropped by the inference route: it zeroes attention weights, so outputs move."""
+    q, k, v = _qkv((1, 2, 150, 4), 3)
+    plain = feature_space_attention(q, k, v)
+    for recording in (False, True):
+        torch.manual_seed(0)
+        dropped = feature_space_attention(*(t.requires_grad_(recording) for t in (q, k, v)), dropout_p=0.5)
+        assert torch.isfinite(dropped).all()
+        assert (dropped - plain).abs().max() > 1e-3
+        q, k, v = (t.detach() for t in (q, k, v))
 
 
 def test_gradients_reach_q_k_v():
