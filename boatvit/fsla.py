@@ -50,7 +50,9 @@ def _cluster_attention(
     if q.device.type != 'cpu' or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
     logits = torch.matmul(q, k.transpose(-1, -2))
-    logits = logits.mul_(q.shape[-1] ** -0.5 if scale is None else scale) if scale != 1.0 else logits
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if scale != 1.0:  # BOAT-CSWin's scale is 1
+        logits = logits.mul_(scale)
     if attn_mask is not None:
         logits = logits.masked_fill_(attn_mask.logical_not(), float('-inf'))
     # half-precision logits (CPU autocast) are normalised in float32, as the fused kernels do

@@ -43,3 +43,18 @@ def test_autocast_does_not_change_the_clustering():
     with torch.autocast('cpu', dtype=torch.bfloat16):
         under_autocast = balanced_hierarchical_clustering(q)
     assert torch.equal(under_autocast, balanced_hierarchical_clustering(q.float()))
+
+
+def test_attention_route_sdpa_only_while_autograd_records(monkeypatch):
+    """CPU inference attends by matmul (the faster route there); autograd-recording calls keep SDPA, whose kernels
+    store no attention probabilities for backward."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+    monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention',
+                        lambda *args, **kwargs: calls.append(1) or sdpa(*args, **kwargs))
+    q, k, v = torch.randn(3, 1, 2, 196, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
+    with torch.inference_mode():
+        feature_space_attention(q, k, v)
+    assert calls == []
+    feature_space_attention(q.requires_grad_(), k, v)
+    assert len(calls) == 2  # the even and the odd clusters
