@@ -18,6 +18,7 @@ Each group compares its models with its first one: timm's Swin-T for BOAT-Swin-T
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from typing import Any, Dict, List
 
@@ -62,11 +63,17 @@ def _timed_section(args: argparse.Namespace, mode: str, batch: int) -> Dict[str,
     ratios = _ratios(medians)
     rows = {}
     for spec in models:
+        # the ratio of each round's two calls, made moments apart: its quartiles show how far the machine's noise
+        # moves the ratio of medians
+        per_round = [t / base for t, base in zip(times[spec], times[_baseline_of(spec)])]
+        q1, _, q3 = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
         rows[spec] = {**summary(times[spec]), 'img_per_s': batch / medians[spec], 'baseline': _baseline_of(spec),
-                      'ratio': ratios[spec]}
-    print_table(f'{mode}: batch {batch}, median of {args.repeats} interleaved rounds',
+                      'ratio': ratios[spec], 'round_ratio_q1': q1, 'round_ratio_q3': q3}
+    print_table(f'{mode}: batch {batch}, median of {args.repeats} interleaved rounds; round_ratio_q1/q3: quartiles '
+                'of the per-round ratios',
                 [{'model': s, **r} for s, r in rows.items()],
-                ['model', 'median_ms', 'min_ms', 'max_ms', 'img_per_s', 'ratio', 'baseline'])
+                ['model', 'median_ms', 'min_ms', 'max_ms', 'img_per_s', 'ratio', 'round_ratio_q1', 'round_ratio_q3',
+                 'baseline'])
     return {'batch': batch, 'models': rows}
 
 
