@@ -255,5 +255,6 @@ class FeatureSpaceAttention(nn.Module):
         # V in token order is an NHWC image; the depthwise conv takes it channels-last. It is copied out of qkv since
         # the conv keeps its input for backward, and a view would keep all of q, k and v alive
         v = qkv[:, :, 2].contiguous().view(B, H, W, C).permute(0, 3, 1, 2)
-        out = out + self.lepe(v).permute(0, 2, 3, 1).reshape(B, N, C)
+        # the attention output is a fresh gather that nothing else holds: the LePE adds into it
+        out = out.add_(self.lepe(v).permute(0, 2, 3, 1).reshape(B, N, C))
         return self.proj_drop(self.proj(out))
