@@ -44,8 +44,8 @@ def _cluster_attention(
 
     ``F.scaled_dot_product_attention`` whenever autograd records (its kernels keep only the log-sum-exp for
     backward, not the ``c x m`` probabilities) and on every accelerator. CPU inference runs the same product as
-    matmul, softmax, matmul instead: the CPU flash kernel cuts 49 queries into tiles of 32 and 17 rows and runs
-    its small products at about a third of the speed of one batched matmul over all clusters.
+    matmul, softmax, matmul instead: the CPU flash kernel cuts 49 queries into tiles of 32 and 17 rows, and on
+    clusters this small it is 1.6 to 1.8 times slower than one batched matmul over all of them.
     """
     if q.device.type != 'cpu' or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
