@@ -30,8 +30,8 @@ from timm.models.swin_transformer import SwinTransformerBlock
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import (add_device_args, autocast, environment, median, print_table, setup, summary,
-                               time_interleaved, write_json)
+from benchmarks.common import (add_device_args, autocast, environment, median, positive_int, print_table, setup,
+                               summary, time_interleaved, write_json)
 from boatvit import FeatureSpaceAttention, balanced_hierarchical_clustering
 from boatvit.models.boat_cswin import CrossShapedWindowAttention
 
@@ -136,7 +136,7 @@ def _steps(args: argparse.Namespace, shape: tuple, mode: str) -> Dict[str, Calla
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_device_args(parser)
-    parser.add_argument('--batch', type=int, default=None, help='batch (default: cpu 8, cuda 64)')
+    parser.add_argument('--batch', type=positive_int, help='batch (default: cpu 8, cuda 64)')
     parser.add_argument('--shapes', default=','.join(SHAPES), help=f'comma-separated subset of {list(SHAPES)}')
     parser.add_argument('--before', default=None, help='git revision whose FSLA is timed beside the current one')
     args = parser.parse_args()

@@ -24,7 +24,7 @@ from typing import Any, Dict, List
 
 import torch
 
-from benchmarks.common import (add_device_args, autocast, build_model, environment, make_step, median,
+from benchmarks.common import (add_device_args, autocast, build_model, environment, make_step, median, positive_int,
                                print_table, run_in_fresh_process, setup, summary, sync, time_interleaved, write_json)
 from boatvit import FeatureSpaceAttention
 
@@ -183,11 +183,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_device_args(parser)
     parser.add_argument('--sections', default=','.join(SECTIONS), help=f'comma-separated subset of {SECTIONS}')
-    parser.add_argument('--batch', type=int, default=None, help='inference batch (default: cpu 8, cuda 64)')
-    parser.add_argument('--train-batch', type=int, default=None, help='training batch (default: cpu 8, cuda 32)')
+    parser.add_argument('--batch', type=positive_int, help='inference batch (default: cpu 8, cuda 64)')
+    parser.add_argument('--train-batch', type=positive_int, help='training batch (default: cpu 8, cuda 32)')
     parser.add_argument('--sizes', default='224,448,896', help='image sizes of the scaling section')
-    parser.add_argument('--scaling-batch', type=int, default=None, help='scaling batch (default: cpu 1, cuda 8)')
-    parser.add_argument('--scaling-repeats', type=int, default=None, help='scaling rounds (default: --repeats)')
+    parser.add_argument('--scaling-batch', type=positive_int, help='scaling batch (default: cpu 1, cuda 8)')
+    parser.add_argument('--scaling-repeats', type=positive_int, help='scaling rounds (default: --repeats)')
     args = parser.parse_args()
     setup(args)
     cuda = args.device == 'cuda'

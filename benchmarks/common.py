@@ -31,13 +31,29 @@ import timm
 RESULTS_DIR = Path(__file__).resolve().parent / 'results'
 
 
+def positive_int(text: str) -> int:
+    """argparse type of counts that must be at least 1 (batches, rounds, threads)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type of counts that may be 0 (warm-up rounds)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'must be 0 or more, got {value}')
+    return value
+
+
 def add_device_args(parser: argparse.ArgumentParser) -> None:
     """The options every benchmark takes: device, threads, repeats, compile and the JSON path."""
     parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda'),
                         help='cpu: float32; cuda: bfloat16 autocast and larger batches')
-    parser.add_argument('--threads', type=int, default=2, help='CPU threads (torch.set_num_threads)')
-    parser.add_argument('--repeats', type=int, default=None, help='timed rounds per figure (default: cpu 9, cuda 30)')
-    parser.add_argument('--warmup', type=int, default=None, help='untimed rounds first (default: cpu 2, cuda 10)')
+    parser.add_argument('--threads', type=positive_int, default=2, help='CPU threads (torch.set_num_threads)')
+    parser.add_argument('--repeats', type=positive_int, help='timed rounds per figure (default: cpu 9, cuda 30)')
+    parser.add_argument('--warmup', type=non_negative_int, help='untimed rounds first (default: cpu 2, cuda 10)')
     parser.add_argument('--compile', action='store_true', help='torch.compile every model (FSLA hooks are skipped)')
     parser.add_argument('--json', type=Path, default=None, help='where to write the results (default: results/)')
 
@@ -47,7 +63,7 @@ def setup(args: argparse.Namespace) -> None:
     cuda = args.device == 'cuda'
     if cuda and not torch.cuda.is_available():
         raise SystemExit('--device cuda: torch sees no CUDA device.')
-    args.repeats = args.repeats or (30 if cuda else 9)
+    args.repeats = args.repeats if args.repeats is not None else (30 if cuda else 9)
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
     torch.set_num_threads(args.threads)
     if cuda:

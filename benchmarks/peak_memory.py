@@ -16,17 +16,17 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import build_model, make_step, resident_kib, sync
+from benchmarks.common import build_model, make_step, positive_int, resident_kib, sync
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--model', required=True, help="timm name, optionally ':key=value,...' kwargs")
     parser.add_argument('--mode', choices=('inference', 'train'), required=True)
-    parser.add_argument('--batch', type=int, required=True)
-    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--batch', type=positive_int, required=True)
+    parser.add_argument('--img-size', type=positive_int, default=224)
     parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda'))
-    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--threads', type=positive_int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import environment, load_average, print_table, write_json
+from benchmarks.common import environment, load_average, positive_int, print_table, write_json
 from boatvit.cli import main
 
 
@@ -65,8 +65,8 @@ def run_default(output: Path, seed: int, device: str) -> dict:
 
 def main_benchmark() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--runs', type=int, default=1, help='number of runs, seeds 0, 1, ...')
-    parser.add_argument('--threads', type=int, default=2, help='CPU threads (torch.set_num_threads)')
+    parser.add_argument('--runs', type=positive_int, default=1, help='number of runs, seeds 0, 1, ...')
+    parser.add_argument('--threads', type=positive_int, default=2, help='CPU threads (torch.set_num_threads)')
     parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda'))
     parser.add_argument('--output', type=Path, default=None, help='where the run directories go (default: temporary)')
     parser.add_argument('--json', type=Path, default=None, help='where to write the results (default: results/)')
