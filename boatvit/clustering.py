@@ -231,7 +231,8 @@ def _clustered_order(
         cos_plus_1 = torch.bmm(centroids, x.transpose(1, 2)).mul_(inv).add_(1)
         key = cos_plus_1[:, 0] / cos_plus_1[:, 1]  # (groups, n)
         ghosts = layout.ghosts_per_level[level]
-        flat = _argsort_rows(_sort_keys(key.view(rows, 2**level, n), _ghost_keys(n, ghosts, q.device)).view(groups, n))
+        sort_keys = _sort_keys(key.view(rows, 2**level, n), _ghost_keys(n, ghosts, q.device))
+        flat = _argsort_rows(sort_keys.view(groups, n))
         split = _split_index(n, ghosts, q.device)
         if split is not None:
             flat = flat.view(rows, 2**level, n).gather(-1, split.expand(rows, -1, -1)).view(-1)
