@@ -28,6 +28,8 @@ from typing import Callable, List, Optional, Tuple, TypeVar
 import torch
 import torch.nn.functional as F
 
+from .kernels import clustering_kernel
+
 __all__ = ['ClusterLayout', 'cluster_layout', 'balanced_hierarchical_clustering', 'clustering_levels']
 
 _F = TypeVar('_F', bound=Callable)
@@ -192,6 +194,20 @@ def _argsort_rows(key: torch.Tensor) -> torch.Tensor:
     return (torch.sort(key, dim=-1).indices + offsets).view(-1)
 
 
+@trace_safe_cache
+def _ghost_counts(layout: ClusterLayout) -> torch.Tensor:
+    """The ghost count of every group of every level, level by level in tree order: the CPU kernel's layout."""
+    return torch.tensor([g for level in layout.ghosts_per_level for g in level], dtype=torch.long)
+
+
+def _kernel_applies(q: torch.Tensor) -> bool:
+    """Whether the compiled CPU clustering runs: on plain CPU tensors in eager mode. Traced graphs (torch.compile,
+    torch.export, ONNX, TorchScript) and tensor subclasses (fake tensors) keep the eager ops, which every backend
+    understands."""
+    return (q.device.type == 'cpu' and type(q) is torch.Tensor and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export())
+
+
 def _clustered_order(
         q: torch.Tensor,
         layout: ClusterLayout,
@@ -209,6 +225,10 @@ def _clustered_order(
     q = q.detach()
     if q.dtype in (torch.float16, torch.bfloat16):
         q = q.float()  # a split decided in half precision moves many tokens (see REFERENCE.md, bug 5)
+    kernel = clustering_kernel() if _kernel_applies(q) else None
+    if kernel is not None:
+        q = q if q.stride(-1) == 1 else q.contiguous()
+        return kernel(q, n_pad, layout.levels, _ghost_counts(layout), iterations, float(temperature))
     # the only copy of the queries, zero-padded with the ghosts; every level moves it once, to its new order
     raw = q.new_zeros(rows * n_pad, d)
     raw.view(B, heads, n_pad, d)[:, :, :N] = q

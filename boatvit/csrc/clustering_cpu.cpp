@@ -1,0 +1,237 @@
+// Balanced hierarchical clustering on the CPU, one fused pass per split: the algorithm of
+// boatvit/clustering.py (_clustered_order), which stays its fallback and its test oracle.
+//
+// The eager version issues about 20 small memory-bound ops and a full sort per level over all groups at once. Here
+// every (image, head) row is clustered by one thread from start to end: its queries stay in place (a level only
+// reorders an index), the soft k-means steps read each token once per step with the two centroids in registers,
+// and a split needs only which tokens fall in each half and each quarter (the next level's initial centroids are
+// the means of the quarters), so levels before the last select instead of sorting. Only the last level sorts,
+// because the clusters' order is part of the result (the sibling overlap takes the tokens next to the cut).
+//
+// Ties between equal split keys are broken by the token's index; the eager torch.sort leaves them to its own
+// unstable order. Only tokens with equal queries tie in practice, and those give the same attention output
+// whichever of them goes first.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 16;
+
+// The split key's order as a signed integer: the bits of a negative float are flipped except for the sign bit, so
+// integer order is float order (-0.0 before +0.0, as in the eager sort keys); NaN sorts with +inf.
+template <typename scalar_t>
+int64_t order_code(scalar_t key) {
+  using bits_t = std::conditional_t<std::is_same_v<scalar_t, float>, int32_t, int64_t>;
+  if (std::isnan(key)) key = std::numeric_limits<scalar_t>::infinity();
+  bits_t bits;
+  std::memcpy(&bits, &key, sizeof(bits));
+  return static_cast<int64_t>(bits ^ ((bits >> (8 * sizeof(bits_t) - 1)) & std::numeric_limits<bits_t>::max()));
+}
+
+// a real token of a group being split: its key's code, its index in the input (which breaks ties) and its slot in
+// the group's current order
+struct Item {
+  int64_t code;
+  int32_t token;
+  int32_t slot;
+  bool operator<(const Item& other) const {
+    return code < other.code || (code == other.code && token < other.token);
+  }
+};
+
+// Dot products and updates over the head dimension: `Dim` is the head size when known at compile time (32 in every
+// BOAT model: fully unrolled), 0 for any other, read from `d`.
+template <typename scalar_t, int64_t Dim>
+struct Rows {
+  int64_t d;
+  int64_t size() const { return Dim ? Dim : d; }
+
+  scalar_t dot(const scalar_t* a, const scalar_t* b) const {
+    scalar_t s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < size(); ++k) s += a[k] * b[k];
+    return s;
+  }
+
+  void add(scalar_t* acc, scalar_t weight, const scalar_t* x) const {
+#pragma omp simd
+    for (int64_t k = 0; k < size(); ++k) acc[k] += weight * x[k];
+  }
+
+  // sum0 += w0[j] * x_j and sum1 += w1[j] * x_j over the `count` consecutive rows x_j
+  void accumulate(scalar_t* __restrict__ sum0, scalar_t* __restrict__ sum1, const scalar_t* w0, const scalar_t* w1,
+                  const scalar_t* __restrict__ x, int64_t count) const {
+    for (int64_t j = 0; j < count; ++j) {
+      const scalar_t* xj = x + j * size();
+#pragma omp simd
+      for (int64_t k = 0; k < size(); ++k) {
+        sum0[k] += w0[j] * xj[k];
+        sum1[k] += w1[j] * xj[k];
+      }
+    }
+  }
+
+  // v / max(|v|, 1e-12), F.normalize's convention
+  void normalize(scalar_t* v) const {
+    const scalar_t norm = std::max(std::sqrt(dot(v, v)), scalar_t(1e-12));
+#pragma omp simd
+    for (int64_t k = 0; k < size(); ++k) v[k] /= norm;
+  }
+};
+
+// One row: queries q(t, :) = q + t * token_stride for the real tokens t < N; the slots t >= N are ghosts (zero
+// queries). `order` (n_pad) receives the clustered order.
+//
+// The row's queries are copied into `x`, kept in the row's current order (every group contiguous) by one gather per
+// level, so that every pass over a group reads memory in sequence.
+template <typename scalar_t, int64_t Dim>
+void cluster_row(const scalar_t* q, int64_t token_stride, int64_t N, int64_t d, int64_t levels,
+                 const int64_t* ghosts, int64_t iterations, scalar_t temperature, int64_t* order, int64_t n_pad) {
+  const Rows<scalar_t, Dim> rows{d};
+  d = rows.size();
+  std::vector<scalar_t> x(n_pad * d, scalar_t(0)), moved(n_pad * d), inv_norm(n_pad, scalar_t(0)),
+      moved_inv(n_pad), centroids(2 * d), sums(2 * d);
+  std::vector<Item> items(n_pad);
+  std::vector<int64_t> source(n_pad), moved_order(n_pad);
+  for (int64_t t = 0; t < N; ++t) {
+    std::copy(q + t * token_stride, q + t * token_stride + d, x.data() + t * d);
+    inv_norm[t] = scalar_t(1) / std::max(std::sqrt(rows.dot(x.data() + t * d, x.data() + t * d)), scalar_t(1e-12));
+  }
+  for (int64_t i = 0; i < n_pad; ++i) order[i] = i;
+
+  for (int64_t level = 0; level < levels; ++level) {
+    const int64_t n = n_pad >> level, half = n / 2, groups = int64_t(1) << level;
+    const bool last = level + 1 == levels;
+    for (int64_t group = 0; group < groups; ++group) {
+      const int64_t offset = group * n;
+      const scalar_t* gx = x.data() + offset * d;
+      const scalar_t* ginv = inv_norm.data() + offset;
+      const int64_t g = ghosts[groups - 1 + group], real = n - g;  // the ghosts are the group's last g slots
+      scalar_t* c0 = centroids.data();
+      scalar_t* c1 = c0 + d;
+
+      // initial centroids: the means of the group's two halves in its current order (ghosts are zeros)
+      std::fill(centroids.begin(), centroids.end(), scalar_t(0));
+      for (int64_t i = 0; i < real; ++i) rows.add(i < half ? c0 : c1, scalar_t(1), gx + i * d);
+      for (int64_t k = 0; k < 2 * d; ++k) centroids[k] /= scalar_t(half);
+      rows.normalize(c0);
+      rows.normalize(c1);
+
+      // soft k-means: softmax over the two centroids of temperature * cosine, then the weighted sums; the softmax
+      // of two logits is 1 / (1 + e) and e / (1 + e) with e = exp(smaller - larger), as torch.softmax computes it.
+      // Tokens go in blocks: the weights of a block first, then its sums, so no call to exp sits among the sums
+      // and the sums stay in vector registers.
+      for (int64_t step = 0; step < iterations; ++step) {
+        std::fill(sums.begin(), sums.end(), scalar_t(0));
+        for (int64_t start = 0; start < real; start += kBlock) {
+          const int64_t count = std::min(kBlock, real - start);
+          const scalar_t* bx = gx + start * d;
+          scalar_t w0[kBlock], w1[kBlock];
+          for (int64_t j = 0; j < count; ++j) {
+            const scalar_t scale = ginv[start + j] * temperature;
+            w0[j] = rows.dot(c0, bx + j * d) * scale;
+            w1[j] = rows.dot(c1, bx + j * d) * scale;
+          }
+          for (int64_t j = 0; j < count; ++j) {
+            const scalar_t e = std::exp(std::min(w0[j], w1[j]) - std::max(w0[j], w1[j])), total = 1 + e;
+            const bool first_larger = w0[j] >= w1[j];
+            w0[j] = (first_larger ? scalar_t(1) : e) / total;
+            w1[j] = (first_larger ? e : scalar_t(1)) / total;
+          }
+          rows.accumulate(sums.data(), sums.data() + d, w0, w1, bx, count);
+        }
+        std::copy(sums.begin(), sums.end(), centroids.begin());
+        rows.normalize(c0);
+        rows.normalize(c1);
+      }
+
+      // the split key (cos0 + 1) / (cos1 + 1), ascending
+      for (int64_t i = 0; i < real; ++i) {
+        const scalar_t* xi = gx + i * d;
+        const scalar_t key = (rows.dot(c0, xi) * ginv[i] + 1) / (rows.dot(c1, xi) * ginv[i] + 1);
+        items[i] = Item{order_code(key), static_cast<int32_t>(order[offset + i]), static_cast<int32_t>(i)};
+      }
+
+      // the first child takes g // 2 of the ghosts, the second the rest; the real halves differ by at most one
+      const int64_t g0 = g / 2, real0 = half - g0;
+      Item* first = items.data();
+      if (last) {
+        std::sort(first, first + real);
+      } else {
+        std::nth_element(first, first + real0, first + real);
+        // the next level starts from the means of each child's halves: its smallest half / 2 reals, then the rest
+        std::nth_element(first, first + half / 2, first + real0);
+        std::nth_element(first + real0, first + real0 + half / 2, first + real);
+      }
+      int64_t* from = source.data() + offset;  // the current slot each new slot of the group takes its token from
+      for (int64_t i = 0; i < real0; ++i) *from++ = offset + items[i].slot;
+      for (int64_t i = 0; i < g0; ++i) *from++ = offset + real + i;
+      for (int64_t i = real0; i < real; ++i) *from++ = offset + items[i].slot;
+      for (int64_t i = g0; i < g; ++i) *from++ = offset + real + i;
+    }
+    for (int64_t i = 0; i < n_pad; ++i) moved_order[i] = order[source[i]];
+    std::copy(moved_order.begin(), moved_order.end(), order);
+    if (!last) {
+      for (int64_t i = 0; i < n_pad; ++i) {
+        std::copy(x.data() + source[i] * d, x.data() + (source[i] + 1) * d, moved.data() + i * d);
+        moved_inv[i] = inv_norm[source[i]];
+      }
+      x.swap(moved);
+      inv_norm.swap(moved_inv);
+    }
+  }
+}
+
+// q: (B, heads, N, d) with unit stride over d; ghosts: the ghost count of every group of every level, level by
+// level in tree order (2^levels - 1 entries). Returns the padded clustered order (B, heads, n_pad), int64.
+at::Tensor clustered_order(const at::Tensor& q, int64_t n_pad, int64_t levels, const at::Tensor& ghosts,
+                           int64_t iterations, double temperature) {
+  TORCH_CHECK(q.dim() == 4 && q.device().is_cpu() && q.stride(3) == 1,
+              "boatvit clustering kernel: q must be a CPU tensor (B, heads, N, d) with unit stride over d");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
+              "boatvit clustering kernel: q must be float32 or float64, got ", q.scalar_type());
+  TORCH_CHECK(ghosts.scalar_type() == at::kLong && ghosts.is_contiguous() &&
+                  ghosts.numel() == (int64_t(1) << levels) - 1,
+              "boatvit clustering kernel: ghosts must hold 2^levels - 1 int64 counts");
+  const int64_t B = q.size(0), heads = q.size(1), N = q.size(2), d = q.size(3);
+  TORCH_CHECK(levels >= 1 && N <= n_pad && (n_pad >> levels) << levels == n_pad &&
+                  n_pad <= std::numeric_limits<int32_t>::max(),
+              "boatvit clustering kernel: n_pad must be a multiple of 2^levels that holds the N tokens (< 2^31)");
+  auto order = at::empty({B, heads, n_pad}, q.options().dtype(at::kLong));
+  const int64_t* ghost_counts = ghosts.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "boatvit_clustered_order", [&] {
+    const scalar_t* base = q.data_ptr<scalar_t>();
+    int64_t* out = order.data_ptr<int64_t>();
+    at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const scalar_t* rq = base + (row / heads) * q.stride(0) + (row % heads) * q.stride(1);
+        if (d == 32) {
+          cluster_row<scalar_t, 32>(rq, q.stride(2), N, d, levels, ghost_counts, iterations,
+                                    static_cast<scalar_t>(temperature), out + row * n_pad, n_pad);
+        } else {
+          cluster_row<scalar_t, 0>(rq, q.stride(2), N, d, levels, ghost_counts, iterations,
+                                   static_cast<scalar_t>(temperature), out + row * n_pad, n_pad);
+        }
+      }
+    });
+  });
+  return order;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(boatvit, m) {
+  m.def("clustered_order(Tensor q, int n_pad, int levels, Tensor ghosts, int iterations, float temperature) -> Tensor");
+  m.impl("clustered_order", c10::DispatchKey::CPU, &clustered_order);
+}

@@ -1,0 +1,123 @@
+"""boatvit's compiled CPU kernel: the fused balanced hierarchical clustering of ``csrc/clustering_cpu.cpp``.
+
+It is built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about 20 s once, then
+loaded from the build cache) and registered as ``torch.ops.boatvit.clustered_order``. Where it cannot be built, the
+eager PyTorch clustering (same result) runs instead, after one warning that names the reason.
+
+``BOATVIT_CPU_KERNEL`` chooses: ``auto`` (default: build, fall back with a warning), ``off`` (always the eager
+clustering) or ``on`` (raise if the kernel cannot be built).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+__all__ = ['clustering_kernel', 'KERNEL_ENV']
+
+KERNEL_ENV = 'BOATVIT_CPU_KERNEL'
+_CHOICES = ('auto', 'on', 'off')
+_SOURCE = Path(__file__).parent / 'csrc' / 'clustering_cpu.cpp'
+
+_lock = threading.Lock()
+_loaded: Optional[Callable] = None
+_failure: Optional[str] = None
+
+
+def _kernel_choice() -> str:
+    choice = os.environ.get(KERNEL_ENV, 'auto').strip().lower()
+    if choice not in _CHOICES:
+        raise ValueError(f'{KERNEL_ENV}={os.environ[KERNEL_ENV]!r} is not one of {_CHOICES}: unset it or set it to '
+                         f"'off' to use the eager clustering, 'on' to require the compiled kernel.")
+    return choice
+
+
+def _build_flags() -> Tuple[List[str], str]:
+    # vector width is chosen for the CPU that builds it; its name is part of the build's, so a cache shared by
+    # machines of another kind (a cluster's home directory) builds a second copy instead of loading this one
+    capability = torch.backends.cpu.get_cpu_capability()
+    # -fopenmp: at::parallel_for is a header template that spreads the rows with OpenMP pragmas, which only a build
+    # with OpenMP compiles; the runtime it links to is the libgomp torch has loaded already
+    flags = ['-O3', '-fopenmp']
+    if capability in ('AVX2', 'AVX512'):
+        flags += ['-mavx2', '-mfma']
+    return flags, capability.lower()
+
+
+@contextlib.contextmanager
+def _quiet_ninja_on_path():
+    """The ``ninja`` the ``ninja`` package installed, on PATH while torch builds (also when the environment is not
+    activated), and torch's note about a CUDA build of torch on a machine without CUDA silenced."""
+    try:
+        import ninja
+        ninja_dir = ninja.BIN_DIR
+    except ImportError:  # a ninja of the system's, if any, is found on PATH as it is
+        ninja_dir = None
+    path = os.environ.get('PATH', '')
+    cpp_logger = logging.getLogger('torch.utils.cpp_extension')
+    level = cpp_logger.level
+    if ninja_dir:
+        os.environ['PATH'] = os.pathsep.join([ninja_dir, path]) if path else ninja_dir
+    cpp_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        os.environ['PATH'] = path
+        cpp_logger.setLevel(level)
+
+
+def _build() -> Callable:
+    with _quiet_ninja_on_path():
+        from torch.utils.cpp_extension import load  # imported late: it looks for CUDA at import
+        return _load(load)
+
+
+def _load(load: Callable) -> Callable:
+    flags, capability = _build_flags()
+    name = f'boatvit_clustering_{capability}'
+    root = Path(os.environ.get('TORCH_EXTENSIONS_DIR', Path.home() / '.cache' / 'torch_extensions'))
+    build_dir = root / name
+    if not (build_dir / f'{name}.so').exists():
+        print(f'boatvit: building the CPU clustering kernel in {build_dir} (once, about 20 s)', file=sys.stderr)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    load(name, [str(_SOURCE)], extra_cflags=flags, extra_ldflags=['-fopenmp'], build_directory=str(build_dir),
+         is_python_module=False)
+    return torch.ops.boatvit.clustered_order
+
+
+def clustering_kernel() -> Optional[Callable]:
+    """``torch.ops.boatvit.clustered_order``, built or loaded on the first call; None when ``BOATVIT_CPU_KERNEL`` is
+    ``off`` or (``auto``) the build failed, after one warning with the reason.
+
+    The op takes ``(q (B, heads, N, d) float32/float64 CPU with unit stride over d, n_pad, levels, ghosts, iterations,
+    temperature)`` and returns the padded clustered order ``(B, heads, n_pad)``, like
+    ``balanced_hierarchical_clustering(..., return_padded=True)``; see ``boatvit.clustering``.
+    """
+    global _loaded, _failure
+    choice = _kernel_choice()
+    if choice == 'off':
+        return None
+    if _loaded is None and _failure is None:
+        with _lock:
+            if _loaded is None and _failure is None:
+                try:
+                    _loaded = _build()
+                except Exception as error:  # a missing compiler or ninja, a failed build: all mean "run eager"
+                    # a compiler's output can run to pages: its last lines name the error
+                    _failure = f'{type(error).__name__}: ' + ' | '.join(str(error).strip().splitlines()[-3:])
+                    if choice == 'auto':
+                        warnings.warn(
+                            f'boatvit could not build its CPU clustering kernel ({_failure}); the eager PyTorch '
+                            f'clustering runs instead (same result, slower). Install a C++ compiler and ninja, or set '
+                            f'{KERNEL_ENV}=off to silence this.', RuntimeWarning, stacklevel=2)
+    if _loaded is None and choice == 'on':
+        raise RuntimeError(f'{KERNEL_ENV}=on but the CPU clustering kernel could not be built: {_failure}')
+    return _loaded
