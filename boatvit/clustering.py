@@ -178,20 +178,30 @@ def _sort_keys(key: torch.Tensor, ghost_keys: Optional[torch.Tensor]) -> torch.T
     return codes if ghost_keys is None else codes.masked_fill_(ghost_keys, info.max)
 
 
-def _argsort_rows(key: torch.Tensor) -> torch.Tensor:
-    """Ascending order of every row of ``key`` ``(rows, n)``, as indices into the flattened ``key``.
+def _argsort_rows(key: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Ascending order of every row of ``key`` ``(rows, n)``, equal keys in the order of their ``tokens``
+    ``(rows, n)`` (input indices, distinct in a row), as indices into the flattened ``key``.
 
-    A plain per-row sort. A 1-D radix sort of 64-bit (row, float bits) codes was tried: 2-3 times faster on one
-    thread, no faster on two idle ones, and several times slower on a busy machine, since it synchronises its
-    threads at every pass.
+    Equal keys come from equal queries, which tie at every level. ``torch.sort`` would order them in a way of its own
+    that differs between devices; breaking ties by the token index gives one clustering everywhere, the compiled
+    CPU kernel's too. A per-row sort: a 1-D radix sort of 64-bit (row, float bits) codes was tried, 2-3 times faster
+    on one thread, no faster on two idle ones, and several times slower on a busy machine (it synchronises its
+    threads at every pass).
     """
     rows, n = key.shape
     offsets = torch.arange(0, rows * n, n, device=key.device)[:, None]
     if torch.onnx.is_in_onnx_export():
         # an exported graph sorts the rows as a full-length TopK with a constant K: TensorRT needs K when it builds
-        # the engine, and an exported sort reads K from the runtime shape (dynamic batch)
+        # the engine, and an exported sort reads K from the runtime shape (dynamic batch). Ties are TopK's own.
         return (torch.topk(key, n, dim=-1, largest=False).indices + offsets).view(-1)
-    return (torch.sort(key, dim=-1).indices + offsets).view(-1)
+    if key.dtype == torch.int32:
+        # the 32-bit code above the 31-bit token: one sort of int64
+        order = torch.sort((key.long() << 32) | tokens, dim=-1).indices
+    else:
+        # 64-bit codes leave no room for the token: a stable sort of the rows put in token order
+        by_token = torch.sort(tokens, dim=-1).indices
+        order = by_token.gather(-1, torch.sort(key.gather(-1, by_token), dim=-1, stable=True).indices)
+    return (order + offsets).view(-1)
 
 
 @trace_safe_cache
@@ -234,7 +244,7 @@ def _clustered_order(
     raw.view(B, heads, n_pad, d)[:, :, :N] = q
     # cosines are (q . c) / max(|q|, eps), F.normalize's convention; the norms travel with the tokens
     inv_norm = raw.norm(dim=-1).clamp_min(1e-12).reciprocal()
-    order = torch.arange(rows * n_pad, device=q.device)  # flat positions in the padded (rows, n_pad) input
+    order = torch.arange(n_pad, device=q.device).repeat(rows)  # every slot's token, rows after rows
 
     for level in range(layout.levels):
         groups = rows * 2**level
@@ -252,7 +262,7 @@ def _clustered_order(
         key = cos_plus_1[:, 0] / cos_plus_1[:, 1]  # (groups, n)
         ghosts = layout.ghosts_per_level[level]
         sort_keys = _sort_keys(key.view(rows, 2**level, n), _ghost_keys(n, ghosts, q.device))
-        flat = _argsort_rows(sort_keys.view(groups, n))
+        flat = _argsort_rows(sort_keys.view(groups, n), order.view(groups, n))
         split = _split_index(n, ghosts, q.device)
         if split is not None:
             flat = flat.view(rows, 2**level, n).gather(-1, split.expand(rows, -1, -1)).view(-1)
@@ -260,7 +270,7 @@ def _clustered_order(
         if level + 1 < layout.levels:
             raw = raw.index_select(0, flat)
             inv_norm = inv_norm.index_select(0, flat)
-    return (order % n_pad).view(B, heads, n_pad)
+    return order.view(B, heads, n_pad)
 
 
 def balanced_hierarchical_clustering(

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import boatvit
+from boatvit.kernels import KERNEL_ENV
 
 # ../shared sits beside the checkout, here and in CI
 FIXTURES = Path(__file__).resolve().parents[2] / 'shared' / 'fixtures' / 'reference'
@@ -71,3 +72,11 @@ def cswin_fixture() -> ReferenceFixture:
 @pytest.fixture(params=['swin', 'cswin'], scope='session')
 def reference_fixture(request, swin_fixture, cswin_fixture) -> ReferenceFixture:
     return swin_fixture if request.param == 'swin' else cswin_fixture
+
+
+@pytest.fixture(params=['kernel', 'eager'])
+def clustering_route(request, monkeypatch) -> str:
+    """Runs a test once with the compiled CPU clustering kernel (required: a failed build fails the test) and once
+    with the eager PyTorch clustering."""
+    monkeypatch.setenv(KERNEL_ENV, 'on' if request.param == 'kernel' else 'off')
+    return request.param

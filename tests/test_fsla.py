@@ -20,7 +20,7 @@ def _qkv(shape, seed):
     (20, 3, None),      # fewer tokens than a cluster
 ])
 @pytest.mark.parametrize('recording', [False, True], ids=['inference', 'autograd'])
-def test_matches_naive(n, heads, scale, recording):
+def test_matches_naive(n, heads, scale, recording, clustering_route):
     """Both attention routes: matmul-softmax-matmul in CPU inference, SDPA while autograd records."""
     q, k, v = (t.requires_grad_(recording) for t in _qkv((2, heads, n, 8), n))
     out = feature_space_attention(q, k, v, scale=scale)
@@ -35,7 +35,7 @@ def test_matches_naive(n, heads, scale, recording):
     (43, 5),   # 4 clusters of 11 slots, one ghost
 ])
 @pytest.mark.parametrize('recording', [False, True], ids=['inference', 'autograd'])
-def test_matches_naive_small_clusters_and_overlap(n, overlap, recording):
+def test_matches_naive_small_clusters_and_overlap(n, overlap, recording, clustering_route):
     q, k, v = (t.requires_grad_(recording) for t in _qkv((1, 2, n, 4), 7))
     out = feature_space_attention(q, k, v, cluster_size=10, overlap=overlap)
     expected = naive_feature_space_attention(q, k, v, cluster_size=10, overlap=overlap)
@@ -54,7 +54,7 @@ def test_module_matches_naive_with_lepe_and_projection():
     torch.testing.assert_close(module(x, (10, 13)), expected, rtol=1e-12, atol=1e-12)
 
 
-def test_fixture_output(reference_fixture):
+def test_fixture_output(reference_fixture, clustering_route):
     info = reference_fixture.meta['first_fsla']
     module = FeatureSpaceAttention(info['dim'], info['num_heads'], scale=info['scale']).double().eval()
     module.load_state_dict(reference_fixture.first_fsla_weights())

@@ -2,15 +2,15 @@
 // boatvit/clustering.py (_clustered_order), which stays its fallback and its test oracle.
 //
 // The eager version issues about 20 small memory-bound ops and a full sort per level over all groups at once. Here
-// every (image, head) row is clustered by one thread from start to end: its queries stay in place (a level only
-// reorders an index), the soft k-means steps read each token once per step with the two centroids in registers,
-// and a split needs only which tokens fall in each half and each quarter (the next level's initial centroids are
-// the means of the quarters), so levels before the last select instead of sorting. Only the last level sorts,
-// because the clusters' order is part of the result (the sibling overlap takes the tokens next to the cut).
+// every (image, head) row is clustered by one thread from start to end, on a private copy of its queries kept in
+// the row's current order; the soft k-means steps read each token once per step, and a split needs only which
+// tokens fall in each half and each quarter (the next level's initial centroids are the means of the quarters), so
+// levels before the last select instead of sorting. Only the last level sorts, because the clusters' order is
+// part of the result (the sibling overlap takes the tokens next to the cut).
 //
-// Ties between equal split keys are broken by the token's index; the eager torch.sort leaves them to its own
-// unstable order. Only tokens with equal queries tie in practice, and those give the same attention output
-// whichever of them goes first.
+// Equal split keys (equal queries) are ordered by token index, as in the eager version: the same clustering, ties
+// included. Sums run in another order than the eager matmuls', so in float32 a token within rounding of a cut may
+// fall on the other side of it.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -1,0 +1,186 @@
+"""The compiled CPU clustering kernel (boatvit/csrc/clustering_cpu.cpp) against the eager clustering, its oracle."""
+
+import pytest
+import torch
+
+import boatvit.kernels as kernels
+from boatvit import balanced_hierarchical_clustering, cluster_layout, feature_space_attention
+from boatvit.kernels import KERNEL_ENV, clustering_kernel
+
+
+def _clustered(q, monkeypatch, route, **kwargs):
+    monkeypatch.setenv(KERNEL_ENV, 'on' if route == 'kernel' else 'off')
+    return balanced_hierarchical_clustering(q, return_padded=True, **kwargs)
+
+
+def _without_ghost_ids(order, n):
+    """Which ghost goes in which ghost slot is arbitrary (they are all zero queries): every ghost becomes -1."""
+    return order.masked_fill(order >= n, -1)
+
+
+def _queries_with_ties(dtype):
+    """Queries of a flat image region: 48 copies of one token, and 10 of another, among random ones."""
+    q = torch.randn(2, 3, 392, 8, dtype=dtype, generator=torch.Generator().manual_seed(6))
+    q[:, :, 100:148] = q[:, :, :1]
+    q[:, :, 300:310] = q[:, :, 299:300]
+    return q
+
+
+def test_kernel_builds_here(monkeypatch):
+    monkeypatch.setenv(KERNEL_ENV, 'on')
+    assert clustering_kernel() is not None, 'the CPU clustering kernel did not build: a C++ compiler is needed'
+
+
+@pytest.mark.parametrize('shape, cluster_size', [
+    ((2, 2, 3136, 32), 49),   # BOAT stage 1: 6 levels, the d = 32 specialisation
+    ((3, 4, 196, 32), 49),    # stage 3: 2 levels
+    ((2, 3, 1000, 16), 49),   # 8 ghosts over 16 clusters, another head size
+    ((1, 2, 999, 6), 7),      # 7 levels, 25 ghosts
+    ((2, 1, 77, 5), 5),
+    ((1, 1, 3, 2), 1),        # one level, one ghost
+    ((0, 2, 300, 8), 49),     # no images
+])
+@pytest.mark.parametrize('iterations', [0, 2, 3])
+def test_kernel_matches_eager_exactly_in_float64(shape, cluster_size, iterations, monkeypatch):
+    q = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(shape[2]))
+    kwargs = dict(cluster_size=cluster_size, iterations=iterations, temperature=30.0)
+    fused = _clustered(q, monkeypatch, 'kernel', **kwargs)
+    eager = _clustered(q, monkeypatch, 'eager', **kwargs)
+    assert torch.equal(_without_ghost_ids(fused, shape[2]), _without_ghost_ids(eager, shape[2]))
+    assert torch.equal(fused.sort(-1).values, torch.arange(fused.shape[-1]).expand_as(fused))
+
+
+def test_kernel_reads_strided_queries(monkeypatch):
+    """q as FSLA hands it over: a view into the packed qkv projection, (B, N, 3, heads, d) transposed."""
+    qkv = torch.randn(2, 392, 3, 4, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    q = qkv[:, :, 0].transpose(1, 2)
+    assert not q.is_contiguous()
+    assert torch.equal(_clustered(q, monkeypatch, 'kernel'), _clustered(q.contiguous(), monkeypatch, 'eager'))
+
+
+def test_float32_clusters_agree_with_eager(monkeypatch):
+    """In float32 the kernel sums in another order than the eager matmuls, so a token whose key is within
+    rounding of a cut may land on the other side; nearly all must not."""
+    q = torch.randn(4, 2, 3136, 32, generator=torch.Generator().manual_seed(0))
+    layout = cluster_layout(3136)
+    cluster_of = []
+    for route in ('kernel', 'eager'):
+        order = _clustered(q, monkeypatch, route)
+        slots = torch.arange(layout.padded_tokens).expand_as(order)
+        cluster_of.append(torch.empty_like(order).scatter_(-1, order, slots // layout.cluster_size))
+    assert (cluster_of[0] == cluster_of[1]).float().mean() > 0.99
+
+
+def test_same_result_on_any_thread_count(monkeypatch):
+    q = torch.randn(8, 2, 784, 32, generator=torch.Generator().manual_seed(2))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _clustered(q, monkeypatch, 'kernel')
+        torch.set_num_threads(2)
+        two = _clustered(q, monkeypatch, 'kernel')
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize('route', ['kernel', 'eager'])
+def test_ties_are_broken_by_token_index(route, monkeypatch):
+    """Equal queries give equal keys at every level: both routes keep them in token order."""
+    q = torch.ones(1, 2, 196, 8, dtype=torch.float64)
+    assert torch.equal(_clustered(q, monkeypatch, route), torch.arange(196).expand(1, 2, 196))
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('route', ['kernel', 'eager'])
+def test_copies_of_a_token_stay_in_index_order(route, dtype, monkeypatch):
+    order = _clustered(_queries_with_ties(dtype), monkeypatch, route)
+    for copies in ((order == 0) | ((order >= 100) & (order < 148)), (order >= 299) & (order < 310)):
+        positions = order[copies].view(2 * 3, -1)  # every (image, head) holds all the copies
+        assert torch.equal(positions, positions.sort(-1).values)
+
+
+def test_tied_tokens_are_clustered_as_in_eager(monkeypatch):
+    """Which copy of a repeated token falls on which side of a cut changes the attention output at its index:
+    both routes put the copies in the same places."""
+    q = _queries_with_ties(torch.float64)
+    fused, eager = (_clustered(q, monkeypatch, route) for route in ('kernel', 'eager'))
+    assert torch.equal(fused, eager)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    outputs = []
+    for route in ('kernel', 'eager'):
+        monkeypatch.setenv(KERNEL_ENV, 'on' if route == 'kernel' else 'off')
+        outputs.append(feature_space_attention(q, k, v))
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_non_finite_queries_still_give_a_permutation(monkeypatch):
+    q = torch.randn(1, 2, 200, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    q[0, 0, 3] = float('nan')
+    q[0, 1, 7] = float('inf')
+    order = _clustered(q, monkeypatch, 'kernel')
+    layout = cluster_layout(200)
+    assert torch.equal(order.sort(-1).values, torch.arange(layout.padded_tokens).expand_as(order))
+    assert (order[..., list(layout.ghost_slots)] >= 200).all()
+
+
+def test_off_runs_the_eager_clustering(monkeypatch):
+    def forbidden(*args):
+        raise AssertionError('the kernel ran although BOATVIT_CPU_KERNEL=off')
+
+    monkeypatch.setattr(kernels, '_loaded', forbidden)
+    monkeypatch.setenv(KERNEL_ENV, 'off')
+    balanced_hierarchical_clustering(torch.randn(1, 1, 196, 4))
+    monkeypatch.setenv(KERNEL_ENV, 'auto')
+    with pytest.raises(AssertionError, match='kernel ran'):
+        balanced_hierarchical_clustering(torch.randn(1, 1, 196, 4))
+
+
+def test_kernel_is_left_out_of_traced_graphs(monkeypatch):
+    """Fake tensors (torch.compile, torch.export) and devices other than the CPU keep the eager ops."""
+    def forbidden(*args):
+        raise AssertionError('the kernel ran on a traced or non-CPU tensor')
+
+    monkeypatch.setattr(kernels, '_loaded', forbidden)
+    monkeypatch.setenv(KERNEL_ENV, 'auto')
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        assert balanced_hierarchical_clustering(torch.randn(1, 1, 196, 4)).shape == (1, 1, 196)
+    assert balanced_hierarchical_clustering(torch.randn(1, 1, 196, 4, device='meta')).shape == (1, 1, 196)
+
+
+def test_bad_setting_is_refused_by_name(monkeypatch):
+    monkeypatch.setenv(KERNEL_ENV, 'fast')
+    with pytest.raises(ValueError, match="BOATVIT_CPU_KERNEL='fast'.*'auto', 'on', 'off'"):
+        balanced_hierarchical_clustering(torch.randn(1, 1, 196, 4))
+
+
+def test_failed_build_warns_once_then_runs_eager_or_raises_when_required(monkeypatch):
+    def no_compiler():
+        raise OSError('no C++ compiler found')
+
+    monkeypatch.setattr(kernels, '_loaded', None)
+    monkeypatch.setattr(kernels, '_failure', None)
+    monkeypatch.setattr(kernels, '_build', no_compiler)
+    monkeypatch.setenv(KERNEL_ENV, 'auto')
+    q = torch.randn(1, 2, 196, 4, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match='could not build its CPU clustering kernel.*no C\\+\\+ compiler'):
+        fallback = balanced_hierarchical_clustering(q)
+    monkeypatch.setenv(KERNEL_ENV, 'off')
+    assert torch.equal(fallback, balanced_hierarchical_clustering(q))
+    monkeypatch.setenv(KERNEL_ENV, 'on')
+    with pytest.raises(RuntimeError, match='BOATVIT_CPU_KERNEL=on but.*no C\\+\\+ compiler'):
+        balanced_hierarchical_clustering(q)
+
+
+def test_op_checks_its_arguments(monkeypatch):
+    monkeypatch.setenv(KERNEL_ENV, 'on')
+    op = clustering_kernel()
+    q = torch.randn(1, 1, 196, 4)
+    with pytest.raises(RuntimeError, match='2\\^levels - 1 int64 counts'):
+        op(q, 196, 2, torch.zeros(2, dtype=torch.long), 2, 100.0)
+    with pytest.raises(RuntimeError, match='float32 or float64'):
+        op(q.half(), 196, 2, torch.zeros(3, dtype=torch.long), 2, 100.0)
+    with pytest.raises(RuntimeError, match='multiple of 2\\^levels'):
+        op(q, 150, 2, torch.zeros(3, dtype=torch.long), 2, 100.0)
