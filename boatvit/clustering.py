@@ -14,6 +14,12 @@ equal halves, then each half into two, ``K`` times, until 2^K clusters of 49 tok
   ghost, if any, sits in its last slot.
 
 Everything about the ghosts depends only on ``(N, cluster_size)``: it is the :class:`ClusterLayout`.
+
+Two implementations compute the clustering: the PyTorch ops here (every device, torch.compile, export) and, for
+eager CPU tensors, the compiled kernel of ``csrc/clustering_cpu.cpp`` (``boatvit.kernels``), which fuses each
+level's ~20 small ops per (image, head). They sum in different orders: in float64 the rounding (about 1e-16) is far
+below the gaps between keys and the permutations are equal (tested); in float32 a token within rounding of a cut
+can fall on the other side.
 """
 
 from __future__ import annotations
@@ -286,8 +292,12 @@ def balanced_hierarchical_clustering(
     the initial centroids are the L2-normalised means of the group's first and second halves (in its current
     order; raster order at the first level), refined by ``iterations`` soft k-means steps
     (``a = softmax(temperature * cos)``, ``centroid = normalize(q^T a)`` with un-normalised q), then the tokens
-    are sorted ascending by ``(cos0 + 1) / (cos1 + 1)`` and the sorted list is cut in half. The sorted order is
-    carried into the next level. See the module docstring for N that is not ``cluster_size * 2^K``.
+    are sorted ascending by ``(cos0 + 1) / (cos1 + 1)`` (equal keys, from equal queries, by token index) and the
+    sorted list is cut in half. The sorted order is carried into the next level. See the module docstring for N that
+    is not ``cluster_size * 2^K``.
+
+    On the CPU, outside traced graphs, a compiled kernel (``boatvit.kernels``) computes the same clustering; it is
+    built on first use, and where it cannot be built these PyTorch ops run instead.
 
     Args:
         q: query features, ``(B, heads, N, head_dim)``, any floating dtype. float16/bfloat16 are clustered in

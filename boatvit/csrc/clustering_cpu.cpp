@@ -39,16 +39,36 @@ int64_t order_code(scalar_t key) {
   return static_cast<int64_t>(bits ^ ((bits >> (8 * sizeof(bits_t) - 1)) & std::numeric_limits<bits_t>::max()));
 }
 
-// a real token of a group being split: its key's code, its index in the input (which breaks ties) and its slot in
-// the group's current order
-struct Item {
+// What a real token of a group being split is ordered by: its key's code, then its index in the input.
+// A float32 code fits above the token in one int64 (one comparison); a float64 code needs a pair.
+struct CodeAndToken {
   int64_t code;
-  int32_t token;
-  int32_t slot;
-  bool operator<(const Item& other) const {
+  int64_t token;
+  bool operator<(const CodeAndToken& other) const {
     return code < other.code || (code == other.code && token < other.token);
   }
 };
+
+template <typename scalar_t>
+using split_key_t = std::conditional_t<std::is_same_v<scalar_t, float>, int64_t, CodeAndToken>;
+
+template <typename scalar_t>
+split_key_t<scalar_t> split_key(int64_t code, int64_t token) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return static_cast<int64_t>(static_cast<uint64_t>(code) << 32) | token;
+  } else {
+    return CodeAndToken{code, token};
+  }
+}
+
+template <typename scalar_t>
+int64_t token_of(const split_key_t<scalar_t>& key) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return key & 0xffffffff;
+  } else {
+    return key.token;
+  }
+}
 
 // Dot products and updates over the head dimension: `Dim` is the head size when known at compile time (32 in every
 // BOAT model: fully unrolled), 0 for any other, read from `d`.
@@ -102,7 +122,8 @@ void cluster_row(const scalar_t* q, int64_t token_stride, int64_t N, int64_t d, 
   d = rows.size();
   std::vector<scalar_t> x(n_pad * d, scalar_t(0)), moved(n_pad * d), inv_norm(n_pad, scalar_t(0)),
       moved_inv(n_pad), centroids(2 * d), sums(2 * d);
-  std::vector<Item> items(n_pad);
+  std::vector<split_key_t<scalar_t>> keys(n_pad);
+  std::vector<int32_t> slot_of(n_pad);  // a token's slot in its group's current order
   std::vector<int64_t> source(n_pad), moved_order(n_pad);
   for (int64_t t = 0; t < N; ++t) {
     std::copy(q + t * token_stride, q + t * token_stride + d, x.data() + t * d);
@@ -160,12 +181,14 @@ void cluster_row(const scalar_t* q, int64_t token_stride, int64_t N, int64_t d, 
       for (int64_t i = 0; i < real; ++i) {
         const scalar_t* xi = gx + i * d;
         const scalar_t key = (rows.dot(c0, xi) * ginv[i] + 1) / (rows.dot(c1, xi) * ginv[i] + 1);
-        items[i] = Item{order_code(key), static_cast<int32_t>(order[offset + i]), static_cast<int32_t>(i)};
+        const int64_t token = order[offset + i];
+        keys[i] = split_key<scalar_t>(order_code(key), token);
+        slot_of[token] = static_cast<int32_t>(i);
       }
 
       // the first child takes g // 2 of the ghosts, the second the rest; the real halves differ by at most one
       const int64_t g0 = g / 2, real0 = half - g0;
-      Item* first = items.data();
+      auto* first = keys.data();
       if (last) {
         std::sort(first, first + real);
       } else {
@@ -175,9 +198,9 @@ void cluster_row(const scalar_t* q, int64_t token_stride, int64_t N, int64_t d, 
         std::nth_element(first + real0, first + real0 + half / 2, first + real);
       }
       int64_t* from = source.data() + offset;  // the current slot each new slot of the group takes its token from
-      for (int64_t i = 0; i < real0; ++i) *from++ = offset + items[i].slot;
+      for (int64_t i = 0; i < real0; ++i) *from++ = offset + slot_of[token_of<scalar_t>(keys[i])];
       for (int64_t i = 0; i < g0; ++i) *from++ = offset + real + i;
-      for (int64_t i = real0; i < real; ++i) *from++ = offset + items[i].slot;
+      for (int64_t i = real0; i < real; ++i) *from++ = offset + slot_of[token_of<scalar_t>(keys[i])];
       for (int64_t i = g0; i < g; ++i) *from++ = offset + real + i;
     }
     for (int64_t i = 0; i < n_pad; ++i) moved_order[i] = order[source[i]];
