@@ -77,10 +77,20 @@ struct Rows {
   int64_t d;
   int64_t size() const { return Dim ? Dim : d; }
 
+  // lane-wise partial sums, then a halving tree: a vector reduction, where a simd reduction clause leaves a chain of
+  // scalar additions
   scalar_t dot(const scalar_t* a, const scalar_t* b) const {
-    scalar_t s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t k = 0; k < size(); ++k) s += a[k] * b[k];
+    constexpr int64_t lanes = 32 / sizeof(scalar_t);
+    scalar_t partial[lanes] = {};
+    const int64_t body = size() / lanes * lanes;
+    for (int64_t k = 0; k < body; k += lanes) {
+      for (int64_t l = 0; l < lanes; ++l) partial[l] += a[k + l] * b[k + l];
+    }
+    for (int64_t width = lanes / 2; width > 0; width /= 2) {
+      for (int64_t l = 0; l < width; ++l) partial[l] += partial[l + width];
+    }
+    scalar_t s = partial[0];
+    for (int64_t k = body; k < size(); ++k) s += a[k] * b[k];
     return s;
   }
 
