@@ -16,13 +16,15 @@ attention) over 2, so ``time ratio / mac ratio`` is the FSLA's cost per multiply
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -33,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.common import (add_device_args, autocast, environment, median, positive_int, print_table, setup,
                                summary, time_interleaved, write_json)
 from boatvit import FeatureSpaceAttention, balanced_hierarchical_clustering
+from boatvit.kernels import KERNEL_ENV
 from boatvit.models.boat_cswin import CrossShapedWindowAttention
 
 # name: (family, side, dim, heads, FSLA scale, CSWin stripe width); Tiny models at 224
@@ -45,16 +48,29 @@ SHAPES = {
 }
 
 
+def _git_show(root: Path, rev: str, path: str) -> Optional[str]:
+    """The file at ``path`` as it was at ``rev``, or None where it did not exist."""
+    shown = subprocess.run(['git', 'show', f'{rev}:{path}'], cwd=root, capture_output=True, text=True)
+    return shown.stdout if shown.returncode == 0 else None
+
+
 def _fsla_at(rev: str) -> ModuleType:
-    """``boatvit/fsla.py`` (with the ``clustering.py`` it imports) as they were at git revision ``rev``."""
+    """``boatvit/fsla.py`` (with the ``clustering.py`` it imports, and from the CPU kernel on ``kernels.py`` and its
+    C++ source) as they were at git revision ``rev``."""
     root = Path(__file__).resolve().parent.parent
     package = Path(tempfile.mkdtemp()) / 'boatvit_before'
-    package.mkdir()
+    (package / 'csrc').mkdir(parents=True)
     (package / '__init__.py').write_text('')
-    for name in ('clustering.py', 'fsla.py'):
-        source = subprocess.run(['git', 'show', f'{rev}:boatvit/{name}'], cwd=root, check=True, capture_output=True,
-                                text=True).stdout
-        (package / name).write_text(source)
+    for name in ('clustering.py', 'fsla.py', 'kernels.py', 'csrc/clustering_cpu.cpp'):
+        source = _git_show(root, rev, f'boatvit/{name}')
+        if source is None and name in ('clustering.py', 'fsla.py'):
+            raise SystemExit(f'--before {rev}: boatvit/{name} is not in that revision (git show failed)')
+        if name.startswith('csrc/') and source is not None and source != (root / 'boatvit' / name).read_text():
+            # both builds would register the torch.ops.boatvit namespace, which one process allows once
+            raise SystemExit(f'--before {rev}: its CPU kernel differs from the current one and two cannot load in '
+                             f'one process; compare with BOATVIT_CPU_KERNEL=off, or check that revision out')
+        if source is not None:
+            (package / name).write_text(source)
     sys.path.insert(0, str(package.parent))
     return importlib.import_module('boatvit_before.fsla')
 
@@ -69,9 +85,23 @@ def _window_branch(family: str, side: int, dim: int, heads: int, stripe: int) ->
     return attn, attn
 
 
+@contextlib.contextmanager
+def _pytorch_clustering():
+    """The clustering as PyTorch ops: the FLOP counter cannot see inside the compiled CPU kernel."""
+    before = os.environ.get(KERNEL_ENV)
+    os.environ[KERNEL_ENV] = 'off'
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[KERNEL_ENV]
+        else:
+            os.environ[KERNEL_ENV] = before
+
+
 def _macs(shape: tuple, batch: int) -> Dict[str, float]:
-    """Multiply-adds of one inference call of each, counted on eager CPU modules. The math SDPA backend is forced
-    because the counter has no formula for the CPU flash kernel."""
+    """Multiply-adds of one inference call of each, counted on eager CPU modules, the clustering's included. The math
+    SDPA backend is forced because the counter has no formula for the CPU flash kernel."""
     family, side, dim, heads, scale, stripe = shape
     fsla = FeatureSpaceAttention(dim, heads, scale=scale).eval()
     _, window_fn = _window_branch(family, side, dim, heads, stripe)
@@ -79,7 +109,8 @@ def _macs(shape: tuple, batch: int) -> Dict[str, float]:
     calls = {'fsla': lambda: fsla(x.view(batch, side * side, dim), (side, side)), 'window': lambda: window_fn(x)}
     macs = {}
     for name, call in calls.items():
-        with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        with _pytorch_clustering(), torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), \
+                FlopCounterMode(display=False) as counter:
             call()
         macs[name] = counter.get_total_flops() / 2
     return macs

@@ -1,8 +1,8 @@
 """boatvit's compiled CPU kernel: the fused balanced hierarchical clustering of ``csrc/clustering_cpu.cpp``.
 
-It is built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about 20 s once, then
+It is built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about 10 s once, then
 loaded from the build cache) and registered as ``torch.ops.boatvit.clustered_order``. Where it cannot be built, the
-eager PyTorch clustering (same result) runs instead, after one warning that names the reason.
+eager PyTorch clustering (the same clustering) runs instead, after one warning that names the reason.
 
 ``BOATVIT_CPU_KERNEL`` chooses: ``auto`` (default: build, fall back with a warning), ``off`` (always the eager
 clustering) or ``on`` (raise if the kernel cannot be built).
@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import threading
 import warnings
@@ -82,11 +83,14 @@ def _build() -> Callable:
 
 def _load(load: Callable) -> Callable:
     flags, capability = _build_flags()
-    name = f'boatvit_clustering_{capability}'
+    # torch's build cache reuses a build whose sources, flags and include paths are unchanged, which they are after
+    # torch is upgraded in place: its version in the name keeps a build against another torch's ABI from loading
+    torch_version = re.sub(r'\W', '_', torch.__version__)
+    name = f'boatvit_clustering_{capability}_torch{torch_version}'
     root = Path(os.environ.get('TORCH_EXTENSIONS_DIR', Path.home() / '.cache' / 'torch_extensions'))
     build_dir = root / name
     if not (build_dir / f'{name}.so').exists():
-        print(f'boatvit: building the CPU clustering kernel in {build_dir} (once, about 20 s)', file=sys.stderr)
+        print(f'boatvit: building the CPU clustering kernel in {build_dir} (once, about 10 s)', file=sys.stderr)
     build_dir.mkdir(parents=True, exist_ok=True)
     load(name, [str(_SOURCE)], extra_cflags=flags, extra_ldflags=['-fopenmp'], build_directory=str(build_dir),
          is_python_module=False)
@@ -116,8 +120,8 @@ def clustering_kernel() -> Optional[Callable]:
                     if choice == 'auto':
                         warnings.warn(
                             f'boatvit could not build its CPU clustering kernel ({_failure}); the eager PyTorch '
-                            f'clustering runs instead (same result, slower). Install a C++ compiler and ninja, or set '
-                            f'{KERNEL_ENV}=off to silence this.', RuntimeWarning, stacklevel=2)
+                            f'clustering runs instead (the same clustering, slower). Install a C++ compiler and '
+                            f'ninja, or set {KERNEL_ENV}=off to silence this.', RuntimeWarning, stacklevel=2)
     if _loaded is None and choice == 'on':
         raise RuntimeError(f'{KERNEL_ENV}=on but the CPU clustering kernel could not be built: {_failure}')
     return _loaded
