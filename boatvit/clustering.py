@@ -210,12 +210,6 @@ def _argsort_rows(key: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return (order + offsets).view(-1)
 
 
-@trace_safe_cache
-def _ghost_counts(layout: ClusterLayout) -> torch.Tensor:
-    """The ghost count of every group of every level, level by level in tree order: the CPU kernel's layout."""
-    return torch.tensor([g for level in layout.ghosts_per_level for g in level], dtype=torch.long)
-
-
 def _kernel_applies(q: torch.Tensor) -> bool:
     """Whether the compiled CPU clustering runs: on plain CPU tensors in eager mode. Traced graphs (torch.compile,
     torch.export, ONNX, TorchScript) and tensor subclasses (fake tensors) keep the eager ops, which every backend
@@ -244,7 +238,7 @@ def _clustered_order(
     kernel = clustering_kernel() if _kernel_applies(q) else None
     if kernel is not None:
         q = q if q.stride(-1) == 1 else q.contiguous()
-        return kernel(q, n_pad, layout.levels, _ghost_counts(layout), iterations, float(temperature))
+        return kernel(q, n_pad, layout.levels, iterations, float(temperature))
     # the only copy of the queries, zero-padded with the ghosts; every level moves it once, to its new order
     raw = q.new_zeros(rows * n_pad, d)
     raw.view(B, heads, n_pad, d)[:, :, :N] = q

@@ -101,9 +101,9 @@ def clustering_kernel() -> Optional[Callable]:
     """``torch.ops.boatvit.clustered_order``, built or loaded on the first call; None when ``BOATVIT_CPU_KERNEL`` is
     ``off`` or (``auto``) the build failed, after one warning with the reason.
 
-    The op takes ``(q (B, heads, N, d) float32/float64 CPU with unit stride over d, n_pad, levels, ghosts, iterations,
-    temperature)`` and returns the padded clustered order ``(B, heads, n_pad)``, like
-    ``balanced_hierarchical_clustering(..., return_padded=True)``; see ``boatvit.clustering``.
+    The op takes ``(q (B, heads, N, d) float32/float64 CPU with unit stride over d, n_pad, levels, iterations,
+    temperature)``, ``n_pad`` and ``levels`` those of ``cluster_layout(N, cluster_size)``, and returns the padded
+    clustered order ``(B, heads, n_pad)``, like ``balanced_hierarchical_clustering(..., return_padded=True)``.
     """
     global _loaded, _failure
     choice = _kernel_choice()

@@ -175,12 +175,20 @@ def test_failed_build_warns_once_then_runs_eager_or_raises_when_required(monkeyp
 
 
 def test_op_checks_its_arguments(monkeypatch):
+    """The op is reachable as torch.ops.boatvit.clustered_order: arguments that are not a cluster layout of the
+    tokens are refused before anything is read or written."""
     monkeypatch.setenv(KERNEL_ENV, 'on')
     op = clustering_kernel()
-    q = torch.randn(1, 1, 196, 4)
-    with pytest.raises(RuntimeError, match='2\\^levels - 1 int64 counts'):
-        op(q, 196, 2, torch.zeros(2, dtype=torch.long), 2, 100.0)
+    q = torch.randn(1, 1, 250, 4)
+    layout = cluster_layout(250)  # 2 levels, 4 clusters of 63 slots, 2 ghosts
+    assert (layout.levels, layout.padded_tokens) == (2, 252)
+    assert op(q, 252, 2, 2, 100.0).shape == (1, 1, 252)
+    for n_pad, levels in ((250, 2), (248, 2), (256, 2), (252, 0), (252, 3)):
+        with pytest.raises(RuntimeError, match='cluster layout of the N tokens'):
+            op(q, n_pad, levels, 2, 100.0)
     with pytest.raises(RuntimeError, match='float32 or float64'):
-        op(q.half(), 196, 2, torch.zeros(3, dtype=torch.long), 2, 100.0)
-    with pytest.raises(RuntimeError, match='multiple of 2\\^levels'):
-        op(q, 150, 2, torch.zeros(3, dtype=torch.long), 2, 100.0)
+        op(q.half(), 252, 2, 2, 100.0)
+    with pytest.raises(RuntimeError, match='iterations'):
+        op(q, 252, 2, -1, 100.0)
+    with pytest.raises(RuntimeError, match='unit stride'):
+        op(q.transpose(2, 3), 252, 2, 2, 100.0)

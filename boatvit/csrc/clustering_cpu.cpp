@@ -226,23 +226,36 @@ void cluster_row(const scalar_t* q, int64_t token_stride, int64_t N, int64_t d, 
   }
 }
 
-// q: (B, heads, N, d) with unit stride over d; ghosts: the ghost count of every group of every level, level by
-// level in tree order (2^levels - 1 entries). Returns the padded clustered order (B, heads, n_pad), int64.
-at::Tensor clustered_order(const at::Tensor& q, int64_t n_pad, int64_t levels, const at::Tensor& ghosts,
-                           int64_t iterations, double temperature) {
-  TORCH_CHECK(q.dim() == 4 && q.device().is_cpu() && q.stride(3) == 1,
-              "boatvit clustering kernel: q must be a CPU tensor (B, heads, N, d) with unit stride over d");
+// The ghost count of every group of every level, level by level in tree order (2^levels - 1 entries): the
+// n_pad - N ghosts of the whole row, then each group's g split as g / 2 to its first child and the rest to its second
+// (ClusterLayout.ghosts_per_level in boatvit/clustering.py).
+std::vector<int64_t> ghosts_per_group(int64_t ghosts, int64_t levels) {
+  std::vector<int64_t> counts{ghosts};
+  for (int64_t parent = 0; static_cast<int64_t>(counts.size()) < (int64_t(1) << levels) - 1; ++parent) {
+    counts.push_back(counts[parent] / 2);
+    counts.push_back(counts[parent] - counts[parent] / 2);
+  }
+  return counts;
+}
+
+// q: (B, heads, N, d) with unit stride over d. Returns the padded clustered order (B, heads, n_pad), int64.
+at::Tensor clustered_order(const at::Tensor& q, int64_t n_pad, int64_t levels, int64_t iterations,
+                           double temperature) {
+  TORCH_CHECK(q.dim() == 4 && q.device().is_cpu() && q.stride(3) == 1 && q.size(2) >= 1 && q.size(3) >= 1,
+              "boatvit clustering kernel: q must be a CPU tensor (B, heads, N >= 1, d >= 1) with unit stride over d");
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
               "boatvit clustering kernel: q must be float32 or float64, got ", q.scalar_type());
-  TORCH_CHECK(ghosts.scalar_type() == at::kLong && ghosts.is_contiguous() &&
-                  ghosts.numel() == (int64_t(1) << levels) - 1,
-              "boatvit clustering kernel: ghosts must hold 2^levels - 1 int64 counts");
+  TORCH_CHECK(iterations >= 0, "boatvit clustering kernel: iterations must be >= 0");
   const int64_t B = q.size(0), heads = q.size(1), N = q.size(2), d = q.size(3);
-  TORCH_CHECK(levels >= 1 && N <= n_pad && (n_pad >> levels) << levels == n_pad &&
-                  n_pad <= std::numeric_limits<int32_t>::max(),
-              "boatvit clustering kernel: n_pad must be a multiple of 2^levels that holds the N tokens (< 2^31)");
+  // the layout of boatvit.clustering.cluster_layout: clusters of c = n_pad / 2^levels slots and fewer than 2^levels
+  // ghosts, at most one per cluster; with ghosts, c >= 2 (so every child keeps at least half its slots real)
+  TORCH_CHECK(levels >= 1 && levels < 31 && n_pad <= std::numeric_limits<int32_t>::max() &&
+                  (n_pad >> levels) << levels == n_pad && N <= n_pad && n_pad - N < (int64_t(1) << levels) &&
+                  (n_pad == N || (n_pad >> levels) >= 2),
+              "boatvit clustering kernel: n_pad and levels must be a cluster layout of the N tokens: n_pad = c * "
+              "2^levels < 2^31 with N <= n_pad < N + 2^levels (see boatvit.clustering.cluster_layout)");
+  const std::vector<int64_t> ghosts = ghosts_per_group(n_pad - N, levels);
   auto order = at::empty({B, heads, n_pad}, q.options().dtype(at::kLong));
-  const int64_t* ghost_counts = ghosts.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "boatvit_clustered_order", [&] {
     const scalar_t* base = q.data_ptr<scalar_t>();
     int64_t* out = order.data_ptr<int64_t>();
@@ -250,10 +263,10 @@ at::Tensor clustered_order(const at::Tensor& q, int64_t n_pad, int64_t levels, c
       for (int64_t row = begin; row < end; ++row) {
         const scalar_t* rq = base + (row / heads) * q.stride(0) + (row % heads) * q.stride(1);
         if (d == 32) {
-          cluster_row<scalar_t, 32>(rq, q.stride(2), N, d, levels, ghost_counts, iterations,
+          cluster_row<scalar_t, 32>(rq, q.stride(2), N, d, levels, ghosts.data(), iterations,
                                     static_cast<scalar_t>(temperature), out + row * n_pad, n_pad);
         } else {
-          cluster_row<scalar_t, 0>(rq, q.stride(2), N, d, levels, ghost_counts, iterations,
+          cluster_row<scalar_t, 0>(rq, q.stride(2), N, d, levels, ghosts.data(), iterations,
                                    static_cast<scalar_t>(temperature), out + row * n_pad, n_pad);
         }
       }
@@ -265,6 +278,6 @@ at::Tensor clustered_order(const at::Tensor& q, int64_t n_pad, int64_t levels, c
 }  // namespace
 
 TORCH_LIBRARY(boatvit, m) {
-  m.def("clustered_order(Tensor q, int n_pad, int levels, Tensor ghosts, int iterations, float temperature) -> Tensor");
+  m.def("clustered_order(Tensor q, int n_pad, int levels, int iterations, float temperature) -> Tensor");
   m.impl("clustered_order", c10::DispatchKey::CPU, &clustered_order);
 }
