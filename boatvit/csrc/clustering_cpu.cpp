@@ -131,7 +131,7 @@ void cluster_row(const scalar_t* q, int64_t token_stride, int64_t N, int64_t d, 
   const Rows<scalar_t, Dim> rows{d};
   d = rows.size();
   std::vector<scalar_t> x(n_pad * d, scalar_t(0)), moved(n_pad * d), inv_norm(n_pad, scalar_t(0)),
-      moved_inv(n_pad), centroids(2 * d), sums(2 * d);
+      moved_inv(n_pad), centroids(2 * d), difference(d), sums(2 * d);
   std::vector<split_key_t<scalar_t>> keys(n_pad);
   std::vector<int32_t> slot_of(n_pad);  // a token's slot in its group's current order
   std::vector<int64_t> source(n_pad), moved_order(n_pad);
@@ -159,24 +159,24 @@ void cluster_row(const scalar_t* q, int64_t token_stride, int64_t N, int64_t d, 
       rows.normalize(c0);
       rows.normalize(c1);
 
-      // soft k-means: softmax over the two centroids of temperature * cosine, then the weighted sums; the softmax
-      // of two logits is 1 / (1 + e) and e / (1 + e) with e = exp(smaller - larger), as torch.softmax computes it.
+      // soft k-means: softmax over the two centroids of temperature * cosine, then the weighted sums. The softmax
+      // of two logits depends on their difference only: 1 / (1 + e) for the larger and e / (1 + e) for the other,
+      // e = exp(-|difference|), with the difference taken as one dot product with c0 - c1.
       // Tokens go in blocks: the weights of a block first, then its sums, so no call to exp sits among the sums
       // and the sums stay in vector registers.
       for (int64_t step = 0; step < iterations; ++step) {
+        for (int64_t k = 0; k < d; ++k) difference[k] = c0[k] - c1[k];
         std::fill(sums.begin(), sums.end(), scalar_t(0));
         for (int64_t start = 0; start < real; start += kBlock) {
           const int64_t count = std::min(kBlock, real - start);
           const scalar_t* bx = gx + start * d;
           scalar_t w0[kBlock], w1[kBlock];
           for (int64_t j = 0; j < count; ++j) {
-            const scalar_t scale = ginv[start + j] * temperature;
-            w0[j] = rows.dot(c0, bx + j * d) * scale;
-            w1[j] = rows.dot(c1, bx + j * d) * scale;
+            w0[j] = rows.dot(difference.data(), bx + j * d) * (ginv[start + j] * temperature);
           }
           for (int64_t j = 0; j < count; ++j) {
-            const scalar_t e = std::exp(std::min(w0[j], w1[j]) - std::max(w0[j], w1[j])), total = 1 + e;
-            const bool first_larger = w0[j] >= w1[j];
+            const scalar_t e = std::exp(-std::abs(w0[j])), total = 1 + e;
+            const bool first_larger = w0[j] >= 0;
             w0[j] = (first_larger ? scalar_t(1) : e) / total;
             w1[j] = (first_larger ? e : scalar_t(1)) / total;
           }
