@@ -120,8 +120,9 @@ def clustering_kernel() -> Optional[Callable]:
                     if choice == 'auto':
                         warnings.warn(
                             f'boatvit could not build its CPU clustering kernel ({_failure}); the eager PyTorch '
-                            f'clustering runs instead (the same clustering, slower). Install a C++ compiler and '
-                            f'ninja, or set {KERNEL_ENV}=off to silence this.', RuntimeWarning, stacklevel=2)
+                            f'clustering runs instead (the same clustering, slower). Install a C++ compiler with '
+                            f'OpenMP and ninja, point TORCH_EXTENSIONS_DIR to a writable directory, or set '
+                            f'{KERNEL_ENV}=off to silence this.', RuntimeWarning, stacklevel=2)
     if _loaded is None and choice == 'on':
         raise RuntimeError(f'{KERNEL_ENV}=on but the CPU clustering kernel could not be built: {_failure}')
     return _loaded
