@@ -76,12 +76,6 @@ def _quiet_ninja_on_path():
 
 
 def _build() -> Callable:
-    with _quiet_ninja_on_path():
-        from torch.utils.cpp_extension import load  # imported late: it looks for CUDA at import
-        return _load(load)
-
-
-def _load(load: Callable) -> Callable:
     flags, capability = _build_flags()
     # torch's build cache reuses a build whose sources, flags and include paths are unchanged, which they are after
     # torch is upgraded in place: its version in the name keeps a build against another torch's ABI from loading
@@ -92,8 +86,11 @@ def _load(load: Callable) -> Callable:
     if not (build_dir / f'{name}.so').exists():
         print(f'boatvit: building the CPU clustering kernel in {build_dir} (once, about 10 s)', file=sys.stderr)
     build_dir.mkdir(parents=True, exist_ok=True)
-    load(name, [str(_SOURCE)], extra_cflags=flags, extra_ldflags=['-fopenmp'], build_directory=str(build_dir),
-         is_python_module=False)
+    with _quiet_ninja_on_path():
+        from torch.utils.cpp_extension import load  # imported late: it looks for CUDA at import
+
+        load(name, [str(_SOURCE)], extra_cflags=flags, extra_ldflags=['-fopenmp'], build_directory=str(build_dir),
+             is_python_module=False)
     return torch.ops.boatvit.clustered_order
 
 

@@ -21,3 +21,10 @@ def test_bad_counts_are_usage_errors(script, argv, flag):
                             timeout=120)
     assert result.returncode == 2
     assert f'argument {flag}' in result.stderr and ('at least 1' in result.stderr or '0 or more' in result.stderr)
+
+
+def test_unknown_before_revision_is_named():
+    result = subprocess.run([sys.executable, '-m', 'benchmarks.bench_fsla', '--before', 'no-such-revision'], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert '--before no-such-revision: boatvit/clustering.py is not in that revision' in result.stderr
