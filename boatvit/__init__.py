@@ -3,14 +3,14 @@
 Importing the package registers the BOAT models with timm (``timm.create_model('boat_swin_tiny_224')``).
 """
 
-from .checkpoint import load_reference_weights
 from .clustering import balanced_hierarchical_clustering, cluster_layout
 from .fsla import FeatureSpaceAttention, feature_space_attention
 from .models import BoatCSWinTransformer, BoatSwinTransformer
-
-__version__ = '0.1.0'
+from .version import __version__
+from .weights import load_model, load_reference_weights, read_weights
 
 __all__ = [
+    '__version__',
     'balanced_hierarchical_clustering',
     'cluster_layout',
     'feature_space_attention',
@@ -18,4 +18,6 @@ __all__ = [
     'BoatSwinTransformer',
     'BoatCSWinTransformer',
     'load_reference_weights',
+    'read_weights',
+    'load_model',
 ]

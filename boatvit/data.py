@@ -1,23 +1,26 @@
-"""Data for training and evaluation: the built-in digits set, image folders and timm data sets.
+"""Data for training, evaluation and prediction: the built-in digits set, image folders, timm data sets, single
+images, and the eval transform.
 
 Every split is opened by `open_split`, which returns a map-style data set whose ``transform`` attribute takes a PIL
-image, and the class names in label order. Bad data directories are reported here, at the boundary, with what was
-expected and how to fix it.
+image, and the class names in label order. `eval_data_config` is the one place that decides which eval transform
+weights get: the one they record, else the model's pretrained cfg. Bad data directories and images are reported
+here, at the boundary, with what was expected and how to fix it.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
-from timm.data import create_dataset
+from PIL import Image, UnidentifiedImageError
+from timm.data import create_dataset, create_transform, resolve_data_config
 from timm.data.readers.img_extensions import get_img_extensions
 
-from .cli import UsageError
+from .errors import UsageError
+from .runtime import require_extra
 
 DIGITS = 'digits'
 DIGITS_SPLITS = ('train', 'val')
@@ -38,7 +41,8 @@ class DigitsDataset(torch.utils.data.Dataset):
     classes = [str(d) for d in range(10)]
 
     def __init__(self, split: str = 'train', img_size: int = 32, transform: Optional[Callable] = None):
-        # imported here: scikit-learn takes a second to import and only the digits need it
+        # imported here: scikit-learn takes a second to import, only the digits need it, and it is optional
+        require_extra('sklearn', 'scikit-learn', 'the built-in digits data set')
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
 
@@ -68,11 +72,11 @@ class DigitsDataset(torch.utils.data.Dataset):
 
 
 def open_split(
-        data: str,
-        split: str,
-        dataset: str = '',
-        download: bool = False,
-        img_size: int = 32,
+    data: str,
+    split: str,
+    dataset: str = '',
+    download: bool = False,
+    img_size: int = 32,
 ) -> Tuple[torch.utils.data.Dataset, List[str]]:
     """Open one split of a data set, without transforms.
 
@@ -94,7 +98,7 @@ def open_split(
     if not root.is_dir():
         raise UsageError(
             f'data directory {str(root)!r} does not exist; pass --data DIR with {split}/<class>/<image> files'
-            f" inside, or --data {DIGITS} for the built-in digits"
+            f' inside, or --data {DIGITS} for the built-in digits'
         )
     if dataset:
         return _open_timm_split(dataset, root, split, download)
@@ -120,7 +124,7 @@ def _open_folder_split(root: Path, split: str) -> Tuple[torch.utils.data.Dataset
         ds = create_dataset('', root=str(folder), split=split, search_split=False)
     except RuntimeError as e:  # timm's reader finds no image files
         raise UsageError(
-            f'{str(folder)!r} holds no images ({", ".join(sorted(extensions))}); put each class\'s images in'
+            f"{str(folder)!r} holds no images ({', '.join(sorted(extensions))}); put each class's images in"
             f' {folder}/<class>/'
         ) from e
     class_to_idx = ds.reader.class_to_idx
@@ -128,7 +132,10 @@ def _open_folder_split(root: Path, split: str) -> Tuple[torch.utils.data.Dataset
 
 
 def _open_timm_split(
-        dataset: str, root: Path, split: str, download: bool,
+    dataset: str,
+    root: Path,
+    split: str,
+    download: bool,
 ) -> Tuple[torch.utils.data.Dataset, List[str]]:
     try:
         ds = create_dataset(dataset, root=str(root), split=split, download=download)
@@ -180,3 +187,53 @@ def default_workers(processes: int = 1) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
     share = cores // processes
     return 0 if share <= 2 else min(8, share)
+
+
+def eval_data_config(
+    model: torch.nn.Module,
+    metadata: Optional[Mapping[str, Any]] = None,
+    img_size: Optional[int] = None,
+    crop_pct: Optional[float] = None,
+) -> Dict[str, Any]:
+    """Input size, crop, interpolation, mean and std for evaluation.
+
+    The ``data_config`` the weights record (``metadata``: `boatvit train` writes it) unless another ``img_size``
+    or ``crop_pct`` is asked for; otherwise timm's, from the model's pretrained cfg.
+    """
+    if metadata and 'data_config' in metadata and img_size is None and crop_pct is None:
+        return dict(metadata['data_config'])
+    args = {'input_size': (3, img_size, img_size) if img_size else None, 'crop_pct': crop_pct}
+    return resolve_data_config({k: v for k, v in args.items() if v is not None}, model=model)
+
+
+def eval_transform(
+    model: torch.nn.Module, metadata: Optional[Mapping[str, Any]] = None, img_size: Optional[int] = None
+) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image to the normalised ``(3, H, W)`` tensor the model evaluates on (see `eval_data_config`)."""
+    return create_transform(**eval_data_config(model, metadata, img_size), is_training=False)
+
+
+def find_images(paths: Sequence[str]) -> List[Path]:
+    """The image files among ``paths``; a directory stands for the images in it and its sub-directories, sorted."""
+    extensions = get_img_extensions()
+    images = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob('*') if f.is_file() and f.suffix.lower() in extensions)
+            if not found:
+                raise UsageError(f'{p}: no images ({", ".join(sorted(extensions))}) in this directory')
+            images.extend(found)
+        elif p.is_file():
+            images.append(p)
+        else:
+            raise UsageError(f'{p}: no such file or directory')
+    return images
+
+
+def open_image(path: Path) -> Image.Image:
+    """The image as RGB, or a `UsageError` naming the file."""
+    try:
+        with Image.open(path) as image:
+            return image.convert('RGB')
+    except (UnidentifiedImageError, OSError) as e:
+        raise UsageError(f'{path}: not a readable image ({e})') from e

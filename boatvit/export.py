@@ -1,4 +1,4 @@
-"""``boatvit export``: a BOAT model to ONNX, checked against PyTorch with ONNX Runtime, written atomically.
+"""A BOAT model to ONNX (``boatvit export``), checked against PyTorch with ONNX Runtime, written atomically.
 
 The graph is traced by the dynamo-based ``torch.onnx.export`` at one image size, with a dynamic batch axis unless a
 batch size is given. At a fixed size everything about the clustering is static (tree depth, ghost padding, index
@@ -14,31 +14,35 @@ command says when a layer is above the cap.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-import timm
 import torch
 import torch.nn as nn
 
-from . import __version__
-from .cli import UsageError
+from .version import __version__
 from .clustering import cluster_layout
-from .convert import add_model_arguments, load_model
-from .evaluate import build_model
+from .data import eval_data_config
+from .errors import UsageError
 from .fsla import FeatureSpaceAttention
 from .models.base import BoatTransformer
-from .predict import data_config
 from .runs import atomic_path
+from .weights import build_model, check_boat_name, load_model
 
-__all__ = ['TENSORRT_TOPK_LIMIT', 'FslaSort', 'OnnxExport', 'ExportCheckError', 'fsla_sorts', 'export_onnx']
+__all__ = [
+    'TENSORRT_TOPK_LIMIT',
+    'FslaSort',
+    'OnnxExport',
+    'ExportCheckError',
+    'fsla_sorts',
+    'export_onnx',
+    'export_weights',
+]
 
 # TensorRT's ITopKLayer takes K <= 3840 (1024 before TensorRT 8.6 GA)
 TENSORRT_TOPK_LIMIT = 3840
@@ -97,12 +101,15 @@ class ExportCheckError(RuntimeError):
 def _check_model(model: Any) -> None:
     if not isinstance(model, BoatTransformer):
         raise TypeError(
-            f'model must be a boatvit BOAT model (timm.create_model("boat_...")), got {type(model).__name__}.')
+            f'model must be a boatvit BOAT model (timm.create_model("boat_...")), got {type(model).__name__}.'
+        )
     dtypes = {p.dtype for p in model.parameters()}
     devices = {p.device.type for p in model.parameters()}
     if dtypes != {torch.float32} or devices != {'cpu'}:
-        raise ValueError(f'export needs a float32 model on the CPU, got parameters of dtype {sorted(map(str, dtypes))} '
-                         f'on {sorted(devices)}; call model.float().cpu() first.')
+        raise ValueError(
+            f'export needs a float32 model on the CPU, got parameters of dtype {sorted(map(str, dtypes))} '
+            f'on {sorted(devices)}; call model.float().cpu() first.'
+        )
 
 
 def _image_size(model: BoatTransformer, img_size: Union[None, int, Sequence[int]]) -> Tuple[int, int]:
@@ -139,19 +146,19 @@ def fsla_sorts(model: nn.Module, images: torch.Tensor) -> List[FslaSort]:
 def _require_onnx_packages() -> None:
     missing = [p for p in _ONNX_PACKAGES if importlib.util.find_spec(p) is None]
     if missing:
-        raise ImportError(f'ONNX export needs {", ".join(missing)}; install them with pip install "boatvit[onnx]".')
+        raise UsageError(f'ONNX export needs {", ".join(missing)}; install them with pip install "boatvit[onnx]".')
 
 
 def export_onnx(
-        model: BoatTransformer,
-        path: Union[str, os.PathLike],
-        img_size: Union[None, int, Tuple[int, int]] = None,
-        batch_size: Optional[int] = None,
-        opset: int = DEFAULT_OPSET,
-        atol: float = 1e-4,
-        rtol: float = 1e-4,
-        seed: int = 0,
-        metadata: Optional[Mapping[str, Any]] = None,
+    model: BoatTransformer,
+    path: Union[str, os.PathLike],
+    img_size: Union[None, int, Tuple[int, int]] = None,
+    batch_size: Optional[int] = None,
+    opset: int = DEFAULT_OPSET,
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+    seed: int = 0,
+    metadata: Optional[Mapping[str, Any]] = None,
 ) -> OnnxExport:
     """Export ``model`` to ONNX, run the file with ONNX Runtime on a random batch and compare with PyTorch.
 
@@ -204,8 +211,16 @@ def export_onnx(
         folding_log.setLevel(logging.ERROR)
         try:
             program = torch.onnx.export(
-                model, (images,), dynamo=True, opset_version=opset, dynamic_shapes=dynamic_shapes,
-                input_names=['images'], output_names=['logits'], external_data=False, verbose=False)
+                model,
+                (images,),
+                dynamo=True,
+                opset_version=opset,
+                dynamic_shapes=dynamic_shapes,
+                input_names=['images'],
+                output_names=['logits'],
+                external_data=False,
+                verbose=False,
+            )
         finally:
             folding_log.setLevel(level)
     finally:
@@ -224,100 +239,88 @@ def export_onnx(
                 f'ONNX Runtime differs from PyTorch by up to {max_abs_diff:.3g} (atol {atol:g}, rtol {rtol:g}) on a '
                 f'random {tuple(images.shape)} batch (seed {seed}); {path} was not written. The clustering is '
                 'discontinuous: a rounding difference can move a token to another cluster. Try another seed, or '
-                'report the model and size if it persists.')
+                'report the model and size if it persists.'
+            )
     return OnnxExport(path, (batch_size, model.in_chans, height, width), opset, max_abs_diff, sorts)
 
 
-def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        'export',
-        help='export a BOAT model to ONNX, checked with ONNX Runtime',
-        description='Export a BOAT model (random weights, or --weights: a released checkpoint or a safetensors file '
-                    'from `boatvit convert` / `boatvit train`) to ONNX at one image size, run the file with ONNX '
-                    'Runtime on a random batch, compare with PyTorch, and only then write it. Says when a sort is '
-                    f'above TensorRT\'s TopK limit ({TENSORRT_TOPK_LIMIT}).',
-    )
-    parser.add_argument('-o', '--output', required=True, help='ONNX file to write')
-    parser.add_argument('--weights', help='checkpoint or .safetensors file (default: random weights)')
-    add_model_arguments(parser)
-    parser.add_argument('--img-size', type=int,
-                        help='image size the graph takes; default: the model\'s own (224 for the *_224 models)')
-    parser.add_argument('--batch-size', type=int,
-                        help='fixed batch size of the graph; default: a dynamic batch axis')
-    parser.add_argument('--opset', type=int, default=DEFAULT_OPSET, help=f'ONNX opset (default: {DEFAULT_OPSET})')
-    parser.add_argument('--atol', type=float, default=1e-4,
-                        help='tolerance of the ONNX Runtime check, absolute and relative (default: 1e-4)')
-    parser.add_argument('--seed', type=int, default=0, help='seed of the random check batch (default: 0)')
-    parser.set_defaults(run=run)
-
-
-def _model_to_export(args: argparse.Namespace) -> Tuple[BoatTransformer, Tuple[int, int], Dict[str, Any]]:
+def _model_to_export(
+    weights: Optional[Union[str, os.PathLike]],
+    model: Optional[str],
+    model_kwargs: Optional[Mapping[str, Any]],
+    use_ema: bool,
+    img_size: Optional[int],
+) -> Tuple[BoatTransformer, Tuple[int, int], Dict[str, Any]]:
     """The model to export, the image size and what the ONNX file records about it."""
-    kwargs = dict(args.model_kwargs) if args.model_kwargs is not None else None
-    boat_models = timm.list_models('boat_*')
-    if args.model and args.model not in boat_models:
-        raise UsageError(f'{args.model!r} is not a BOAT model; choose one of {", ".join(boat_models)}')
-    if args.weights:
-        loaded = load_model(args.weights, model=args.model, model_kwargs=kwargs, use_ema=args.ema)
-        name, kwargs, metadata = loaded.name, dict(loaded.model_kwargs), loaded.metadata
-        model = loaded.model
-        if args.img_size and not model.dynamic_img_size and tuple(model.img_size) != (args.img_size, args.img_size):
+    if model:
+        check_boat_name(model)
+    if weights:
+        loaded = load_model(weights, model=model, model_kwargs=model_kwargs, use_ema=use_ema)
+        name, kwargs, metadata, built = loaded.name, loaded.model_kwargs, loaded.metadata, loaded.model
+        if img_size and not built.dynamic_img_size and tuple(built.img_size) != (img_size, img_size):
             # the same network taking other sizes: built at another img_size, Swin would fit its windows (and their
             # position tables) to the new stage sizes, and the trained weights would no longer apply as trained
-            state = model.state_dict()
-            model = _build(name, model.num_classes, dict(kwargs, dynamic_img_size=True))
-            model.load_state_dict(state)
+            state = built.state_dict()
+            built = build_model(name, built.num_classes, dict(kwargs, dynamic_img_size=True))
+            built.load_state_dict(state)
+    elif model:
+        name, kwargs, metadata = model, dict(model_kwargs or {}), {}
+        built = build_model(name, kwargs.pop('num_classes', 1000), kwargs, img_size=img_size)
     else:
-        if not args.model:
-            raise UsageError('pass --model NAME (a registered BOAT model), and --weights PATH for trained weights')
-        name, kwargs, metadata = args.model, dict(kwargs or {}), {}
-        model = _build(name, kwargs.pop('num_classes', 1000), dict(kwargs, img_size=args.img_size))
-    size = (args.img_size, args.img_size) if args.img_size else tuple(model.img_size)
-    if min(size) < model.min_img_size:
-        raise UsageError(f'--img-size {size[0]} is too small: {name} takes images of at least {model.min_img_size} '
-                         'pixels a side')
-    config = dict(data_config(model, metadata), input_size=(model.in_chans, *size))
-    return model, size, {'model': name, 'model_kwargs': kwargs, 'data_config': config}
+        raise UsageError('pass --model NAME (a registered BOAT model), and --weights PATH for trained weights')
+    size = (img_size, img_size) if img_size else tuple(built.img_size)
+    if min(size) < built.min_img_size:
+        raise UsageError(
+            f'--img-size {size[0]} is too small: {name} takes images of at least {built.min_img_size} pixels a side'
+        )
+    config = dict(eval_data_config(built, metadata), input_size=(built.in_chans, *size))
+    return built, size, {'model': name, 'model_kwargs': kwargs, 'data_config': config}
 
 
-def _build(name: str, num_classes: int, kwargs: Dict[str, Any]) -> BoatTransformer:
-    try:
-        return build_model(name, num_classes, model_kwargs={k: v for k, v in kwargs.items() if v is not None})
-    except ValueError as e:  # the model's own argument checks (an image size below its total stride, ...)
-        raise UsageError(f'cannot build {name}: {e}') from e
+def export_weights(
+    path: Union[str, os.PathLike],
+    weights: Optional[Union[str, os.PathLike]] = None,
+    model: Optional[str] = None,
+    model_kwargs: Optional[Mapping[str, Any]] = None,
+    use_ema: bool = True,
+    img_size: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    opset: int = DEFAULT_OPSET,
+    atol: float = 1e-4,
+    seed: int = 0,
+) -> Tuple[OnnxExport, str]:
+    """:func:`export_onnx` of a weight source (`boatvit.weights.load_model`), or of a named model's random weights.
 
+    The file records the model, its arguments and its eval ``data_config`` in its metadata.
 
-def run(args: argparse.Namespace) -> int:
-    for flag, value in (('--img-size', args.img_size), ('--batch-size', args.batch_size)):
+    Returns:
+        The export and the model name.
+
+    Raises:
+        UsageError: bad arguments or weights, named. ExportCheckError: see :func:`export_onnx`.
+    """
+    for flag, value in (('--img-size', img_size), ('--batch-size', batch_size)):
         if value is not None and value < 1:
             raise UsageError(f'{flag} must be a positive integer, got {value}')
-    if args.opset < MIN_OPSET:
-        raise UsageError(f'--opset must be at least {MIN_OPSET}, got {args.opset}')
-    if not args.atol > 0:
-        raise UsageError(f'--atol must be positive, got {args.atol}')
-    out = Path(args.output)
-    if out.is_dir() or not out.parent.is_dir():
-        raise UsageError(f'{out}: the output must be a file in an existing directory')
-    if args.weights and out.exists() and out.resolve() == Path(args.weights).resolve():
-        raise UsageError(f'{out}: the output would overwrite the weights; pick another name')
-    model, size, metadata = _model_to_export(args)
-    try:
-        result = export_onnx(model, out, img_size=size, batch_size=args.batch_size, opset=args.opset, atol=args.atol,
-                             rtol=args.atol, seed=args.seed, metadata=metadata)
-    except ImportError as e:
-        raise UsageError(str(e)) from e
-    except ExportCheckError as e:
-        print(f'boatvit export: check failed: {e}', file=sys.stderr)
-        return 1
-    batch = 'N' if result.input_shape[0] is None else str(result.input_shape[0])
-    print(f'wrote {out}: {metadata["model"]}, input images ({batch}, {", ".join(map(str, result.input_shape[1:]))}), '
-          f'opset {result.opset}; ONNX Runtime matches PyTorch (max |diff| {result.max_abs_diff:.2g})')
-    largest = result.largest_sort
-    if largest is not None and largest.topk:
-        print(f'largest sort (ONNX TopK): K = {largest.topk} in {largest.module}')
-    if not result.fits_tensorrt:
-        over = [s for s in result.sorts if s.topk > TENSORRT_TOPK_LIMIT]
-        print(f'note: {len(over)} FSLA layer(s) sort more than {TENSORRT_TOPK_LIMIT} tokens ({over[0].module}: '
-              f'{over[0].topk}), above TensorRT\'s TopK limit; ONNX Runtime runs the file, TensorRT alone does not '
-              '(see the README, "Deployment")', file=sys.stderr)
-    return 0
+    if opset < MIN_OPSET:
+        raise UsageError(f'--opset must be at least {MIN_OPSET}, got {opset}')
+    if not atol > 0:
+        raise UsageError(f'--atol must be positive, got {atol}')
+    path = Path(path)
+    if path.is_dir() or not path.parent.is_dir():
+        raise UsageError(f'{path}: the output must be a file in an existing directory')
+    if weights and path.exists() and path.resolve() == Path(weights).resolve():
+        raise UsageError(f'{path}: the output would overwrite the weights; pick another name')
+    built, size, metadata = _model_to_export(weights, model, model_kwargs, use_ema, img_size)
+    result = export_onnx(
+        built,
+        path,
+        img_size=size,
+        batch_size=batch_size,
+        opset=opset,
+        atol=atol,
+        rtol=atol,
+        seed=seed,
+        metadata=metadata,
+    )
+    return result, metadata['model']

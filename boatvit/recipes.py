@@ -1,6 +1,6 @@
 """Named training presets: the embedded digits default and the reference ImageNet-1k recipes of the six models.
 
-A recipe is a dict of `boatvit.train.TrainConfig` fields; command-line flags override it. The reference recipes
+A recipe is a dict of `boatvit.training.TrainConfig` fields; command-line flags override it. The reference recipes
 come from the configurations the BOAT authors trained with: BOAT-Swin with the Swin Transformer code base
 (global batch 1024 as 128 per GPU x 8), BOAT-CSWin with the CSWin code base (global batch 2048 as 256 x 8).
 ``batch_size`` is per process and the learning rate scales linearly with the global batch
@@ -15,9 +15,22 @@ from typing import Any, Dict
 # random erasing 0.25, gradient clipping at norm 5, no EMA. Swin also scales its warm-up and minimum lr with the
 # batch; 1e-6 and 1e-5 are its values at the reference batch of 1024.
 _SWIN = dict(
-    epochs=300, warmup_epochs=20, batch_size=128, lr_base=5e-4, lr_base_size=512, weight_decay=0.05,
-    warmup_lr=1e-6, min_lr=1e-5, clip_grad=5.0, smoothing=0.1, mixup=0.8, cutmix=1.0,
-    aa='rand-m9-mstd0.5-inc1', reprob=0.25, remode='pixel', img_size=224,
+    epochs=300,
+    warmup_epochs=20,
+    batch_size=128,
+    lr_base=5e-4,
+    lr_base_size=512,
+    weight_decay=0.05,
+    warmup_lr=1e-6,
+    min_lr=1e-5,
+    clip_grad=5.0,
+    smoothing=0.1,
+    mixup=0.8,
+    cutmix=1.0,
+    aa='rand-m9-mstd0.5-inc1',
+    reprob=0.25,
+    remode='pixel',
+    img_size=224,
     # the reference used fp16 AMP; bf16 needs no loss scaling and trains the same on current GPUs
     amp='bf16',
 )
@@ -28,11 +41,30 @@ _CSWIN = dict(_SWIN, batch_size=256, lr_base=2e-3, lr_base_size=2048, clip_grad=
 RECIPES: Dict[str, Dict[str, Any]] = {
     # the embedded default, `boatvit train` with no arguments: a few minutes on 2 CPU cores
     'digits': dict(
-        data='digits', model='boat_swin_nano_32', img_size=32, epochs=30, warmup_epochs=2, batch_size=64,
-        lr_base=2e-3, lr_base_size=64, weight_decay=0.05, warmup_lr=1e-5, min_lr=1e-5, clip_grad=5.0,
-        drop_path=0.1, smoothing=0.1, mixup=0.0, cutmix=0.0, aa=None, reprob=0.0,
+        data='digits',
+        model='boat_swin_nano_32',
+        img_size=32,
+        epochs=30,
+        warmup_epochs=2,
+        batch_size=64,
+        lr_base=2e-3,
+        lr_base_size=64,
+        weight_decay=0.05,
+        warmup_lr=1e-5,
+        min_lr=1e-5,
+        clip_grad=5.0,
+        drop_path=0.1,
+        smoothing=0.1,
+        mixup=0.0,
+        cutmix=0.0,
+        aa=None,
+        reprob=0.0,
         # digits are not mirror-symmetric and have no colour; mild crops stand in for shifts and scaling
-        hflip=0.0, color_jitter=0.0, scale=(0.7, 1.0), ratio=(0.85, 1.15), crop_pct=1.0,
+        hflip=0.0,
+        color_jitter=0.0,
+        scale=(0.7, 1.0),
+        ratio=(0.85, 1.15),
+        crop_pct=1.0,
     ),
     'boat_swin_tiny_224': dict(_SWIN, model='boat_swin_tiny_224', drop_path=0.2),
     'boat_swin_small_224': dict(_SWIN, model='boat_swin_small_224', drop_path=0.3),

@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .checkpoint import state_dict_mismatch
-from .cli import UsageError
+from .errors import UsageError
+from .runtime import require_extra
 
 CONFIG_FILE = 'config.json'
 STATE_SUFFIX = '.pt'
@@ -65,50 +64,11 @@ def write_json(path: os.PathLike, obj: Any) -> None:
 
 
 def save_weights(path: os.PathLike, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> None:
-    """Save a state dict as safetensors; ``metadata`` values are stored JSON-encoded (safetensors keeps strings)."""
+    """Save a state dict as safetensors; ``metadata`` values are stored JSON-encoded (safetensors keeps strings) and
+    read back, validated, by `boatvit.weights.read_weights`."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in metadata.items()})
-
-
-def read_weights_metadata(path: os.PathLike) -> Dict[str, Any]:
-    """The metadata `save_weights` stored, decoded; {} for safetensors files written elsewhere."""
-    with safe_open(str(path), framework='pt') as f:
-        raw = f.metadata() or {}
-    decoded = {}
-    for key, value in raw.items():
-        try:
-            decoded[key] = json.loads(value)
-        except json.JSONDecodeError:
-            decoded[key] = value
-    return decoded
-
-
-def load_weights(model: torch.nn.Module, path: os.PathLike, model_name: str) -> Dict[str, Any]:
-    """Load safetensors weights into ``model``, or raise a `UsageError` saying why they do not fit.
-
-    Returns:
-        the file's metadata (see `read_weights_metadata`).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f'weights file {str(path)!r} does not exist; pass --weights RUN_DIR/best.safetensors')
-    if path.suffix != WEIGHTS_SUFFIX:
-        raise UsageError(
-            f'weights {str(path)!r} are not a {WEIGHTS_SUFFIX} file; convert released .pth checkpoints to'
-            ' safetensors with `boatvit convert` first'
-        )
-    metadata = read_weights_metadata(path)
-    state = load_file(str(path))
-    problems = state_dict_mismatch(state, model.state_dict(), source='file', examples=1)
-    if problems:
-        saved_from = f'; they were saved from {metadata["model"]!r}' if 'model' in metadata else ''
-        raise UsageError(
-            f'weights {str(path)!r} do not fit model {model_name!r} ({"; ".join(problems)}){saved_from}; pass the'
-            ' --model, --model-kwargs and number of classes they were trained with'
-        )
-    model.load_state_dict(state)
-    return metadata
 
 
 def save_state(path: os.PathLike, state: Mapping[str, Any]) -> None:
@@ -123,11 +83,11 @@ def load_state(path: os.PathLike) -> Dict[str, Any]:
 
 
 def save_checkpoint(
-        run_dir: os.PathLike,
-        weights: Mapping[str, torch.Tensor],
-        metadata: Mapping[str, Any],
-        state: Mapping[str, Any],
-        best: bool,
+    run_dir: os.PathLike,
+    weights: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, Any],
+    state: Mapping[str, Any],
+    best: bool,
 ) -> None:
     """Write ``last.safetensors`` and ``last.pt``, and the same as ``best.*`` when this epoch is the best so far.
 
@@ -154,8 +114,9 @@ def write_metrics(run_dir: os.PathLike, history: List[Mapping[str, Any]]) -> Non
 
 def plot_curves(path: os.PathLike, history: List[Mapping[str, Any]]) -> None:
     """Plot loss, learning rate and accuracy per epoch into a PNG."""
-    # imported here because only rank 0 plots and matplotlib is slow to import; a bare Figure draws without
-    # pyplot's global state or a display
+    # imported here because only rank 0 plots, matplotlib is slow to import and optional; a bare Figure draws
+    # without pyplot's global state or a display
+    require_extra('matplotlib', 'matplotlib', 'plotting training curves')
     from matplotlib.figure import Figure
 
     epochs = [row['epoch'] for row in history]

@@ -2,7 +2,7 @@
 restricted unpickler.
 
 The BOAT-Swin training checkpoint pickles a yacs ``CfgNode``, which ``torch.load(weights_only=True)`` refuses even
-when the class is allow-listed (REFERENCE.md, "Checkpoint formats"), and yacs need not be installed. So a torch file
+when the class is allow-listed, and yacs need not be installed. So a torch file
 is read with ``weights_only=True`` when a static scan of its pickle finds nothing but what that loader accepts
 (plus ``argparse.Namespace``, the BOAT-CSWin ``args``), and otherwise with :class:`RestrictedUnpickler`, which:
 
@@ -11,6 +11,9 @@ is read with ``weights_only=True`` when a static scan of its pickle finds nothin
   dict-like stub whose items are the config), without importing its module;
 * refuses the file when the pickle *calls* anything outside the list, because calling is how a pickle runs code
   (``os.system``, ``builtins.eval``, ``subprocess.Popen``, ...).
+
+A TorchScript archive (``torch.jit.save``) is refused before anything reads it: ``torch.load`` hands such a file
+to ``torch.jit.load``, which runs the archive's own code (its ``__setstate__`` methods).
 
 See SECURITY.md for what is accepted and refused.
 """
@@ -24,10 +27,13 @@ import os
 import pickle
 import types
 from pathlib import Path
-from typing import Any, Dict, NoReturn, Union
+from typing import Any, BinaryIO, Dict, NoReturn, Tuple, Union
 
 import torch
-from safetensors.torch import load_file
+import zipfile
+from safetensors import safe_open
+
+from .errors import CheckpointFileError, UnsafeCheckpointError
 
 __all__ = [
     'ALLOWED_GLOBALS',
@@ -36,17 +42,11 @@ __all__ = [
     'StubObject',
     'RestrictedUnpickler',
     'load_checkpoint_file',
+    'read_checkpoint_file',
+    'file_kind',
 ]
 
 PathLike = Union[str, os.PathLike]
-
-
-class CheckpointFileError(ValueError):
-    """A checkpoint file that cannot be read: missing, not a checkpoint, truncated or corrupt."""
-
-
-class UnsafeCheckpointError(CheckpointFileError):
-    """A pickle that would call code outside :data:`ALLOWED_GLOBALS` while loading."""
 
 
 def _allowed_globals() -> Dict[str, Any]:
@@ -64,8 +64,13 @@ def _allowed_globals() -> Dict[str, Any]:
         'builtins.bytearray': bytearray,
         'builtins.slice': slice,
     }
-    for name in ('_rebuild_tensor', '_rebuild_tensor_v2', '_rebuild_tensor_v3', '_rebuild_parameter',
-                 '_rebuild_parameter_with_state'):
+    for name in (
+        '_rebuild_tensor',
+        '_rebuild_tensor_v2',
+        '_rebuild_tensor_v3',
+        '_rebuild_parameter',
+        '_rebuild_parameter_with_state',
+    ):
         allowed[f'torch._utils.{name}'] = getattr(torch._utils, name)
     for dtype in vars(torch).values():
         if isinstance(dtype, torch.dtype):
@@ -84,7 +89,8 @@ class _StubType(type):
     def __call__(cls, *args: Any, **kwargs: Any) -> NoReturn:
         raise UnsafeCheckpointError(
             f'the pickle calls {cls.stub_of}() while loading, and {cls.stub_of} is not on the allow-list; a pickle '
-            'that calls code can run anything, so the file is refused')
+            'that calls code can run anything, so the file is refused'
+        )
 
 
 class StubObject(dict, metaclass=_StubType):
@@ -150,7 +156,7 @@ _RESTRICTED_PICKLE = types.SimpleNamespace(
 )
 
 
-def _file_kind(path: Path) -> str:
+def file_kind(path: Path) -> str:
     """``'safetensors'``, ``'torch-zip'`` (torch >= 1.6) or ``'torch-legacy'`` from the first bytes of the file."""
     size = path.stat().st_size
     if size == 0:
@@ -165,7 +171,8 @@ def _file_kind(path: Path) -> str:
         return 'safetensors'
     raise CheckpointFileError(
         f'{path}: not a checkpoint: neither a PyTorch file (torch.save) nor a safetensors file (it starts with '
-        f'{head[:8]!r}). Pass a released .pth / .pth.tar file or a file written by `boatvit convert`.')
+        f'{head[:8]!r}). Pass a released .pth / .pth.tar file or a file written by `boatvit convert`.'
+    )
 
 
 def _check_path(path: PathLike) -> Path:
@@ -179,60 +186,105 @@ def _check_path(path: PathLike) -> Path:
     return path
 
 
-def _weights_only_suffices(path: Path, kind: str) -> bool:
+def _refuse_torchscript(path: Path, f: BinaryIO) -> None:
+    """Raise `UnsafeCheckpointError` when the open zip file ``f`` is a TorchScript archive.
+
+    Both readers are asked, Python's and the one torch.load uses, so a zip crafted to look different to each is
+    still caught. Nothing in the archive is read beyond its table of contents.
+    """
+    try:
+        names = [n.split('/', 1)[-1] for n in zipfile.ZipFile(f).namelist()]
+        f.seek(0)
+        names += list(torch._C.PyTorchFileReader(f).get_all_records())
+    except Exception as e:  # a damaged zip: say so here, where the reason is known
+        raise CheckpointFileError(
+            f'{path}: cannot read it as a PyTorch checkpoint ({type(e).__name__}: {e}). The file is truncated or '
+            'corrupt; download or copy it again.'
+        ) from e
+    finally:
+        f.seek(0)
+    # torch.jit.save writes the archive's code and constants beside data.pkl; torch.load tells an archive by
+    # constants.pkl, and a file with code/ but without it is no checkpoint either
+    if any(n == 'constants.pkl' or n.startswith('code/') for n in names):
+        raise UnsafeCheckpointError(
+            f'{path}: refused: this is a TorchScript archive (torch.jit.save), not a checkpoint. Loading it runs the '
+            'code stored in it, so boatvit never does; save model.state_dict() with torch.save or safetensors '
+            'instead.'
+        )
+
+
+def _weights_only_suffices(f: BinaryIO, kind: str) -> bool:
     """Whether ``torch.load(weights_only=True)`` accepts the file, from a static scan of its pickle (no tensor is
     loaded). Only a shortcut: a pickle the scan cannot read (protocol < 2, damaged) goes to the restricted
     unpickler, which reports real damage."""
     if kind != 'torch-zip':
         return False
     try:
-        unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(f))
     except Exception:
         return False
+    finally:
+        f.seek(0)
     return not unsafe - {'argparse.Namespace'}
 
 
-def _load_torch(path: Path, kind: str) -> Any:
-    if _weights_only_suffices(path, kind):
+def _load_torch(f: BinaryIO, kind: str) -> Any:
+    if _weights_only_suffices(f, kind):
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location='cpu', weights_only=True)
-    return torch.load(path, map_location='cpu', weights_only=False, pickle_module=_RESTRICTED_PICKLE)
+            return torch.load(f, map_location='cpu', weights_only=True)
+    # never a TorchScript archive here (refused before), so torch.load only unpickles, with the restricted unpickler
+    return torch.load(f, map_location='cpu', weights_only=False, pickle_module=_RESTRICTED_PICKLE)
 
 
-def load_checkpoint_file(path: PathLike) -> Dict[str, Any]:
-    """Read a checkpoint file without executing code from it.
+def _load_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    with safe_open(str(path), framework='pt', device='cpu') as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+def read_checkpoint_file(path: PathLike) -> Tuple[Dict[str, Any], Dict[str, str]]:
+    """Read a checkpoint file, and a safetensors file's metadata, without executing code from it.
 
     Args:
         path: a ``torch.save`` file (either BOAT training checkpoint, a bare state dict, ...) or a safetensors file.
             The format is told from the file's first bytes, not its name.
 
     Returns:
-        The checkpoint dict (tensors on the CPU); for safetensors, the flat dict of tensors. Objects of classes
-        outside the allow-list come back as :class:`StubObject`.
+        ``(checkpoint, metadata)``: the checkpoint dict (tensors on the CPU), for safetensors the flat dict of tensors
+        (objects of classes outside the allow-list come back as :class:`StubObject`); the safetensors header's
+        string metadata as stored, unvalidated (`boatvit.weights` validates it), {} for a torch file.
 
     Raises:
         CheckpointFileError: the file is missing, empty, not a checkpoint, truncated or corrupt, or holds no dict.
-        UnsafeCheckpointError: the pickle would call code outside the allow-list.
+        UnsafeCheckpointError: the pickle would call code outside the allow-list, or the file is a TorchScript
+            archive.
     """
     path = _check_path(path)
-    kind = _file_kind(path)
-    try:
-        if kind == 'safetensors':
-            checkpoint = load_file(path, device='cpu')
-        else:
-            checkpoint = _load_torch(path, kind)
-    except UnsafeCheckpointError as e:
-        raise UnsafeCheckpointError(
-            f'{path}: refused: {e}. boatvit reads tensors, containers and plain values only (see SECURITY.md); '
-            'if you trust the file, load it yourself with torch.load(path, weights_only=False) and pass the dict '
-            'to boatvit.load_reference_weights.') from None
-    except Exception as e:  # torch and safetensors raise many types for damaged files; all mean the same here
-        raise CheckpointFileError(
-            f'{path}: cannot read it as a {"safetensors" if kind == "safetensors" else "PyTorch"} checkpoint '
-            f'({type(e).__name__}: {e}). The file is truncated or corrupt; download or copy it again.') from e
+    kind = file_kind(path)
+    # one open file for the checks and the load, so the file checked is the file loaded
+    with path.open('rb') as f:
+        if kind == 'torch-zip':
+            _refuse_torchscript(path, f)
+        try:
+            checkpoint, metadata = _load_safetensors(path) if kind == 'safetensors' else (_load_torch(f, kind), {})
+        except UnsafeCheckpointError as e:
+            raise UnsafeCheckpointError(
+                f'{path}: refused: {e}. boatvit reads tensors, containers and plain values only (see SECURITY.md); '
+                'if you trust the file, load it yourself with torch.load(path, weights_only=False) and pass the '
+                'dict to boatvit.load_reference_weights.'
+            ) from None
+        except Exception as e:  # torch and safetensors raise many types for damaged files; all mean the same here
+            raise CheckpointFileError(
+                f'{path}: cannot read it as a {"safetensors" if kind == "safetensors" else "PyTorch"} checkpoint '
+                f'({type(e).__name__}: {e}). The file is truncated or corrupt; download or copy it again.'
+            ) from e
     if not isinstance(checkpoint, dict):
         raise CheckpointFileError(
             f'{path}: holds a {type(checkpoint).__name__}, not a checkpoint dict or state dict. A whole pickled '
-            'model is not supported: save model.state_dict() instead.')
-    return checkpoint
+            'model is not supported: save model.state_dict() instead.'
+        )
+    return checkpoint, metadata
 
+
+def load_checkpoint_file(path: PathLike) -> Dict[str, Any]:
+    """The checkpoint dict of :func:`read_checkpoint_file` (for callers that need no metadata)."""
+    return read_checkpoint_file(path)[0]

@@ -5,6 +5,7 @@ import torch
 
 import boatvit
 from boatvit.checkpoint import detect_family, select_state_dict
+from boatvit.weights import convert_state_dict
 
 from conftest import FIXTURES
 from full_size import MANIFEST_NAMES, REFERENCE_PARAMS, full_size_model
@@ -23,7 +24,7 @@ def test_full_size_model_equals_reference_manifest(name):
     for k, spec in entry['buffers'].items():
         reference[k] = torch.zeros(spec['shape'], dtype=getattr(torch, spec['dtype']))
     ours = model.state_dict()
-    mapped = boatvit.checkpoint.convert_state_dict(reference, model)
+    mapped = convert_state_dict(reference, model)
     assert len(mapped) == len(entry['parameters']) == len(ours)
     assert set(mapped) == set(ours)
     assert all(mapped[k].shape == v.shape for k, v in ours.items())
@@ -34,9 +35,13 @@ def test_full_size_model_equals_reference_manifest(name):
 
 
 def test_load_reference_weights_from_training_dicts(swin_fixture, cswin_fixture):
-    for fixture, wrap in ((swin_fixture, lambda sd: {'model': sd, 'epoch': 3}),
-                          (cswin_fixture, lambda sd: {'state_dict': {'module.' + k: v for k, v in sd.items()},
-                                                      'state_dict_ema': sd, 'epoch': 3})):
+    for fixture, wrap in (
+        (swin_fixture, lambda sd: {'model': sd, 'epoch': 3}),
+        (
+            cswin_fixture,
+            lambda sd: {'state_dict': {'module.' + k: v for k, v in sd.items()}, 'state_dict_ema': sd, 'epoch': 3},
+        ),
+    ):
         model = fixture.build()  # reference weights, loaded from the bare dict
         fresh = type(model)(**fixture.model_kwargs()).double()
         result = boatvit.load_reference_weights(fresh, wrap(fixture.state_dict))

@@ -13,8 +13,7 @@ from safetensors.torch import load_file
 
 import boatvit
 from boatvit import cli
-from boatvit.convert import load_model
-from boatvit.runs import read_weights_metadata
+from boatvit.weights import load_model, read_weights
 
 from reference_checkpoints import save_cswin_checkpoint, save_swin_checkpoint
 
@@ -30,8 +29,9 @@ def model_kwargs_argv(fixture) -> list:
 def reference_files(tmp_path_factory, swin_fixture, cswin_fixture):
     """One checkpoint per family in its reference format; the CSWin raw weights differ from its EMA weights."""
     folder = tmp_path_factory.mktemp('reference')
-    save_swin_checkpoint(folder, folder / 'tiny.pth', swin_fixture.state_dict,
-                         swin_fixture.meta['weights']['omitted_buffers'])
+    save_swin_checkpoint(
+        folder, folder / 'tiny.pth', swin_fixture.state_dict, swin_fixture.meta['weights']['omitted_buffers']
+    )
     generator = torch.Generator().manual_seed(0)
     raw = {k: v.float() + 0.01 * torch.randn(v.shape, generator=generator) for k, v in cswin_fixture.state_dict.items()}
     save_cswin_checkpoint(folder / 'cswin_tiny.pth.tar', ema=cswin_fixture.state_dict, raw=raw)
@@ -54,11 +54,12 @@ def fixture_of(family, swin_fixture, cswin_fixture):
 
 
 @pytest.mark.parametrize('family', ['swin', 'cswin'])
-def test_converted_reference_checkpoint_reproduces_fixture_logits(family, converted, reference_files, swin_fixture,
-                                                                   cswin_fixture):
+def test_converted_reference_checkpoint_reproduces_fixture_logits(
+    family, converted, reference_files, swin_fixture, cswin_fixture
+):
     fixture = fixture_of(family, swin_fixture, cswin_fixture)
     source = reference_files[family]
-    meta = read_weights_metadata(converted[family])
+    meta = read_weights(converted[family]).metadata
     assert meta['model'] == VARIANT[family]
     assert meta['source_file'] == source.name
     assert meta['source_sha256'] == hashlib.sha256(source.read_bytes()).hexdigest()
@@ -76,7 +77,7 @@ def test_no_ema_takes_the_raw_weights(tmp_path, reference_files, cswin_fixture, 
     assert cli.main(argv + model_kwargs_argv(cswin_fixture)) == 0
     assert 'raw weights' in capsys.readouterr().out
 
-    meta = read_weights_metadata(out)
+    meta = read_weights(out).metadata
     assert (meta['source_entry'], meta['ema']) == ('state_dict', False)
     stem = load_file(out)['patch_embed.proj.weight']
     assert torch.equal(stem, reference_files['cswin_raw']['stage1_conv_embed.0.weight'])
@@ -124,7 +125,7 @@ def test_infers_the_registered_variant(tmp_path):
 
     assert cli.main(['convert', str(source), str(out)]) == 0
 
-    assert read_weights_metadata(out)['model'] == 'boat_swin_nano_32'
+    assert read_weights(out).metadata['model'] == 'boat_swin_nano_32'
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(load_model(out).model(x), model(x))
@@ -159,11 +160,14 @@ def test_missing_fsla_weight_is_refused(tmp_path, swin_fixture, capsys):
     assert not out.exists()
 
 
-@pytest.mark.parametrize('kind, message', [
-    ('image', 'not a checkpoint'),
-    ('truncated', 'truncated or corrupt'),
-    ('runs code', 'refused'),
-])
+@pytest.mark.parametrize(
+    'kind, message',
+    [
+        ('image', 'not a checkpoint'),
+        ('truncated', 'truncated or corrupt'),
+        ('runs code', 'refused'),
+    ],
+)
 def test_bad_checkpoint_files_are_named(tmp_path, reference_files, kind, message, capsys):
     source, out = tmp_path / 'tiny.pth', tmp_path / 'out.safetensors'
     if kind == 'image':
@@ -196,8 +200,10 @@ def test_interrupted_write_leaves_the_old_file(tmp_path, reference_files, swin_f
 
     monkeypatch.setattr(boatvit.runs, 'save_file', half_write)
     with pytest.raises(KeyboardInterrupt):
-        cli.main(['convert', str(reference_files['swin']), str(out), '--model', VARIANT['swin']]
-                 + model_kwargs_argv(swin_fixture))
+        cli.main(
+            ['convert', str(reference_files['swin']), str(out), '--model', VARIANT['swin']]
+            + model_kwargs_argv(swin_fixture)
+        )
 
     assert out.read_bytes() == b'previous'
     assert sorted(p.name for p in tmp_path.iterdir()) == ['out.safetensors']

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from boatvit.cli import UsageError
+from boatvit.errors import UsageError
 from boatvit.data import DigitsDataset, check_same_classes, open_split, shard
 
 
@@ -53,6 +53,7 @@ def test_digits_images_are_upscaled_rgb():
     corr = [np.corrcoef(block_means, source.ravel())[0, 1] for source in digits.images]
     assert digits.target[int(np.argmax(corr))] == label and max(corr) > 0.95
 
+
 def test_open_split_reads_image_folder_classes_in_sorted_order(tmp_path):
     root = make_image_folder(tmp_path, {'train': {'cat': 2, 'ant': 3}})
     ds, classes = open_split(str(root), 'train')
@@ -60,12 +61,15 @@ def test_open_split_reads_image_folder_classes_in_sorted_order(tmp_path):
     assert sorted(target for _, target in ds) == [0, 0, 0, 1, 1]
 
 
-@pytest.mark.parametrize('layout, message', [
-    (None, 'does not exist'),
-    ({'val': {'a': 1}}, "has no 'train' folder"),
-    ({'train': {}}, 'no sub-folders'),
-    ({'train': {'a': 0}}, 'holds no images'),
-])
+@pytest.mark.parametrize(
+    'layout, message',
+    [
+        (None, 'does not exist'),
+        ({'val': {'a': 1}}, "has no 'train' folder"),
+        ({'train': {}}, 'no sub-folders'),
+        ({'train': {'a': 0}}, 'holds no images'),
+    ],
+)
 def test_bad_data_directories_say_what_to_do(tmp_path, layout, message):
     root = tmp_path / 'data'
     if layout is not None:

@@ -1,4 +1,4 @@
-"""Tests for boatvit.evaluate: the metrics against hand-computed values, and `boatvit eval` end to end."""
+"""Tests for boatvit.evaluation: the metrics against hand-computed values, and `boatvit eval` end to end."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 import boatvit  # noqa: F401  registers the BOAT models
 from boatvit.cli import main
-from boatvit.evaluate import evaluate
+from boatvit.evaluation import evaluate
 from test_data import make_image_folder
 
 # boat_swin_nano_32 cut down so a test runs in about a second
@@ -37,7 +37,7 @@ def test_evaluate_counts_top1_top5_and_loss():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(23, 7, generator=gen)
     targets = torch.randint(0, 7, (23,), generator=gen)
-    loader = [(torch.arange(i, min(i + 5, 23)), targets[i:i + 5]) for i in range(0, 23, 5)]
+    loader = [(torch.arange(i, min(i + 5, 23)), targets[i : i + 5]) for i in range(0, 23, 5)]
     result = evaluate(FixedLogits(logits), loader, torch.device('cpu'))
     rank = (logits > logits.gather(1, targets[:, None])).sum(1)  # how many classes beat the true one
     assert result['images'] == 23
@@ -54,8 +54,26 @@ def test_eval_on_image_folder_matches_independent_accuracy(tmp_path, capsys):
     weights = tmp_path / 'w.safetensors'
     save_file(model.state_dict(), str(weights))  # no boatvit metadata: eval must be told the model
 
-    assert main(['eval', '--data', str(root), '--model', 'boat_swin_nano_32', *TINY_FLAGS,
-                 '--weights', str(weights), '--batch-size', '4', '--workers', '0', '--json']) == 0
+    assert (
+        main(
+            [
+                'eval',
+                '--data',
+                str(root),
+                '--model',
+                'boat_swin_nano_32',
+                *TINY_FLAGS,
+                '--weights',
+                str(weights),
+                '--batch-size',
+                '4',
+                '--workers',
+                '0',
+                '--json',
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
 
     # independently: 32x32 PNGs need no resize or crop for this model, so the transform is ToTensor + Normalize
@@ -80,16 +98,26 @@ def test_eval_rejects_weights_of_another_model(tmp_path, capsys):
     save_file(timm.create_model('boat_swin_nano_32', num_classes=2, **TINY_KWARGS).state_dict(), str(weights))
     assert main(['eval', '--data', str(root), '--model', 'boat_swin_nano_32', '--weights', str(weights)]) == 2
     err = capsys.readouterr().err
-    assert 'do not fit model' in err and 'another shape' in err and '--model' in err
+    assert 'does not match the model; nothing was loaded' in err and 'another shape' in err and '--model' in err
 
 
-@pytest.mark.parametrize('flags, message', [
-    (['--model', 'boat_swin_nan'], "unknown model 'boat_swin_nan'; did you mean boat_swin_nano_32"),
-    (['--model', 'boat_swin_nano_32', '--data', 'missing-dir'], "data directory 'missing-dir' does not exist"),
-    ([], 'does not say which model'),
-])
+@pytest.mark.parametrize(
+    'flags, message',
+    [
+        (['--model', 'boat_swin_nan'], "'boat_swin_nan' is not a BOAT model; did you mean boat_swin_nano_32"),
+        (
+            ['--model', 'boat_swin_nano_32', '--data', 'missing-dir', *TINY_FLAGS],
+            "data directory 'missing-dir' does not exist",
+        ),
+        ([], 'cannot tell the model family from the checkpoint keys'),
+    ],
+)
 def test_eval_usage_errors(tmp_path, capsys, flags, message):
+    """The weights are checked first (a wrong file is the first thing to hear about), then the data."""
     weights = tmp_path / 'w.safetensors'
-    save_file({'x': torch.zeros(1)}, str(weights))
+    if 'missing-dir' in flags:
+        save_file(timm.create_model('boat_swin_nano_32', num_classes=10, **TINY_KWARGS).state_dict(), str(weights))
+    else:
+        save_file({'x': torch.zeros(1)}, str(weights))
     assert main(['eval', '--weights', str(weights), '--data', 'digits', *flags]) == 2
     assert message in capsys.readouterr().err

@@ -67,7 +67,8 @@ def test_export_at_224_matches_pytorch(family, tmp_path):
     assert {o.domain: o.version for o in proto.opset_import}[''] >= 17
     # every clustering level is one TopK over the groups' tokens; the Swin shift left no Roll-like custom op
     assert Counter(n.op_type for n in proto.graph.node)['TopK'] == sum(
-        cluster_layout(s.tokens).levels for s in result.sorts)
+        cluster_layout(s.tokens).levels for s in result.sorts
+    )
     assert all(n.domain in ('', 'ai.onnx') for n in proto.graph.node)
     # the README's figure: the largest sort at 224 is stage 1's 56 x 56 = 3136 tokens
     assert max(topk_sizes(proto)) == result.largest_sort.topk == 3136 <= TENSORRT_TOPK_LIMIT
@@ -163,17 +164,20 @@ def test_cli_export_failed_check_writes_nothing(tmp_path, capsys, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ['model.onnx']
 
 
-@pytest.mark.parametrize('argv, message', [
-    ([], 'pass --model NAME'),
-    (['--model', 'resnet18'], "'resnet18' is not a BOAT model"),
-    (['--model', 'boat_swin_tiny_224', '--img-size', '0'], '--img-size must be a positive integer'),
-    (['--model', 'boat_swin_tiny_224', '--img-size', '16'], 'ints >= 32'),
-    (['--model', 'boat_swin_tiny_224', '--batch-size', '0'], '--batch-size must be a positive integer'),
-    (['--model', 'boat_swin_tiny_224', '--opset', '16'], '--opset must be at least 17'),
-    (['--model', 'boat_swin_tiny_224', '--atol', '0'], '--atol must be positive'),
-    (['--model', 'boat_swin_tiny_224', '--weights', 'missing.safetensors'], 'missing.safetensors'),
-    (['--model', 'boat_swin_tiny_224', '--model-kwargs', 'depths=(2,2)'], 'same length'),
-])
+@pytest.mark.parametrize(
+    'argv, message',
+    [
+        ([], 'pass --model NAME'),
+        (['--model', 'resnet18'], "'resnet18' is not a BOAT model"),
+        (['--model', 'boat_swin_tiny_224', '--img-size', '0'], '--img-size must be a positive integer'),
+        (['--model', 'boat_swin_tiny_224', '--img-size', '16'], 'ints >= 32'),
+        (['--model', 'boat_swin_tiny_224', '--batch-size', '0'], '--batch-size must be a positive integer'),
+        (['--model', 'boat_swin_tiny_224', '--opset', '16'], '--opset must be at least 17'),
+        (['--model', 'boat_swin_tiny_224', '--atol', '0'], '--atol must be positive'),
+        (['--model', 'boat_swin_tiny_224', '--weights', 'missing.safetensors'], 'missing.safetensors'),
+        (['--model', 'boat_swin_tiny_224', '--model-kwargs', 'depths=(2,2)'], 'same length'),
+    ],
+)
 def test_cli_export_bad_arguments(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert cli.main(['export', *argv, '-o', 'model.onnx']) == 2

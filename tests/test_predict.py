@@ -12,7 +12,7 @@ from sklearn.datasets import load_sample_image
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
 
 from boatvit import cli
-from boatvit.predict import class_names
+from boatvit.prediction import class_names
 from boatvit.runs import save_weights
 
 CLASSES = ['apple', 'bear', 'cat', 'dog', 'eel', 'fox', 'gnu', 'hen', 'ibis', 'jay']
@@ -92,11 +92,14 @@ def test_class_names():
     assert class_names(3, {'classes': CLASSES}) == ['0', '1', '2']  # names for another head are not used
 
 
-@pytest.mark.parametrize('kind, message', [
-    ('broken image', 'not a readable image'),
-    ('missing', 'no such file or directory'),
-    ('topk', '--topk must be at least 1'),
-])
+@pytest.mark.parametrize(
+    'kind, message',
+    [
+        ('broken image', 'not a readable image'),
+        ('missing', 'no such file or directory'),
+        ('topk', '--topk must be at least 1'),
+    ],
+)
 def test_bad_input_is_named(tmp_path, nano, kind, message, capsys):
     image = tmp_path / 'broken.jpg'
     argv = ['predict', str(image), '--weights', str(nano[0])]

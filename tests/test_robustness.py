@@ -52,15 +52,27 @@ BAD_IMAGES = [
     ('uint8', lambda: torch.zeros(1, 3, 64, 64, dtype=torch.uint8), ValueError, r'floating-point .* x.float\(\)'),
     ('bool', lambda: torch.zeros(1, 3, 64, 64, dtype=torch.bool), ValueError, 'floating-point'),
     ('complex', lambda: torch.zeros(1, 3, 64, 64, dtype=torch.complex64), ValueError, 'floating-point'),
-    ('float64', lambda: torch.zeros(1, 3, 64, 64, dtype=torch.float64), ValueError,
-     r'images are torch.float64 but .* weights are torch.float32; convert with x.to\(torch.float32\)'),
+    (
+        'float64',
+        lambda: torch.zeros(1, 3, 64, 64, dtype=torch.float64),
+        ValueError,
+        r'images are torch.float64 but .* weights are torch.float32; convert with x.to\(torch.float32\)',
+    ),
     ('float16', lambda: torch.zeros(1, 3, 64, 64, dtype=torch.float16), ValueError, 'torch.autocast'),
-    ('meta device', lambda: torch.zeros(1, 3, 64, 64, device='meta'), ValueError,
-     'images are on meta but the model is on cpu'),
+    (
+        'meta device',
+        lambda: torch.zeros(1, 3, 64, 64, device='meta'),
+        ValueError,
+        'images are on meta but the model is on cpu',
+    ),
     ('1 channel', lambda: torch.zeros(1, 1, 64, 64), ValueError, r'3 input channels, got 1 .* in_chans=1'),
     ('empty batch', lambda: torch.zeros(0, 3, 64, 64), ValueError, 'empty batch'),
-    ('other size', lambda: torch.zeros(1, 3, 96, 64), ValueError,
-     'built for 64x64 images, got 96x64.*dynamic_img_size'),
+    (
+        'other size',
+        lambda: torch.zeros(1, 3, 96, 64),
+        ValueError,
+        'built for 64x64 images, got 96x64.*dynamic_img_size',
+    ),
 ]
 
 
@@ -91,8 +103,11 @@ image_shapes = st.one_of(
 
 
 @settings(max_examples=40, deadline=None)
-@given(family=st.sampled_from(FAMILIES), shape=image_shapes,
-       dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.int64, torch.bool]))
+@given(
+    family=st.sampled_from(FAMILIES),
+    shape=image_shapes,
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.int64, torch.bool]),
+)
 def test_any_input_is_accepted_or_rejected_at_the_boundary(dynamic_models, family, shape, dtype):
     model = dynamic_models[family]
     x = torch.zeros(shape, dtype=dtype)
@@ -112,45 +127,93 @@ BAD_CALLS = [
     ('clustering: 3-D', lambda: balanced_hierarchical_clustering(q[0]), ValueError, 'got a 3-D tensor'),
     ('clustering: int', lambda: balanced_hierarchical_clustering(q.long()), ValueError, 'floating-point'),
     ('clustering: no tokens', lambda: balanced_hierarchical_clustering(q[:, :, :0]), ValueError, 'at least one token'),
-    ('clustering: cluster_size 0', lambda: balanced_hierarchical_clustering(q, cluster_size=0), ValueError,
-     'cluster_size must be a positive int, got 0'),
-    ('clustering: cluster_size str', lambda: balanced_hierarchical_clustering(q, cluster_size='49'), ValueError,
-     "cluster_size must be a positive int, got '49'"),
-    ('clustering: iterations', lambda: balanced_hierarchical_clustering(q, iterations=2.0), ValueError,
-     'iterations must be a non-negative int, got 2.0'),
-    ('clustering: temperature nan', lambda: balanced_hierarchical_clustering(q, temperature=float('nan')),
-     ValueError, 'temperature must be a positive finite number, got nan'),
-    ('clustering: temperature str', lambda: balanced_hierarchical_clustering(q, temperature='100'), ValueError,
-     "temperature must be a positive finite number, got '100'"),
+    (
+        'clustering: cluster_size 0',
+        lambda: balanced_hierarchical_clustering(q, cluster_size=0),
+        ValueError,
+        'cluster_size must be a positive int, got 0',
+    ),
+    (
+        'clustering: cluster_size str',
+        lambda: balanced_hierarchical_clustering(q, cluster_size='49'),
+        ValueError,
+        "cluster_size must be a positive int, got '49'",
+    ),
+    (
+        'clustering: iterations',
+        lambda: balanced_hierarchical_clustering(q, iterations=2.0),
+        ValueError,
+        'iterations must be a non-negative int, got 2.0',
+    ),
+    (
+        'clustering: temperature nan',
+        lambda: balanced_hierarchical_clustering(q, temperature=float('nan')),
+        ValueError,
+        'temperature must be a positive finite number, got nan',
+    ),
+    (
+        'clustering: temperature str',
+        lambda: balanced_hierarchical_clustering(q, temperature='100'),
+        ValueError,
+        "temperature must be a positive finite number, got '100'",
+    ),
     ('fsla: list', lambda: feature_space_attention(q, [1.0], q), TypeError, 'k must be a torch.Tensor'),
     ('fsla: 3-D', lambda: feature_space_attention(q[0], q[0], q[0]), ValueError, r'\(B, heads, N, head_dim\)'),
     ('fsla: shapes', lambda: feature_space_attention(q, q[:, :, :50], q), ValueError, 'must have the same shape'),
-    ('fsla: overlap', lambda: feature_space_attention(q, q, q, overlap=49), ValueError,
-     r'overlap must be an int in \[0, cluster_size=49\), got 49'),
+    (
+        'fsla: overlap',
+        lambda: feature_space_attention(q, q, q, overlap=49),
+        ValueError,
+        r'overlap must be an int in \[0, cluster_size=49\), got 49',
+    ),
     ('fsla: overlap float', lambda: feature_space_attention(q, q, q, overlap=2.5), ValueError, 'got 2.5'),
-    ('fsla: cluster_size', lambda: feature_space_attention(q, q, q, cluster_size='a'), ValueError,
-     "cluster_size must be a positive int, got 'a'"),
+    (
+        'fsla: cluster_size',
+        lambda: feature_space_attention(q, q, q, cluster_size='a'),
+        ValueError,
+        "cluster_size must be a positive int, got 'a'",
+    ),
     ('module: heads', lambda: FeatureSpaceAttention(16, 3), ValueError, 'dim=16, num_heads=3'),
     ('module: zero heads', lambda: FeatureSpaceAttention(16, 0), ValueError, 'num_heads=0'),
     ('module: zero dim', lambda: FeatureSpaceAttention(0, 1), ValueError, 'dim=0'),
     ('module: x list', lambda: FeatureSpaceAttention(16, 2)([0.0], (10, 10)), TypeError, 'x must be a torch.Tensor'),
-    ('module: x channels', lambda: FeatureSpaceAttention(16, 2)(torch.zeros(1, 100, 8), (10, 10)), ValueError,
-     r'expects \(B, N, 16\) tokens, got shape \(1, 100, 8\)'),
-    ('module: size int', lambda: FeatureSpaceAttention(16, 2)(torch.zeros(1, 100, 16), 10), TypeError,
-     r'size must be the token grid \(H, W\), got 10'),
-    ('module: size product', lambda: FeatureSpaceAttention(16, 2)(torch.zeros(1, 100, 16), (10, 11)), ValueError,
-     'has 110 positions but x has N=100 tokens'),
+    (
+        'module: x channels',
+        lambda: FeatureSpaceAttention(16, 2)(torch.zeros(1, 100, 8), (10, 10)),
+        ValueError,
+        r'expects \(B, N, 16\) tokens, got shape \(1, 100, 8\)',
+    ),
+    (
+        'module: size int',
+        lambda: FeatureSpaceAttention(16, 2)(torch.zeros(1, 100, 16), 10),
+        TypeError,
+        r'size must be the token grid \(H, W\), got 10',
+    ),
+    (
+        'module: size product',
+        lambda: FeatureSpaceAttention(16, 2)(torch.zeros(1, 100, 16), (10, 11)),
+        ValueError,
+        'has 110 positions but x has N=100 tokens',
+    ),
     ('model: img_size', lambda: reduced('swin', img_size=16), ValueError, 'ints >= 32'),
     ('model: depths', lambda: reduced('cswin', depths=(1, 1)), ValueError, 'must have the same length'),
     ('model: num_classes', lambda: reduced('swin', num_classes=-1), ValueError, 'non-negative int'),
     ('model: in_chans', lambda: reduced('cswin', in_chans=0), ValueError, 'in_chans must be a positive int'),
-    ('model: split_size', lambda: reduced('cswin', split_size=(0, 2, 7, 7)), ValueError,
-     r'split_size must be positive ints \(stripe widths\), got \(0, 2, 7, 7\)'),
+    (
+        'model: split_size',
+        lambda: reduced('cswin', split_size=(0, 2, 7, 7)),
+        ValueError,
+        r'split_size must be positive ints \(stripe widths\), got \(0, 2, 7, 7\)',
+    ),
     ('model: fsla_blocks', lambda: reduced('swin', fsla_blocks='every'), ValueError, "got 'every'"),
     ('model: fsla_overlap', lambda: reduced('swin', fsla_overlap=60), ValueError, 'overlap must be an int'),
     ('model: reset_classifier', lambda: reduced('swin').reset_classifier('5'), ValueError, "got '5'"),
-    ('model: output_fmt', lambda: reduced('cswin').forward_intermediates(torch.zeros(1, 3, 224, 224), output_fmt='x'),
-     ValueError, "output_fmt must be 'NCHW' or 'NHWC'"),
+    (
+        'model: output_fmt',
+        lambda: reduced('cswin').forward_intermediates(torch.zeros(1, 3, 224, 224), output_fmt='x'),
+        ValueError,
+        "output_fmt must be 'NCHW' or 'NHWC'",
+    ),
 ]
 
 
@@ -174,9 +237,27 @@ def test_command_line_usage_errors(argv, capsys):
     assert 'usage: boatvit' in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    'argv, message',
+    [
+        (['train', '--device', 'gpu'], "--device 'gpu' is not a device torch knows"),
+        (['train', '--device', 'mps'], 'torch has no mps device on this machine; pass --device cpu'),
+    ],
+)
+def test_bad_devices_are_one_line_and_leave_no_run_directory(argv, message, tmp_path, capsys):
+    assert cli.main([*argv, '--output', str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and 'Traceback' not in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
+
+
 # 100 x 100: stage 1 has 25 x 25 = 625 tokens, padded with 7 ghosts
-NON_FINITE = [(224, float('nan'), 'image'), (100, float('nan'), 'pixel'), (100, float('inf'), 'pixel'),
-              (100, float('-inf'), 'image')]
+NON_FINITE = [
+    (224, float('nan'), 'image'),
+    (100, float('nan'), 'pixel'),
+    (100, float('inf'), 'pixel'),
+    (100, float('-inf'), 'image'),
+]
 
 
 @pytest.mark.parametrize('size, value, where', NON_FINITE)
@@ -192,9 +273,9 @@ def test_non_finite_image_leaves_the_others_unchanged(family, size, value, where
         final, stages = model.forward_intermediates(x)
         assert not torch.isfinite(model.forward_head(final)[0]).all()
         for i in (1, 2):
-            alone_final, alone_stages = model.forward_intermediates(x[i:i + 1])
+            alone_final, alone_stages = model.forward_intermediates(x[i : i + 1])
             for batched, alone in zip([final, *stages], [alone_final, *alone_stages]):
-                torch.testing.assert_close(batched[i:i + 1], alone, rtol=1e-12, atol=1e-12)
+                torch.testing.assert_close(batched[i : i + 1], alone, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize('family', FAMILIES)
@@ -210,8 +291,11 @@ def test_non_finite_image_float32_other_images_bit_identical(family):
 
 
 @settings(max_examples=30, deadline=None)
-@given(shape=st.tuples(st.integers(2, 3), st.integers(1, 2), st.integers(1, 300), st.integers(1, 8)),
-       value=st.sampled_from([float('nan'), float('inf'), float('-inf')]), data=st.data())
+@given(
+    shape=st.tuples(st.integers(2, 3), st.integers(1, 2), st.integers(1, 300), st.integers(1, 8)),
+    value=st.sampled_from([float('nan'), float('inf'), float('-inf')]),
+    data=st.data(),
+)
 def test_non_finite_queries_cluster_as_a_permutation(shape, value, data):
     """Including when ghosts pad the tokens: a NaN or +inf key must still sort before them."""
     B, heads, N, d = shape

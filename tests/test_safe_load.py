@@ -24,16 +24,31 @@ def test_swin_checkpoint_with_unimportable_config(tmp_path, zipfile):
 
     def build(mod):
         config = mod.CfgNode({'MODEL': mod.CfgNode({'TYPE': 'swin', 'DROP_PATH_RATE': 0.2}), 'TAGS': ('a', 'b')})
-        return {'model': weights, 'optimizer': {'state': {}, 'param_groups': [{'lr': 1e-3, 'params': [0]}]},
-                'lr_scheduler': {'base_values': [1e-3]}, 'max_accuracy': 81.2, 'epoch': 299, 'config': config,
-                'notes': b'\x00bytes', 'seen': {1, 2}}
+        return {
+            'model': weights,
+            'optimizer': {'state': {}, 'param_groups': [{'lr': 1e-3, 'params': [0]}]},
+            'lr_scheduler': {'base_values': [1e-3]},
+            'max_accuracy': 81.2,
+            'epoch': 299,
+            'config': config,
+            'notes': b'\x00bytes',
+            'seen': {1, 2},
+        }
 
     module = save_with_foreign_module(tmp_path, path, CFGNODE_SOURCE, build, _use_new_zipfile_serialization=zipfile)
     checkpoint = load_checkpoint_file(path)
 
     assert module not in sys.modules  # stubbed, never imported
-    assert checkpoint.keys() == {'model', 'optimizer', 'lr_scheduler', 'max_accuracy', 'epoch', 'config', 'notes',
-                                 'seen'}
+    assert checkpoint.keys() == {
+        'model',
+        'optimizer',
+        'lr_scheduler',
+        'max_accuracy',
+        'epoch',
+        'config',
+        'notes',
+        'seen',
+    }
     for k, v in weights.items():
         assert torch.equal(checkpoint['model'][k], v)
     config = checkpoint['config']
@@ -46,8 +61,18 @@ def test_swin_checkpoint_with_unimportable_config(tmp_path, zipfile):
 def test_cswin_checkpoint_loads_with_weights_only(tmp_path, monkeypatch):
     path = tmp_path / 'cswin_tiny.pth.tar'
     args = argparse.Namespace(model='CSWin_64_12211_tiny_224', lr=2e-3, model_ema=True)
-    torch.save({'epoch': 299, 'arch': args.model, 'state_dict': {'head.weight': torch.ones(2, 2)}, 'version': 2,
-                'args': args, 'state_dict_ema': {'head.weight': torch.zeros(2, 2)}, 'metric': 82.1}, path)
+    torch.save(
+        {
+            'epoch': 299,
+            'arch': args.model,
+            'state_dict': {'head.weight': torch.ones(2, 2)},
+            'version': 2,
+            'args': args,
+            'state_dict_ema': {'head.weight': torch.zeros(2, 2)},
+            'metric': 82.1,
+        },
+        path,
+    )
     calls = []
     real_load = torch.load
     monkeypatch.setattr(torch, 'load', lambda *a, **kw: calls.append(kw) or real_load(*a, **kw))
@@ -101,8 +126,9 @@ def test_refuses_call_to_unknown_function(tmp_path):
 def test_refuses_old_protocol_objects_of_unknown_classes(tmp_path):
     """Protocols 0 and 1 rebuild objects by calling copyreg._reconstructor: a call, so refused."""
     path = tmp_path / 'old.pth'
-    save_with_foreign_module(tmp_path, path, CFGNODE_SOURCE, lambda mod: {'config': mod.CfgNode({'a': 1})},
-                             pickle_protocol=1)
+    save_with_foreign_module(
+        tmp_path, path, CFGNODE_SOURCE, lambda mod: {'config': mod.CfgNode({'a': 1})}, pickle_protocol=1
+    )
     with pytest.raises(UnsafeCheckpointError, match=r'calls copy_?reg\._reconstructor\(\)'):
         load_checkpoint_file(path)
 
@@ -123,15 +149,18 @@ def _truncated_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize('kind, message', [
-    ('missing', 'no such file'),
-    ('directory', 'not a file'),
-    ('empty', 'empty'),
-    ('jpeg', 'not a checkpoint'),
-    ('truncated torch', 'truncated or corrupt'),
-    ('truncated safetensors', 'truncated or corrupt'),
-    ('tensor, not a dict', 'not a checkpoint dict'),
-])
+@pytest.mark.parametrize(
+    'kind, message',
+    [
+        ('missing', 'no such file'),
+        ('directory', 'not a file'),
+        ('empty', 'empty'),
+        ('jpeg', 'not a checkpoint'),
+        ('truncated torch', 'truncated or corrupt'),
+        ('truncated safetensors', 'truncated or corrupt'),
+        ('tensor, not a dict', 'not a checkpoint dict'),
+    ],
+)
 def test_bad_files_are_named(tmp_path, kind, message):
     path = tmp_path / 'bad.pth'
     if kind == 'directory':

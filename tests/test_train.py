@@ -16,11 +16,13 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-import boatvit.train as train_mod
+import boatvit.training as train_mod
 from boatvit import runs
 from boatvit.cli import build_parser, main
 from boatvit.recipes import RECIPES
-from boatvit.train import TrainConfig, config_from_args, learning_rate
+from boatvit.weights import read_weights
+from boatvit.cli.train import config_from_args
+from boatvit.training import TrainConfig, learning_rate
 from test_data import make_image_folder
 from test_evaluate import TINY_FLAGS
 
@@ -55,8 +57,16 @@ def straight_run(tmp_path_factory) -> Path:
 
 def test_default_run_writes_every_artefact(default_run, capsys):
     run_dir = default_run
-    for name in ('config.json', 'metrics.csv', 'metrics.json', 'curves.png', 'last.safetensors', 'last.pt',
-                 'best.safetensors', 'best.pt'):
+    for name in (
+        'config.json',
+        'metrics.csv',
+        'metrics.json',
+        'curves.png',
+        'last.safetensors',
+        'last.pt',
+        'best.safetensors',
+        'best.pt',
+    ):
         assert (run_dir / name).is_file(), name
     assert not list(run_dir.glob('.*.tmp'))
 
@@ -73,7 +83,7 @@ def test_default_run_writes_every_artefact(default_run, capsys):
 
     state = runs.load_state(run_dir / 'last.pt')  # weights_only: no pickled code in the resumable state
     assert state['epoch'] == 2 and {'optimizer', 'scheduler', 'scaler', 'model'} <= state['trainer'].keys()
-    meta = runs.read_weights_metadata(run_dir / 'last.safetensors')
+    meta = read_weights(run_dir / 'last.safetensors').metadata
     assert meta['model'] == 'boat_swin_nano_32' and meta['epoch'] == 2 and meta['data'] == 'digits'
     assert_same_tensors(load_file(run_dir / 'last.safetensors'), state['trainer']['model'])
     # the weights carry their model and transform, so the run directory is all eval needs
@@ -102,8 +112,10 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, straight_run
             def hook(module, inputs):
                 if module.training and next(calls) == 4:
                     raise Crash()
+
             model.register_forward_pre_hook(hook)
             return model
+
         monkeypatch.setattr(train_mod, 'build_model', build_crashing)
     else:
         # the renaming of epoch 2's resumable state fails: the file still holds epoch 1
@@ -113,6 +125,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, straight_run
             if Path(dst).name == 'last.pt' and runs.load_state(src)['epoch'] == 2:
                 raise Crash()
             real_replace(src, dst)
+
         monkeypatch.setattr(runs.os, 'replace', replace_failing)
     with pytest.raises(Crash):
         train(tmp_path, 'resumed', *RANDOM)
@@ -128,15 +141,17 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, straight_run
     assert a['trainer']['optimizer']['state'].keys() == b['trainer']['optimizer']['state'].keys()
     for key in a['trainer']['optimizer']['state']:
         assert_same_tensors(a['trainer']['optimizer']['state'][key], b['trainer']['optimizer']['state'][key])
+
     def without_timing(history):
         return [{k: v for k, v in row.items() if k not in ('train_images_per_s', 'epoch_s')} for row in history]
+
     assert without_timing(a['history']) == without_timing(b['history'])
 
 
 def test_resume_refuses_other_settings_and_finished_runs(tmp_path, default_run, capsys):
     run_dir = default_run
     assert main(['train', '--resume', str(run_dir), '--lr', '0.1']) == 2
-    assert '--resume continues with the run\'s own config.json; drop --lr' in capsys.readouterr().err
+    assert "--resume continues with the run's own config.json; drop --lr" in capsys.readouterr().err
     assert main(['train', '--resume', str(run_dir / 'last.pt')]) == 0
     assert 'already finished' in capsys.readouterr().out
     assert main(['train', '--resume', str(tmp_path)]) == 2
@@ -162,16 +177,51 @@ def test_torchrun_two_processes_match_one(tmp_path):
     """2 gloo processes x 4 images train the same weights as 1 process x 8 images, to float noise."""
     # SGD rather than AdamW: Adam divides by the gradient's own scale, which would hide mis-averaged gradients
     common = [
-        '-m', 'boatvit', 'train', '--output', str(tmp_path), '--epochs', '1', '--limit-batches', '3',
-        '--workers', '0', '--quiet', '--no-aug', '--mixup', '0', '--cutmix', '0', '--drop-path', '0',
-        '--opt', 'sgd', '--lr', '0.05', *TINY_FLAGS,
+        '-m',
+        'boatvit',
+        'train',
+        '--output',
+        str(tmp_path),
+        '--epochs',
+        '1',
+        '--limit-batches',
+        '3',
+        '--workers',
+        '0',
+        '--quiet',
+        '--no-aug',
+        '--mixup',
+        '0',
+        '--cutmix',
+        '0',
+        '--drop-path',
+        '0',
+        '--opt',
+        'sgd',
+        '--lr',
+        '0.05',
+        *TINY_FLAGS,
     ]
     env = dict(os.environ, OMP_NUM_THREADS='1')
     subprocess.run([sys.executable, *common, '--name', 'one', '--batch-size', '8'], check=True, env=env, timeout=300)
-    subprocess.run([
-        sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-        *common, '--name', 'two', '--batch-size', '4',
-    ], check=True, env=env, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            '-m',
+            'torch.distributed.run',
+            '--standalone',
+            '--nproc_per_node',
+            '2',
+            *common,
+            '--name',
+            'two',
+            '--batch-size',
+            '4',
+        ],
+        check=True,
+        env=env,
+        timeout=300,
+    )
     one, two = load_file(tmp_path / 'one' / 'last.safetensors'), load_file(tmp_path / 'two' / 'last.safetensors')
     # the runs differ only in the order gradients are summed: measured 1.5e-8 apart after 3 steps (weights up to 1)
     assert_same_tensors(one, two, atol=1e-6)
@@ -185,8 +235,30 @@ def test_torchrun_two_processes_match_one(tmp_path):
 def test_image_folder_with_the_full_augmentation_trains_and_evaluates(tmp_path, capsys):
     # the generic defaults: RandAugment, random erasing, mixup and cutmix, label smoothing
     data = make_image_folder(tmp_path / 'data', {'train': {'a': 8, 'b': 8}, 'val': {'a': 3, 'b': 2}})
-    assert main(['train', '--data', str(data), '--model', 'boat_swin_nano_32', *TINY_FLAGS, '--epochs', '1',
-                 '--batch-size', '8', '--workers', '0', '--quiet', '--output', str(tmp_path), '--name', 'run']) == 0
+    assert (
+        main(
+            [
+                'train',
+                '--data',
+                str(data),
+                '--model',
+                'boat_swin_nano_32',
+                *TINY_FLAGS,
+                '--epochs',
+                '1',
+                '--batch-size',
+                '8',
+                '--workers',
+                '0',
+                '--quiet',
+                '--output',
+                str(tmp_path),
+                '--name',
+                'run',
+            ]
+        )
+        == 0
+    )
     config = json.loads((tmp_path / 'run' / 'config.json').read_text())
     assert config['recipe'] is None and config['config']['aa'] == 'rand-m9-mstd0.5-inc1'
     assert config['classes'] == ['a', 'b'] and config['updates_per_epoch'] == 2

@@ -10,7 +10,7 @@ from sklearn.datasets import load_sample_image
 
 from boatvit import cli
 from boatvit.runs import save_weights
-from boatvit.visualize import cluster_labels, first_layer_per_stage
+from boatvit.cluster_pictures import cluster_labels, first_layer_per_stage
 
 
 @pytest.fixture(scope='module')
@@ -44,10 +44,13 @@ def test_labels_are_the_reference_clusters(reference_fixture):
     assert torch.equal(labels.flatten(2), expected)
 
 
-@pytest.mark.parametrize('extra, size', [
-    ([], (3 * 64, 2 * 64)),  # first layer of each stage, both heads of the second: image + 2 panels, 2 rows
-    (['--layer', 'layers.1.blocks.1', '--heads', '1'], (2 * 64, 64)),
-])
+@pytest.mark.parametrize(
+    'extra, size',
+    [
+        ([], (3 * 64, 2 * 64)),  # first layer of each stage, both heads of the second: image + 2 panels, 2 rows
+        (['--layer', 'layers.1.blocks.1', '--heads', '1'], (2 * 64, 64)),
+    ],
+)
 def test_png_is_written_at_the_expected_size(tmp_path, china, nano_weights, extra, size, capsys):
     out = tmp_path / 'clusters.png'
     argv = ['clusters', str(china), '--weights', str(nano_weights), '-o', str(out), '--panel-size', '64']
@@ -63,11 +66,14 @@ def test_untrained_model_is_drawn_with_a_warning(tmp_path, china, capsys):
     assert 'untrained' in capsys.readouterr().err and out.is_file()
 
 
-@pytest.mark.parametrize('extra, message', [
-    (['--layer', 'layers.2.blocks.1'], 'layers.0.blocks.1, layers.1.blocks.1'),
-    (['--heads', '2'], 'at most 2 heads'),
-    (['-o', 'clusters.jpg'], 'must be a .png'),
-])
+@pytest.mark.parametrize(
+    'extra, message',
+    [
+        (['--layer', 'layers.2.blocks.1'], 'layers.0.blocks.1, layers.1.blocks.1'),
+        (['--heads', '2'], 'at most 2 heads'),
+        (['-o', 'clusters.jpg'], 'must be a .png'),
+    ],
+)
 def test_bad_choices_are_explained(tmp_path, china, nano_weights, extra, message, capsys):
     argv = ['clusters', str(china), '--weights', str(nano_weights), '-o', str(tmp_path / 'c.png')]
     assert cli.main(argv + extra) == 2

@@ -8,6 +8,7 @@ The public model API follows timm's hierarchical models (``swin_transformer.py``
 from __future__ import annotations
 
 import operator
+import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
@@ -17,6 +18,8 @@ from timm.layers import ClassifierHead, trunc_normal_
 from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
+
+from ..checkpoint import load_filtered
 
 __all__ = ['BoatStage', 'BoatTransformer', 'build_boat_model', 'init_weights']
 
@@ -260,10 +263,11 @@ class BoatTransformer(nn.Module):
         (either reference format; timm's own loader refuses the BOAT-Swin one) or a ``boatvit convert`` file strictly,
         without running code from it. A model created with another ``num_classes`` than its pretrained cfg keeps its
         own classifier, as timm does for fine-tuning."""
-        from ..checkpoint import load_reference_weights  # checkpoint.py imports the model modules
-
-        load_reference_weights(self, checkpoint_path,
-                               load_classifier=self.num_classes == self.pretrained_cfg.get('num_classes'))
+        # the family's key filter is its module's checkpoint_filter_fn (timm's convention); looked up through the
+        # model's own module so that nothing here imports the family modules, which import this one
+        filter_fn = sys.modules[type(self).__module__].checkpoint_filter_fn
+        load_filtered(self, checkpoint_path, self.family, filter_fn,
+                      load_classifier=self.num_classes == self.pretrained_cfg.get('num_classes'))
 
 
 def boat_cfg(crop_pct: float, **kwargs: Any) -> Dict[str, Any]:

@@ -1,7 +1,9 @@
-"""The ``boatvit`` command line: one entry point, one module per sub-command.
+"""The ``boatvit`` command line: thin front-ends over the library, one module per sub-command.
 
-Each module in ``COMMANDS`` defines ``add_parser(subparsers)``, which adds its sub-command and sets the parser's
-``run`` default to a function taking the parsed arguments and returning an exit code.
+Each module in `COMMANDS` defines ``add_parser(subparsers)``, which adds its sub-command and sets the parser's ``run``
+default to a function that takes the parsed arguments, calls one library function, prints its result and returns an
+exit code. The library raises `boatvit.errors.BoatvitError` for input a user can fix; `main` prints it as one line
+and exits with status 2. Nothing outside this package imports it.
 """
 
 from __future__ import annotations
@@ -11,19 +13,19 @@ import importlib
 import sys
 from typing import List, Optional
 
+from ..errors import BoatvitError
+
+__all__ = ['COMMANDS', 'build_parser', 'main']
+
 # sub-command name -> module that implements it
 COMMANDS = {
-    'train': 'boatvit.train',
-    'eval': 'boatvit.evaluate',
-    'convert': 'boatvit.convert',
-    'predict': 'boatvit.predict',
-    'clusters': 'boatvit.visualize',
-    'export': 'boatvit.export',
+    'train': 'boatvit.cli.train',
+    'eval': 'boatvit.cli.eval',
+    'convert': 'boatvit.cli.convert',
+    'predict': 'boatvit.cli.predict',
+    'clusters': 'boatvit.cli.clusters',
+    'export': 'boatvit.cli.export',
 }
-
-
-class UsageError(Exception):
-    """Bad input the user can fix: printed as one line, exit status 2, no traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +45,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except UsageError as e:
+    except BoatvitError as e:
         print(f'boatvit {args.command}: error: {e}', file=sys.stderr)
         return 2
 

@@ -1,4 +1,4 @@
-"""``boatvit clusters``: what the feature-space local attention does, drawn.
+"""What the feature-space local attention does, drawn (``boatvit clusters``).
 
 For each chosen FSLA layer, the model's input image beside one panel per head in which every token is coloured by
 the cluster the balanced hierarchical clustering put it in. Tokens of one cluster attend to each other (and to 20
@@ -11,25 +11,21 @@ with the layer's own parameters, exactly as its forward does.
 
 from __future__ import annotations
 
-import argparse
-import sys
+import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from matplotlib.colors import hsv_to_rgb
-from matplotlib.figure import Figure
 
-from .cli import UsageError
 from .clustering import balanced_hierarchical_clustering, cluster_layout
-from .convert import add_model_arguments, load_model
-from .evaluate import build_model
+from .data import eval_data_config, eval_transform, open_image, require_extra
+from .errors import UsageError
 from .fsla import FeatureSpaceAttention
-from .predict import data_config, eval_transform, open_image
 from .runs import atomic_path
+from .weights import build_model, check_boat_name, load_model
 
-__all__ = ['fsla_layers', 'first_layer_per_stage', 'cluster_labels', 'plot_clusters']
+__all__ = ['fsla_layers', 'first_layer_per_stage', 'choose_layers', 'cluster_labels', 'plot_clusters', 'draw_clusters']
 
 DPI = 64
 MAX_DEFAULT_HEADS = 4
@@ -75,6 +71,7 @@ def cluster_labels(model: torch.nn.Module, images: torch.Tensor, layers: Sequenc
             cluster_of_slot = torch.repeat_interleave(torch.arange(len(sizes), device=order.device), sizes)
             token_cluster = torch.empty_like(order).scatter_(-1, order, cluster_of_slot.expand_as(order))
             labels[name] = token_cluster.view(B, module.num_heads, H, W).cpu()
+
         return hook
 
     handles = [modules[name].register_forward_pre_hook(capture(name)) for name in layers]
@@ -88,6 +85,8 @@ def cluster_labels(model: torch.nn.Module, images: torch.Tensor, layers: Sequenc
 
 def _palette(n: int) -> np.ndarray:
     """``n`` RGB colours; hues step by the golden ratio so sibling clusters (consecutive indices) look different."""
+    from matplotlib.colors import hsv_to_rgb
+
     hues = (np.arange(n) * _GOLDEN) % 1.0
     return hsv_to_rgb(np.stack([hues, np.full(n, 0.75), np.full(n, 0.95)], axis=-1))
 
@@ -106,11 +105,11 @@ def _overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.55) -> np.n
 
 
 def plot_clusters(
-        image: np.ndarray,
-        labels: Dict[str, torch.Tensor],
-        path: Path,
-        heads: Optional[Sequence[int]] = None,
-        panel_px: int = 256,
+    image: np.ndarray,
+    labels: Dict[str, torch.Tensor],
+    path: Path,
+    heads: Optional[Sequence[int]] = None,
+    panel_px: int = 256,
 ) -> None:
     """Draw one row per layer: the image, then the chosen heads' clusters; written atomically as a PNG.
 
@@ -121,8 +120,13 @@ def plot_clusters(
         heads: head indices to show where a layer has them; default: the first 4 of each layer.
         panel_px: side of each panel in pixels.
     """
-    shown = {name: [h for h in (heads if heads is not None else range(MAX_DEFAULT_HEADS)) if h < lab.shape[0]]
-             for name, lab in labels.items()}
+    require_extra('matplotlib', 'matplotlib', 'drawing clusters')
+    from matplotlib.figure import Figure  # imported here: slow to import, and optional
+
+    shown = {
+        name: [h for h in (heads if heads is not None else range(MAX_DEFAULT_HEADS)) if h < lab.shape[0]]
+        for name, lab in labels.items()
+    }
     cols = 1 + max(len(h) for h in shown.values())
     fig = Figure(figsize=(cols * panel_px / DPI, len(labels) * panel_px / DPI), dpi=DPI, layout='constrained')
     axes = fig.subplots(len(labels), cols, squeeze=False)
@@ -138,7 +142,9 @@ def plot_clusters(
         fig.savefig(tmp, format='png', dpi=DPI)  # a bare Figure renders with Agg: no display needed
 
 
-def _choose_layers(available: Sequence[str], requested: Optional[Sequence[str]]) -> List[str]:
+def choose_layers(available: Sequence[str], requested: Optional[Sequence[str]]) -> List[str]:
+    """The FSLA layers to draw: the first of each stage by default, ``['all']`` for all, else the named ones
+    (``layers.0.blocks.1`` or with ``.fsla``)."""
     if not requested:
         return first_layer_per_stage(available)
     if list(requested) == ['all']:
@@ -147,63 +153,70 @@ def _choose_layers(available: Sequence[str], requested: Optional[Sequence[str]])
     for name in requested:
         full = name if name.endswith('.fsla') else f'{name}.fsla'
         if full not in available:
-            raise UsageError(f'--layer {name}: no feature-space attention there; the FSLA layers are '
-                             f'{", ".join(n[:-len(".fsla")] for n in available)} (or pass --layer all)')
+            raise UsageError(
+                f'--layer {name}: no feature-space attention there; the FSLA layers are '
+                f'{", ".join(n[: -len(".fsla")] for n in available)} (or pass --layer all)'
+            )
         chosen.append(full)
     return chosen
 
 
-def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        'clusters',
-        help='draw the feature-space attention clusters of an image',
-        description='Run one image through a BOAT model and draw, for chosen FSLA layers and heads, the image with '
-                    'each token coloured by its cluster, beside the plain image.',
-    )
-    parser.add_argument('image', help='image file')
-    parser.add_argument('-o', '--output', required=True, help='PNG file to write')
-    parser.add_argument('--weights', help='checkpoint or .safetensors file; without it the model is untrained')
-    add_model_arguments(parser)
-    parser.add_argument('--layer', nargs='+', metavar='NAME',
-                        help="FSLA layers, e.g. layers.0.blocks.1, or 'all'; default: the first of each stage")
-    parser.add_argument('--heads', nargs='+', type=int, metavar='H',
-                        help=f'heads to draw; default: the first {MAX_DEFAULT_HEADS} of each layer')
-    parser.add_argument('--panel-size', type=int, default=256, help='pixels per panel side (default: 256)')
-    parser.set_defaults(run=run)
+def draw_clusters(
+    image: Union[str, os.PathLike],
+    out: Union[str, os.PathLike],
+    weights: Optional[Union[str, os.PathLike]] = None,
+    model: Optional[str] = None,
+    model_kwargs: Optional[Mapping[str, Any]] = None,
+    use_ema: bool = True,
+    layers: Optional[Sequence[str]] = None,
+    heads: Optional[Sequence[int]] = None,
+    panel_px: int = 256,
+) -> Tuple[str, List[str]]:
+    """Draw the clusters of one image at chosen FSLA layers of a model into a PNG (see `plot_clusters`).
 
+    Args:
+        image: the image file.
+        out: the ``.png`` to write.
+        weights: any weight source (`boatvit.weights.load_model`); None draws an untrained ``model``.
+        model, model_kwargs, use_ema: see `boatvit.weights.load_model`.
+        layers: see `choose_layers`.
+        heads, panel_px: see `plot_clusters`.
 
-def run(args: argparse.Namespace) -> int:
-    out = Path(args.output)
+    Returns:
+        The model name and the layers drawn.
+
+    Raises:
+        UsageError: bad arguments, image or weights, named.
+    """
+    out = Path(out)
     if out.suffix.lower() != '.png':
         raise UsageError(f'{out}: the output must be a .png file')
     if not out.parent.is_dir():
         raise UsageError(f'{out}: the directory {out.parent} does not exist; create it first')
-    if args.panel_size < 64:
-        raise UsageError(f'--panel-size must be at least 64 pixels, got {args.panel_size}')
-    kwargs = dict(args.model_kwargs) if args.model_kwargs is not None else None
-    if args.weights:
-        loaded = load_model(args.weights, model=args.model, model_kwargs=kwargs, use_ema=args.ema)
-        model, name, metadata = loaded.model, loaded.name, loaded.metadata
-    elif args.model:
-        model, name, metadata = build_model(args.model, num_classes=0, model_kwargs=kwargs).eval(), args.model, {}
-        print(f'boatvit clusters: no --weights, so {name} is untrained and its clusters are those of random '
-              'features', file=sys.stderr)
+    if panel_px < 64:
+        raise UsageError(f'--panel-size must be at least 64 pixels, got {panel_px}')
+    metadata: Dict[str, Any] = {}
+    if weights:
+        loaded = load_model(weights, model=model, model_kwargs=model_kwargs, use_ema=use_ema)
+        built, name, metadata = loaded.model, loaded.name, loaded.metadata
+    elif model:
+        name = check_boat_name(model)
+        built = build_model(name, num_classes=0, model_kwargs=model_kwargs).eval()
     else:
         raise UsageError('pass --weights PATH, or --model NAME to look at an untrained model')
-    modules = fsla_layers(model)
+    modules = fsla_layers(built)
     if not modules:
         raise UsageError(f'{name} has no feature-space attention layers')
-    layers = _choose_layers(list(modules), args.layer)
-    max_heads = max(modules[n].num_heads for n in layers)
-    bad = [h for h in args.heads or () if not 0 <= h < max_heads]
+    chosen = choose_layers(list(modules), layers)
+    max_heads = max(modules[n].num_heads for n in chosen)
+    bad = [h for h in heads or () if not 0 <= h < max_heads]
     if bad:
         raise UsageError(f'--heads {bad}: the chosen layers have at most {max_heads} heads (0 to {max_heads - 1})')
 
-    image = eval_transform(model, metadata)(open_image(Path(args.image)))
-    labels = cluster_labels(model, image[None], layers)
-    config = data_config(model, metadata)
+    pixels = eval_transform(built, metadata)(open_image(Path(image)))
+    labels = cluster_labels(built, pixels[None], chosen)
+    config = eval_data_config(built, metadata)
     mean, std = torch.tensor(config['mean'])[:, None, None], torch.tensor(config['std'])[:, None, None]
-    plain = (image * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
-    plot_clusters(plain, {n: lab[0] for n, lab in labels.items()}, out, heads=args.heads, panel_px=args.panel_size)
-    print(f'wrote {out}: {len(layers)} FSLA layer(s) of {name}')
-    return 0
+    plain = (pixels * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+    plot_clusters(plain, {n: lab[0] for n, lab in labels.items()}, out, heads=heads, panel_px=panel_px)
+    return name, chosen

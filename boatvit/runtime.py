@@ -1,0 +1,57 @@
+"""What the library runs on: device resolution, autocast, telling out-of-memory errors, optional packages."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+
+import torch
+
+from .errors import UsageError
+
+__all__ = ['AMP_DTYPES', 'CLI_EXTRA', 'resolve_device', 'autocast', 'out_of_memory', 'require_extra']
+
+#: ``--amp`` value -> autocast dtype; 'none' runs float32
+AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+#: the extra that installs the optional packages of the command line (scikit-learn, matplotlib)
+CLI_EXTRA = 'cli'
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' is the GPU when there is one, else the CPU; a GPU that torch does not see is a `UsageError`."""
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UsageError(f"--device {name!r} is not a device torch knows ({e}); pass 'auto', 'cpu' or 'cuda'") from e
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UsageError(f'--device {name} asks for a GPU but torch sees none; pass --device cpu')
+    if device.type not in ('cpu', 'cuda') and not _available(device.type):
+        raise UsageError(f'--device {name}: torch has no {device.type} device on this machine; pass --device cpu')
+    return device
+
+
+def _available(device_type: str) -> bool:
+    # torch.mps, torch.xpu, ... each say whether their device is there
+    backend = getattr(torch, device_type, None)
+    return bool(getattr(backend, 'is_available', lambda: False)())
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """Mixed precision for ``amp`` in :data:`AMP_DTYPES`; 'none' runs float32."""
+    dtype = AMP_DTYPES[amp]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation failure: CUDA raises OutOfMemoryError, the CPU allocator a RuntimeError."""
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+
+
+def require_extra(module: str, package: str, needed_for: str) -> None:
+    """Raise a `UsageError` naming ``pip install 'boatvit[cli]'`` when the optional ``module`` is not installed."""
+    if importlib.util.find_spec(module) is None:
+        raise UsageError(f"{needed_for} needs {package}, which is not installed; pip install 'boatvit[{CLI_EXTRA}]'")

@@ -1,0 +1,691 @@
+"""Training: the run configuration, the optimizer step, the epoch loop, resumable runs.
+
+`train` is what ``boatvit train`` calls: a new run from a `TrainConfig`, or an interrupted run resumed from its
+directory. With one process it trains on the CPU or one GPU; under ``torchrun`` it trains with
+DistributedDataParallel, each process on its own shard of every global batch, and only rank 0 writes. Each run gets
+a directory (see `boatvit.runs`), and a resumed run continues from its last finished epoch exactly as if it had
+not stopped. The embedded default (the ``digits`` recipe) is a small BOAT-Swin on scikit-learn's digits, on the
+CPU, in a few minutes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import os
+import random
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+import timm
+import torch
+import torch.distributed as dist
+from timm.data import Mixup, create_transform
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, dispatch_clip_grad, random_seed, unwrap_model
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from .data import DIGITS, check_same_classes, default_workers, eval_data_config, open_split, shard
+from .errors import UsageError
+from .evaluation import evaluate
+from .recipes import DEFAULT_RECIPE, RECIPES
+from .runs import (
+    CONFIG_FILE,
+    load_state,
+    new_run_dir,
+    plot_curves,
+    read_run_config,
+    save_checkpoint,
+    write_json,
+    write_metrics,
+)
+from .runtime import AMP_DTYPES, autocast, out_of_memory, resolve_device
+from .weights import build_model
+
+__all__ = [
+    'TrainConfig',
+    'TrainResult',
+    'Trainer',
+    'config_from_values',
+    'global_batch_size',
+    'learning_rate',
+    'fit',
+    'train',
+]
+
+
+def _field(default: Any, group: str, help: str = '', **flag: Any) -> Any:
+    """A `TrainConfig` field whose command-line flag (``--name-with-dashes``) is described by its metadata: the
+    help ``group`` and ``help`` text, and further argparse settings (``choices``, ``metavar``)."""
+    factory = {'default_factory': default} if callable(default) else {'default': default}
+    return dataclasses.field(**factory, metadata={'group': group, 'help': help, **flag})
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything that decides what a run computes; saved as the run's ``config.json``.
+
+    The optimizer, schedule and augmentation defaults are the BOAT-Swin reference recipe's (`boatvit.recipes` holds
+    the named presets, the embedded default among them). Each field is a ``boatvit train`` flag; its metadata holds
+    the flag's help.
+    """
+
+    data: Optional[str] = _field(
+        None,
+        'data',
+        f'{DIGITS!r}, or a directory with train/ and val/ folders of class folders (or a create_dataset root)',
+    )
+    dataset: str = _field('', 'data', "timm.data.create_dataset name, e.g. 'torch/cifar10'; default: image folder")
+    train_split: str = _field('train', 'data', 'training split (sub-folder); default: train')
+    val_split: str = _field('val', 'data', 'validation split (sub-folder); default: val')
+    download: bool = _field(False, 'data', 'let --dataset download the data')
+    model: str = _field('boat_swin_nano_32', 'model', 'timm model name, e.g. boat_swin_tiny_224')
+    model_kwargs: Dict[str, Any] = _field(
+        dict, 'model', 'extra model constructor arguments, e.g. embed_dim=48 depths=(2,2)', metavar='KEY=VALUE'
+    )
+    img_size: Optional[int] = _field(None, 'model', "input size; default: the model's")
+    drop_path: float = _field(0.1, 'model', 'stochastic depth rate')
+    grad_checkpointing: bool = _field(False, 'model', 'recompute activations in the backward pass to save memory')
+    epochs: int = _field(300, 'optimisation', 'training epochs')
+    batch_size: int = _field(128, 'optimisation', 'images per process and step')
+    grad_accum: int = _field(1, 'optimisation', 'micro-batches per optimizer step')
+    opt: str = _field('adamw', 'optimisation', 'timm optimizer name (default: adamw)')
+    lr: Optional[float] = _field(None, 'optimisation', 'learning rate; default: --lr-base scaled to the global batch')
+    lr_base: float = _field(5e-4, 'optimisation', 'learning rate at a global batch of --lr-base-size')
+    lr_base_size: int = _field(512, 'optimisation', 'the global batch --lr-base is for')
+    weight_decay: float = _field(0.05, 'optimisation', 'AdamW weight decay')
+    clip_grad: Optional[float] = _field(5.0, 'optimisation', 'max gradient norm; 0 for none')
+    warmup_epochs: int = _field(20, 'optimisation', 'epochs of linear learning-rate warm-up')
+    warmup_lr: float = _field(1e-6, 'optimisation', 'learning rate at the start of the warm-up')
+    min_lr: float = _field(1e-5, 'optimisation', 'learning rate at the end of the cosine decay')
+    ema_decay: Optional[float] = _field(None, 'optimisation', 'keep an EMA of the weights with this decay; 0 for none')
+    amp: str = _field('none', 'optimisation', 'autocast dtype', choices=sorted(AMP_DTYPES))
+    smoothing: float = _field(0.1, 'regularisation and augmentation', 'label smoothing')
+    mixup: float = _field(0.8, 'regularisation and augmentation', 'mixup alpha, 0 for off')
+    cutmix: float = _field(1.0, 'regularisation and augmentation', 'cutmix alpha, 0 for off')
+    mixup_prob: float = _field(1.0, 'regularisation and augmentation', 'probability of mixup or cutmix per batch')
+    mixup_switch_prob: float = _field(0.5, 'regularisation and augmentation', 'probability of cutmix over mixup')
+    aa: Optional[str] = _field(
+        'rand-m9-mstd0.5-inc1',
+        'regularisation and augmentation',
+        "timm auto-augment policy, e.g. 'rand-m9-mstd0.5-inc1'; 'none' for off",
+    )
+    reprob: float = _field(0.25, 'regularisation and augmentation', 'random erasing probability')
+    remode: str = _field('pixel', 'regularisation and augmentation', 'random erasing mode')
+    scale: Tuple[float, float] = _field(
+        (0.08, 1.0), 'regularisation and augmentation', 'random resized crop area range'
+    )
+    ratio: Tuple[float, float] = _field(
+        (3 / 4, 4 / 3), 'regularisation and augmentation', 'random resized crop aspect ratio range'
+    )
+    hflip: float = _field(0.5, 'regularisation and augmentation', 'horizontal flip probability')
+    color_jitter: float = _field(0.4, 'regularisation and augmentation', 'color jitter strength')
+    crop_pct: Optional[float] = _field(
+        None, 'regularisation and augmentation', "eval centre-crop fraction; default: the model's"
+    )
+    no_aug: bool = _field(
+        False, 'regularisation and augmentation', 'train on the eval transform, no random crops, flips or RandAugment'
+    )
+    limit_batches: Optional[int] = _field(
+        None, 'run', 'at most N batches per epoch, for training and for validation (smoke tests)'
+    )
+    seed: int = _field(0, 'run', 'seed of the initial weights, the data order and the augmentation')
+
+    def __post_init__(self):
+        # JSON turns tuples into lists; keep them hashable and comparable after a resume
+        self.scale, self.ratio = tuple(self.scale), tuple(self.ratio)
+        for name in ('epochs', 'batch_size', 'grad_accum', 'lr_base_size'):
+            if getattr(self, name) < 1:
+                raise UsageError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(self, name)}')
+        if self.limit_batches is not None and self.limit_batches < 1:
+            raise UsageError(f'--limit-batches must be at least 1, got {self.limit_batches}')
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise UsageError(f'--ema-decay must lie in (0, 1), e.g. 0.9998, got {self.ema_decay}')
+        if self.amp not in AMP_DTYPES:
+            raise UsageError(f'--amp must be one of {sorted(AMP_DTYPES)}, got {self.amp!r}')
+        if self.uses_mixup and self.batch_size % 2:
+            raise UsageError(
+                f'mixup and cutmix pair images within a batch; use an even --batch-size, not {self.batch_size}'
+            )
+
+    @property
+    def uses_mixup(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0
+
+
+def config_from_values(given: Mapping[str, Any], recipe: Optional[str] = None) -> Tuple[TrainConfig, Optional[str]]:
+    """The recipe (if any) overridden by the values given; returns the config and the recipe name.
+
+    Without a recipe, the embedded default's applies when the data are the digits (or not given). ``clip_grad`` and
+    ``ema_decay`` of 0 and ``aa`` of ``'none'`` switch those off (the command line cannot type None).
+    """
+    given = {k: v for k, v in given.items() if v is not None}
+    for name in ('clip_grad', 'ema_decay'):
+        if given.get(name) == 0:
+            given[name] = None
+    if given.get('aa') == 'none':
+        given['aa'] = None
+    recipe = recipe or (DEFAULT_RECIPE if given.get('data', DIGITS) == DIGITS else None)
+    values = dict(RECIPES[recipe]) if recipe else {}
+    model_kwargs = dict(values.get('model_kwargs', {}), **given.pop('model_kwargs', {}))
+    values.update(given, model_kwargs=model_kwargs)
+    if values.get('data') is None:
+        raise UsageError(f'recipe {recipe!r} needs --data DIR (with train/ and val/ folders of class folders)')
+    return TrainConfig(**values), recipe
+
+
+def global_batch_size(config: TrainConfig, world_size: int) -> int:
+    return config.batch_size * config.grad_accum * world_size
+
+
+def learning_rate(config: TrainConfig, world_size: int) -> float:
+    """``--lr``, or ``--lr-base`` scaled linearly from ``--lr-base-size`` to the global batch."""
+    if config.lr is not None:
+        return config.lr
+    return config.lr_base * global_batch_size(config, world_size) / config.lr_base_size
+
+
+def rng_state() -> Dict[str, Any]:
+    """Python, numpy and torch RNG states as plain Python values.
+
+    Plain values because ``dist.all_gather_object`` cannot carry tensors on every backend, and
+    ``torch.load(weights_only=True)`` accepts them.
+    """
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        'python': random.getstate(),
+        'numpy': [kind, keys.tolist(), pos, has_gauss, gauss],
+        'torch': torch.get_rng_state().numpy().tobytes(),
+        'cuda': [s.numpy().tobytes() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state['python'])
+    kind, keys, pos, has_gauss, gauss = state['numpy']
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(_byte_tensor(state['torch']))
+    if state['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_byte_tensor(s) for s in state['cuda']])
+
+
+def _byte_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def report(message: str) -> None:
+    """A line for the user on stdout; callers print from rank 0 only."""
+    print(message, flush=True)
+
+
+class Trainer:
+    """The model and everything an optimizer step touches, with a resumable state.
+
+    Args:
+        model: the model on its device, wrapped in DistributedDataParallel when distributed.
+        config: the run's configuration.
+        device: where ``model`` lives.
+        world_size: number of training processes.
+        updates_per_epoch: optimizer steps per epoch (batches per epoch / grad_accum).
+    """
+
+    def __init__(self, model, config: TrainConfig, device: torch.device, world_size: int, updates_per_epoch: int):
+        self.model = model
+        self.config = config
+        self.device = device
+        self.world_size = world_size
+        self.updates_per_epoch = updates_per_epoch
+        self.num_updates = 0
+        self.optimizer = create_optimizer_v2(
+            unwrap_model(model), opt=config.opt, lr=learning_rate(config, world_size), weight_decay=config.weight_decay
+        )
+        # stepped per optimizer update, so short runs get a smooth warm-up and decay too
+        self.scheduler, _ = create_scheduler_v2(
+            self.optimizer,
+            sched='cosine',
+            num_epochs=config.epochs,
+            warmup_epochs=config.warmup_epochs,
+            warmup_lr=config.warmup_lr,
+            min_lr=config.min_lr,
+            step_on_epochs=False,
+            updates_per_epoch=updates_per_epoch,
+        )
+        self.scaler = torch.amp.GradScaler(device.type, enabled=config.amp == 'fp16')
+        self.ema = ModelEmaV3(unwrap_model(model), decay=config.ema_decay) if config.ema_decay else None
+        self.mixup = (
+            Mixup(
+                mixup_alpha=config.mixup,
+                cutmix_alpha=config.cutmix,
+                prob=config.mixup_prob,
+                switch_prob=config.mixup_switch_prob,
+                label_smoothing=config.smoothing,
+                num_classes=unwrap_model(model).num_classes,
+            )
+            if config.uses_mixup
+            else None
+        )
+        if self.mixup is not None:
+            self.loss_fn = SoftTargetCrossEntropy()
+        elif config.smoothing > 0:
+            self.loss_fn = LabelSmoothingCrossEntropy(config.smoothing)
+        else:
+            self.loss_fn = torch.nn.CrossEntropyLoss()
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]['lr']
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            'model': unwrap_model(self.model).state_dict(),
+            'ema': self.ema.state_dict() if self.ema is not None else None,
+            'optimizer': self.optimizer.state_dict(),
+            'scheduler': self.scheduler.state_dict(),
+            'scaler': self.scaler.state_dict(),
+            'num_updates': self.num_updates,
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        unwrap_model(self.model).load_state_dict(state['model'])
+        if self.ema is not None:
+            self.ema.load_state_dict(state['ema'])
+        self.optimizer.load_state_dict(state['optimizer'])
+        self.scheduler.load_state_dict(state['scheduler'])
+        self.scaler.load_state_dict(state['scaler'])
+        self.num_updates = state['num_updates']
+
+    def train_one_epoch(self, loader, epoch: int, progress: bool) -> Dict[str, float]:
+        """One pass over ``updates_per_epoch * grad_accum`` batches; returns mean loss, last lr and images/s."""
+        config = self.config
+        self.model.train()
+        batches = self.updates_per_epoch * config.grad_accum
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        start = time.perf_counter()
+        bar = tqdm(total=batches, desc=f'epoch {epoch + 1}/{config.epochs}', unit='batch', disable=not progress)
+        for i, (images, targets) in enumerate(itertools.islice(loader, batches)):
+            images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+            if self.mixup is not None:
+                images, targets = self.mixup(images, targets)
+            step_now = (i + 1) % config.grad_accum == 0
+            # DDP all-reduces gradients on every backward unless told to wait for the last micro-batch
+            defer_sync = not step_now and isinstance(self.model, DistributedDataParallel)
+            with self.model.no_sync() if defer_sync else contextlib.nullcontext():
+                with autocast(self.device, config.amp):
+                    loss = self.loss_fn(self.model(images), targets)
+                self.scaler.scale(loss / config.grad_accum).backward()
+            loss_sum += loss.detach()
+            if step_now:
+                self._step()
+            bar.update()
+            if progress and (i % 10 == 0 or i + 1 == batches):
+                seen = (i + 1) * config.batch_size * self.world_size
+                bar.set_postfix(
+                    loss=f'{loss_sum.item() / (i + 1):.4f}',
+                    lr=f'{self.lr:.2e}',
+                    img_s=f'{seen / (time.perf_counter() - start):.0f}',
+                )
+        bar.close()
+        if self.world_size > 1:
+            dist.all_reduce(loss_sum)
+        seconds = time.perf_counter() - start
+        return {
+            'train_loss': loss_sum.item() / (batches * self.world_size),
+            'lr': self.lr,
+            'train_images_per_s': batches * config.batch_size * self.world_size / seconds,
+        }
+
+    def _step(self) -> None:
+        if self.config.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            dispatch_clip_grad(self.model.parameters(), self.config.clip_grad, mode='norm')
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.num_updates += 1
+        if self.ema is not None:
+            self.ema.update(unwrap_model(self.model), step=self.num_updates)
+        self.scheduler.step_update(num_updates=self.num_updates)
+
+
+def build_loaders(
+    config: TrainConfig,
+    train_ds: torch.utils.data.Dataset,
+    val_ds: torch.utils.data.Dataset,
+    rank: int,
+    world_size: int,
+    workers: int,
+    device: torch.device,
+) -> Tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader, int]:
+    """This process's training and validation loaders, and the optimizer updates per epoch.
+
+    Training batches are drawn by a DistributedSampler (also for one process) reshuffled by the epoch and the seed,
+    so process ``r`` of ``n`` gets items ``r, r + n, ...`` of the same permutation a single process would use: the
+    global batches are the same whatever ``n`` is. Validation shards count every image once.
+    """
+
+    def loader(ds, sampler=None, drop_last=False):
+        return torch.utils.data.DataLoader(
+            ds,
+            batch_size=config.batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            drop_last=drop_last,
+            pin_memory=device.type == 'cuda',
+        )
+
+    sampler = torch.utils.data.DistributedSampler(
+        train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=config.seed
+    )
+    train_loader = loader(train_ds, sampler, drop_last=True)
+    updates_per_epoch = min(len(train_loader), config.limit_batches or len(train_loader)) // config.grad_accum
+    if updates_per_epoch == 0:
+        raise UsageError(
+            f'a global batch of {global_batch_size(config, world_size)} images ({config.batch_size} per process x'
+            f' {config.grad_accum} accumulation x {world_size} processes) is more than the {len(train_ds)} training'
+            ' images; lower --batch-size or --grad-accum'
+        )
+    if config.limit_batches:
+        # the same images whatever the number of processes
+        val_ds = torch.utils.data.Subset(
+            val_ds, range(min(len(val_ds), config.limit_batches * config.batch_size * world_size))
+        )
+    return train_loader, loader(shard(val_ds, rank, world_size)), updates_per_epoch
+
+
+def _open_data(config: TrainConfig) -> Tuple[torch.utils.data.Dataset, torch.utils.data.Dataset, List[str]]:
+    """Both splits, without transforms, and the class names (the same in both, or a `UsageError`)."""
+    splits = [
+        open_split(config.data, split, config.dataset, config.download, img_size=config.img_size or 32)
+        for split in (config.train_split, config.val_split)
+    ]
+    (train_ds, classes), (val_ds, val_classes) = splits
+    check_same_classes(classes, val_classes, repr(config.data))
+    return train_ds, val_ds, classes
+
+
+def _set_transforms(config: TrainConfig, model: torch.nn.Module, train_ds, val_ds) -> Dict[str, Any]:
+    """The eval transform on ``val_ds``, the augmenting one on ``train_ds``; returns the eval data config."""
+    data_config = eval_data_config(model, img_size=config.img_size, crop_pct=config.crop_pct)
+    val_ds.transform = create_transform(**data_config, is_training=False)
+    train_ds.transform = create_transform(
+        data_config['input_size'],
+        is_training=True,
+        no_aug=config.no_aug,
+        scale=config.scale,
+        ratio=config.ratio,
+        hflip=config.hflip,
+        color_jitter=config.color_jitter,
+        auto_augment=config.aa,
+        interpolation=data_config['interpolation'],
+        mean=data_config['mean'],
+        std=data_config['std'],
+        re_prob=config.reprob,
+        re_mode=config.remode,
+    )
+    return data_config
+
+
+def _place_model(model: torch.nn.Module, config: TrainConfig, device: torch.device, world_size: int) -> torch.nn.Module:
+    """The model on its device, with gradient checkpointing if asked, in DDP when distributed."""
+    model.to(device)
+    if device.type == 'cuda':
+        # fixed input sizes: let cuDNN pick its fastest kernels (bit-exact resumes are promised on the CPU only)
+        torch.backends.cudnn.benchmark = True
+    if config.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if world_size > 1:
+        # depthwise conv weights (C, 1, k, k) have a size-1 dim whose stride may differ between weight and grad
+        # although both are contiguous; DDP warns about that layout difference, which costs nothing
+        warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
+        model = DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
+    return model
+
+
+def _write_run_config(
+    run_dir: Path,
+    config: TrainConfig,
+    recipe: Optional[str],
+    world_size: int,
+    updates_per_epoch: int,
+    classes: List[str],
+    data_config: Dict[str, Any],
+) -> None:
+    write_json(
+        run_dir / CONFIG_FILE,
+        {
+            'config': dataclasses.asdict(config),
+            'recipe': recipe,
+            'argv': sys.argv[1:],
+            'world_size': world_size,
+            'global_batch_size': global_batch_size(config, world_size),
+            'lr': learning_rate(config, world_size),
+            'updates_per_epoch': updates_per_epoch,
+            'classes': classes,
+            'data_config': data_config,
+            'versions': {'torch': torch.__version__, 'timm': timm.__version__},
+        },
+    )
+
+
+def _train_and_validate(trainer: Trainer, train_loader, val_loader, epoch: int, progress: bool) -> Dict[str, Any]:
+    """One epoch of training and its validation (of the EMA too): the epoch's metrics row."""
+    config, device = trainer.config, trainer.device
+    epoch_start = time.perf_counter()
+    try:
+        row = {'epoch': epoch + 1, **trainer.train_one_epoch(train_loader, epoch, progress)}
+    except RuntimeError as e:
+        if out_of_memory(e):
+            raise UsageError(
+                f'--batch-size {config.batch_size} does not fit in memory on {device}; halve it and double'
+                ' --grad-accum to keep the global batch and the learning rate'
+            ) from e
+        raise
+    val = evaluate(unwrap_model(trainer.model), val_loader, device, config.amp)
+    row.update({f'val_{k}': val[k] for k in ('loss', 'top1', 'top5')})
+    if trainer.ema is not None:
+        val_ema = evaluate(trainer.ema.module, val_loader, device, config.amp)
+        row.update({f'val_{k}_ema': val_ema[k] for k in ('loss', 'top1', 'top5')})
+    row['epoch_s'] = time.perf_counter() - epoch_start  # training and validation
+    # the weights the run reports and saves: the EMA when there is one, as in the reference
+    row['eval_top1'] = row['val_top1_ema'] if trainer.ema is not None else row['val_top1']
+    return row
+
+
+def _save_epoch(
+    run_dir: Path,
+    trainer: Trainer,
+    history: List[Dict[str, Any]],
+    ranks_rng: List[Any],
+    weights_metadata: Mapping[str, Any],
+    is_best: bool,
+) -> None:
+    """Rank 0: the epoch's weights and resumable state (and as ``best``), metrics, curves and a log line."""
+    row = history[-1]
+    state = {'epoch': row['epoch'], 'trainer': trainer.state_dict(), 'rng': ranks_rng, 'history': history}
+    weights = (trainer.ema.module if trainer.ema is not None else unwrap_model(trainer.model)).state_dict()
+    metadata = dict(weights_metadata, epoch=row['epoch'], top1=row['eval_top1'])
+    save_checkpoint(run_dir, weights, metadata, state, is_best)
+    write_metrics(run_dir, history)
+    plot_curves(run_dir / 'curves.png', history)
+    report(
+        f'epoch {row["epoch"]}/{trainer.config.epochs}  train loss {row["train_loss"]:.4f}  val loss'
+        f' {row["val_loss"]:.4f}  val top-1 {row["val_top1"]:.2f} %'
+        + (f'  ema top-1 {row["val_top1_ema"]:.2f} %' if trainer.ema is not None else '')
+        + f'  lr {row["lr"]:.2e}  {row["train_images_per_s"]:.0f} img/s'
+    )
+
+
+def _gather_rng(world_size: int) -> List[Any]:
+    """Every process's RNG state, in rank order."""
+    if world_size == 1:
+        return [rng_state()]
+    ranks_rng = [None] * world_size
+    dist.all_gather_object(ranks_rng, rng_state())
+    return ranks_rng
+
+
+def fit(
+    config: TrainConfig,
+    run_dir: Optional[Path],
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    workers: int = 0,
+    progress: bool = True,
+    resume_state: Optional[Dict[str, Any]] = None,
+    recipe: Optional[str] = None,
+) -> List[Dict[str, Any]]:
+    """Train ``config`` and return one metrics row per epoch; rank 0 writes into ``run_dir``.
+
+    With ``resume_state`` (a ``last.pt`` from an earlier run of the same config) training continues after the
+    epoch it saved: model, optimizer, scheduler, EMA, loss scaler, RNG, metrics history and best epoch.
+    """
+    random_seed(config.seed)  # the same initial weights on every rank
+    train_ds, val_ds, classes = _open_data(config)
+    model = build_model(
+        config.model,
+        num_classes=len(classes),
+        model_kwargs=config.model_kwargs,
+        drop_path_rate=config.drop_path,
+        img_size=config.img_size,
+    )
+    data_config = _set_transforms(config, model, train_ds, val_ds)
+    random_seed(config.seed, rank)  # different augmentation on every rank
+    train_loader, val_loader, updates_per_epoch = build_loaders(
+        config, train_ds, val_ds, rank, world_size, workers, device
+    )
+    trainer = Trainer(_place_model(model, config, device, world_size), config, device, world_size, updates_per_epoch)
+
+    history: List[Dict[str, Any]] = []
+    start_epoch = 0
+    if resume_state is not None:
+        trainer.load_state_dict(resume_state['trainer'])
+        history, start_epoch = list(resume_state['history']), resume_state['epoch']
+        if rank < len(resume_state['rng']):
+            set_rng_state(resume_state['rng'][rank])
+    elif rank == 0:
+        _write_run_config(run_dir, config, recipe, world_size, updates_per_epoch, classes, data_config)
+        report(
+            f'run directory {run_dir}: {config.model} on {config.data}, {len(train_ds)} train / {len(val_ds)} val'
+            f' images, {len(classes)} classes, global batch {global_batch_size(config, world_size)}, lr'
+            f' {learning_rate(config, world_size):.2e}'
+        )
+
+    weights_metadata = {
+        'model': config.model,
+        'model_kwargs': config.model_kwargs,
+        'img_size': config.img_size,
+        'classes': classes,
+        'data': config.data,
+        'dataset': config.dataset,
+        'data_config': data_config,
+        'weights': 'ema' if trainer.ema is not None else 'model',
+    }
+    best = max(history, key=lambda row: row['eval_top1'], default=None)
+    for epoch in range(start_epoch, config.epochs):
+        train_loader.sampler.set_epoch(epoch)
+        row = _train_and_validate(trainer, train_loader, val_loader, epoch, progress)
+        history.append(row)
+        is_best = best is None or row['eval_top1'] > best['eval_top1']
+        if is_best:
+            best = row
+        ranks_rng = _gather_rng(world_size)
+        if rank == 0:
+            _save_epoch(run_dir, trainer, history, ranks_rng, weights_metadata, is_best)
+    return history
+
+
+def _init_distributed(device_name: str) -> Tuple[int, int, torch.device]:
+    """Join the process group torchrun describes in the environment; returns rank, world size and device."""
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    device = resolve_device(device_name)
+    if world_size == 1:
+        return 0, 1, device
+    if device.type == 'cuda':
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
+        torch.cuda.set_device(device)
+    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return dist.get_rank(), world_size, device
+
+
+def open_resumed_run(run_dir: os.PathLike, world_size: int) -> Tuple[Path, TrainConfig, Optional[str], Dict[str, Any]]:
+    """The run directory, config, recipe and last saved state of a run to resume (``RUN_DIR`` or a file in it)."""
+    run_dir = Path(run_dir)
+    if run_dir.is_file():  # RUN_DIR/last.pt or another file of the run
+        run_dir = run_dir.parent
+    saved = read_run_config(run_dir)
+    if saved['world_size'] != world_size:
+        raise UsageError(
+            f'{run_dir} was trained by {saved["world_size"]} processes; resume it with as many (the global batch and'
+            f' learning rate depend on it), not {world_size}'
+        )
+    if not (run_dir / 'last.pt').is_file():
+        raise UsageError(f'{run_dir} has no last.pt: it stopped before its first epoch ended; start it anew')
+    return run_dir, TrainConfig(**saved['config']), saved['recipe'], load_state(run_dir / 'last.pt')
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What `train` did: the run directory (None on ranks other than 0), one metrics row per epoch (all epochs of
+    a resumed run), the seconds it took, and whether the run had already finished (nothing was trained)."""
+
+    run_dir: Optional[Path]
+    history: List[Dict[str, Any]]
+    seconds: float
+    already_finished: bool = False
+
+
+def train(
+    config: Optional[TrainConfig] = None,
+    recipe: Optional[str] = None,
+    resume: Optional[os.PathLike] = None,
+    output: os.PathLike = 'runs',
+    name: Optional[str] = None,
+    device: str = 'auto',
+    workers: Optional[int] = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a new run of ``config`` in ``output/name``, or continue the run directory ``resume``.
+
+    Joins the process group torchrun describes, if any. ``workers`` None: data loader processes by core count.
+    """
+    if (config is None) == (resume is None):
+        raise UsageError('train takes either a config (a new run) or resume (a run directory), not both or neither')
+    rank, world_size, run_on = _init_distributed(device)
+    try:
+        resume_state, run_dir = None, None
+        if resume is not None:
+            run_dir, config, recipe, resume_state = open_resumed_run(resume, world_size)
+            if resume_state['epoch'] >= config.epochs:
+                if rank == 0:
+                    report(f'{run_dir} already finished its {config.epochs} epochs')
+                return TrainResult(run_dir, list(resume_state['history']), 0.0, already_finished=True)
+        elif rank == 0:
+            data_name = Path(config.data).name or config.data
+            run_dir = new_run_dir(output, name, f'{time.strftime("%Y%m%d-%H%M%S")}-{config.model}-{data_name}')
+        if workers is None:
+            workers = default_workers(int(os.environ.get('LOCAL_WORLD_SIZE', '1')))
+        start = time.perf_counter()
+        history = fit(
+            config,
+            run_dir,
+            run_on,
+            rank=rank,
+            world_size=world_size,
+            workers=workers,
+            progress=progress and rank == 0,
+            resume_state=resume_state,
+            recipe=recipe,
+        )
+        return TrainResult(run_dir, history, time.perf_counter() - start)
+    finally:
+        if world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
