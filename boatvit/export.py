@@ -149,6 +149,29 @@ def _require_onnx_packages() -> None:
         raise UsageError(f'ONNX export needs {", ".join(missing)}; install them with pip install "boatvit[onnx]".')
 
 
+def _trace(model: nn.Module, images: torch.Tensor, dynamic_batch: bool, opset: int) -> Any:
+    """The dynamo exporter's ONNX program of ``model`` traced on ``images`` (a dynamic batch axis if asked)."""
+    dynamic_shapes = {'x': {0: torch.export.Dim('batch', min=1)}} if dynamic_batch else None
+    # the exporter's constant folding logs a warning for every Concat of more than 64 inputs it leaves alone
+    folding_log = logging.getLogger('onnxscript.optimizer._constant_folding')
+    level = folding_log.level
+    folding_log.setLevel(logging.ERROR)
+    try:
+        return torch.onnx.export(
+            model,
+            (images,),
+            dynamo=True,
+            opset_version=opset,
+            dynamic_shapes=dynamic_shapes,
+            input_names=['images'],
+            output_names=['logits'],
+            external_data=False,
+            verbose=False,
+        )
+    finally:
+        folding_log.setLevel(level)
+
+
 def export_onnx(
     model: BoatTransformer,
     path: Union[str, os.PathLike],
@@ -204,25 +227,7 @@ def export_onnx(
         with torch.no_grad():
             expected = model(images).numpy()
         sorts = tuple(fsla_sorts(model, images[:1]))
-        dynamic_shapes = None if batch_size else {'x': {0: torch.export.Dim('batch', min=1)}}
-        # the exporter's constant folding logs a warning for every Concat of more than 64 inputs it leaves alone
-        folding_log = logging.getLogger('onnxscript.optimizer._constant_folding')
-        level = folding_log.level
-        folding_log.setLevel(logging.ERROR)
-        try:
-            program = torch.onnx.export(
-                model,
-                (images,),
-                dynamo=True,
-                opset_version=opset,
-                dynamic_shapes=dynamic_shapes,
-                input_names=['images'],
-                output_names=['logits'],
-                external_data=False,
-                verbose=False,
-            )
-        finally:
-            folding_log.setLevel(level)
+        program = _trace(model, images, dynamic_batch=batch_size is None, opset=opset)
     finally:
         model.train(was_training)
     props = dict(metadata or {}, boatvit_version=__version__)

@@ -532,6 +532,22 @@ def _gather_rng(world_size: int) -> List[Any]:
     return ranks_rng
 
 
+def _weights_metadata(
+    config: TrainConfig, classes: List[str], data_config: Dict[str, Any], ema: bool
+) -> Dict[str, Any]:
+    """What every saved weights file records about itself (read back by `boatvit.weights.read_weights`)."""
+    return {
+        'model': config.model,
+        'model_kwargs': config.model_kwargs,
+        'img_size': config.img_size,
+        'classes': classes,
+        'data': config.data,
+        'dataset': config.dataset,
+        'data_config': data_config,
+        'weights': 'ema' if ema else 'model',
+    }
+
+
 def fit(
     config: TrainConfig,
     run_dir: Optional[Path],
@@ -579,16 +595,7 @@ def fit(
             f' {learning_rate(config, world_size):.2e}'
         )
 
-    weights_metadata = {
-        'model': config.model,
-        'model_kwargs': config.model_kwargs,
-        'img_size': config.img_size,
-        'classes': classes,
-        'data': config.data,
-        'dataset': config.dataset,
-        'data_config': data_config,
-        'weights': 'ema' if trainer.ema is not None else 'model',
-    }
+    weights_metadata = _weights_metadata(config, classes, data_config, ema=trainer.ema is not None)
     best = max(history, key=lambda row: row['eval_top1'], default=None)
     for epoch in range(start_epoch, config.epochs):
         train_loader.sampler.set_epoch(epoch)

@@ -181,3 +181,21 @@ def test_bad_files_are_named(tmp_path, kind, message):
     with pytest.raises(CheckpointFileError, match=message) as info:
         load_checkpoint_file(path)
     assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize('entry', ['constants.pkl', 'code/__torch__.py'])
+def test_torch_zip_with_torchscript_entries_is_refused_unread(tmp_path, entry, monkeypatch):
+    """A torch.save zip given either entry of a TorchScript archive is refused before torch.load sees it."""
+    import zipfile
+
+    path = tmp_path / 'w.pth'
+    torch.save({'w': torch.ones(2)}, path)
+    with zipfile.ZipFile(path, 'a') as archive:
+        archive.writestr(f'w/{entry}', b'')
+
+    def no_load(*args, **kwargs):
+        raise AssertionError('torch.load was called')
+
+    monkeypatch.setattr(torch, 'load', no_load)
+    with pytest.raises(UnsafeCheckpointError, match=r'w\.pth: refused: this is a TorchScript archive'):
+        load_checkpoint_file(path)

@@ -1,4 +1,4 @@
-"""Tests for boatvit.train: the embedded default end to end, resume, torchrun, recipes and bad input."""
+"""Tests for boatvit.training and `boatvit train`: the default end to end, resume, torchrun, recipes, bad input."""
 
 from __future__ import annotations
 
