@@ -47,7 +47,7 @@ from .runs import (
     write_json,
     write_metrics,
 )
-from .runtime import AMP_DTYPES, autocast, out_of_memory, resolve_device
+from .runtime import AMP_DTYPES, autocast, out_of_memory, require_extra, resolve_device
 from .weights import build_model
 
 __all__ = [
@@ -666,6 +666,8 @@ def train(
     """
     if (config is None) == (resume is None):
         raise UsageError('train takes either a config (a new run) or resume (a run directory), not both or neither')
+    # every epoch ends by plotting the curves: a missing matplotlib is said before training, not after an epoch
+    require_extra('matplotlib', 'matplotlib', 'plotting training curves')
     rank, world_size, run_on = _init_distributed(device)
     try:
         resume_state, run_dir = None, None

@@ -100,3 +100,13 @@ def test_shards_cover_every_item_once():
     shards = [list(shard(items, rank, 3)) for rank in range(3)]
     assert sorted(sum(shards, [])) == items
     assert shard(items, 0, 1) is items
+
+
+def test_missing_optional_package_names_the_extra(monkeypatch):
+    """scikit-learn is in the `cli` extra, not the core: without it the digits say how to get it."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'sklearn' else find_spec(name))
+    with pytest.raises(UsageError, match=r"needs scikit-learn, which is not installed; pip install 'boatvit\[cli\]'"):
+        DigitsDataset('train')

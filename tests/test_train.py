@@ -316,3 +316,15 @@ def test_reference_recipes():
     for recipe in (swin, cswin):
         assert (recipe['epochs'], recipe['warmup_epochs'], recipe['mixup'], recipe['cutmix']) == (300, 20, 0.8, 1.0)
         assert (recipe['smoothing'], recipe['aa'], recipe['reprob']) == (0.1, 'rand-m9-mstd0.5-inc1', 0.25)
+
+
+def test_missing_matplotlib_is_said_before_training(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'matplotlib' else find_spec(name))
+    assert main(['train', *SHORT, '--output', str(tmp_path)]) == 2
+    assert "plotting training curves needs matplotlib, which is not installed; pip install 'boatvit[cli]'" in (
+        capsys.readouterr().err
+    )
+    assert not list(tmp_path.iterdir())
