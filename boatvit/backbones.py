@@ -30,11 +30,11 @@ class BoatBackboneWithFPN(nn.Module):
     """
 
     def __init__(
-            self,
-            body: FeatureGetterNet,
-            out_channels: int = 256,
-            extra_blocks: Optional[ExtraFPNBlock] = None,
-            norm_layer: Optional[nn.Module] = None,
+        self,
+        body: FeatureGetterNet,
+        out_channels: int = 256,
+        extra_blocks: Optional[ExtraFPNBlock] = None,
+        norm_layer: Optional[nn.Module] = None,
     ):
         super().__init__()
         self.body = body
@@ -47,9 +47,9 @@ class BoatBackboneWithFPN(nn.Module):
         self.out_channels = out_channels
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """``(B, C, H, W)`` images (any H, W >= 32) to an ``OrderedDict`` of ``(B, out_channels, ceil(H/s),
-        ceil(W/s))`` maps, one per stage in ``body.feature_info`` (keys ``'0'``, ``'1'``, ...; stride ``s`` from
-        ``body.feature_info.reduction()``), then the extra block's (``'pool'``: stride 2 over the last)."""
+        """``(B, C, H, W)`` images (any H, W >= 32) to an ``OrderedDict`` of ``(B, out_channels, H_i, W_i)`` maps, one
+        per stage in ``body.feature_info`` (keys ``'0'``, ``'1'``, ...; ``H_i`` about ``H / s_i``, ``s_i`` from
+        ``body.feature_info.reduction()``), then the extra block's (``'pool'`` for ``LastLevelMaxPool``)."""
         features = self.body(x)
         return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(features)))
 
@@ -58,20 +58,22 @@ def _freeze(model: BoatTransformer, trainable_layers: int) -> None:
     # torchvision's rule (resnet_fpn_backbone): the last `trainable_layers` of stem + stages train, the rest is frozen
     parts = [model.patch_embed, *model.layers]
     if not 0 <= trainable_layers <= len(parts):
-        raise ValueError(f'trainable_layers must be between 0 and {len(parts)} (the patch embedding and '
-                         f'{len(model.layers)} stages), got {trainable_layers}.')
-    for part in parts[:len(parts) - trainable_layers]:
+        raise ValueError(
+            f'trainable_layers must be between 0 and {len(parts)} (the patch embedding and '
+            f'{len(model.layers)} stages), got {trainable_layers}.'
+        )
+    for part in parts[: len(parts) - trainable_layers]:
         part.requires_grad_(False)
 
 
 def boat_fpn_backbone(
-        model: Union[str, nn.Module],
-        out_indices: Sequence[int] = (0, 1, 2, 3),
-        out_channels: int = 256,
-        trainable_layers: Optional[int] = None,
-        extra_blocks: Optional[ExtraFPNBlock] = None,
-        norm_layer: Optional[nn.Module] = None,
-        **model_kwargs: Any,
+    model: Union[str, nn.Module],
+    out_indices: Sequence[int] = (0, 1, 2, 3),
+    out_channels: int = 256,
+    trainable_layers: Optional[int] = None,
+    extra_blocks: Optional[ExtraFPNBlock] = None,
+    norm_layer: Optional[nn.Module] = None,
+    **model_kwargs: Any,
 ) -> BoatBackboneWithFPN:
     """A torchvision-detection-ready BOAT backbone with a feature pyramid.
 
@@ -100,14 +102,18 @@ def boat_fpn_backbone(
         model_kwargs.setdefault('dynamic_img_size', True)
         model = timm.create_model(model, **model_kwargs)
     elif model_kwargs:
-        raise ValueError(f'model_kwargs {sorted(model_kwargs)} only apply when model is a name; '
-                         'build the model with them instead.')
+        raise ValueError(
+            f'model_kwargs {sorted(model_kwargs)} only apply when model is a name; build the model with them instead.'
+        )
     if not isinstance(model, BoatTransformer):
-        raise ValueError(f'boat_fpn_backbone takes a BOAT model or model name, got {type(model).__name__}; '
-                         "for a features_only model, pass its name and kwargs instead.")
+        raise ValueError(
+            f'boat_fpn_backbone takes a BOAT model or model name, got {type(model).__name__}; '
+            'for a features_only model, pass its name and kwargs instead.'
+        )
     if not model.dynamic_img_size:
-        raise ValueError('boat_fpn_backbone needs a model built with dynamic_img_size=True: detection images vary '
-                         'in size.')
+        raise ValueError(
+            'boat_fpn_backbone needs a model built with dynamic_img_size=True: detection images vary in size.'
+        )
     if trainable_layers is not None:
         _freeze(model, trainable_layers)
     body = FeatureGetterNet(model, out_indices=tuple(out_indices))
