@@ -1,9 +1,13 @@
-"""BOAT inside segmentation_models_pytorch (timm universal encoders, ``tu-<name>``), reduced widths."""
+"""BOAT inside segmentation_models_pytorch (timm universal encoders, ``tu-<name>``), reduced widths; FLOP counters."""
 
 import pytest
+import timm
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 import boatvit  # noqa: F401  (registers the models)
+from boatvit.kernels import KERNEL_ENV
 
 smp = pytest.importorskip('segmentation_models_pytorch', reason='the test extra installs segmentation_models_pytorch')
 
@@ -96,3 +100,33 @@ def test_deeplabv3plus_output_stride_is_a_clear_error():
         smp.DeepLabV3Plus(
             encoder_name='tu-boat_swin_tiny_224', encoder_weights=None, **ENCODER_KWARGS['tu-boat_swin_tiny_224']
         )
+
+
+# FLOP counting (docs/BACKBONES.md, "Counting FLOPs")
+
+
+def _gmacs(model, x, grad: bool = False, math_attention: bool = True) -> float:
+    """torch's FlopCounterMode total over 2 (one multiply-add counted once). The math SDPA backend runs attention as
+    bmm's the counter sees; the CPU flash kernel has no flop formula in torch 2.14."""
+    backends = [SDPBackend.MATH] if math_attention else [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+    with torch.set_grad_enabled(grad), sdpa_kernel(backends), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops() / 2e9
+
+
+def test_flop_counter_gives_the_readme_figure_with_the_pytorch_clustering(monkeypatch):
+    monkeypatch.setenv(KERNEL_ENV, 'off')
+    model = timm.create_model('boat_swin_tiny_224').eval()
+    assert abs(_gmacs(model, torch.randn(1, 3, 224, 224)) - 5.20) < 0.01  # README: 5.20 (reference: 5.197)
+
+
+def test_what_the_flop_counter_cannot_see(monkeypatch):
+    model = timm.create_model('boat_swin_tiny_224', **ENCODER_KWARGS['tu-boat_swin_tiny_224']).eval()
+    x = torch.randn(1, 3, 224, 224)
+    monkeypatch.setenv(KERNEL_ENV, 'off')
+    full = _gmacs(model, x)
+    # the FSLA attention runs through the CPU flash kernel while autograd records: not counted
+    assert _gmacs(model, x, grad=True, math_attention=False) < full - 1e-4
+    # the compiled CPU clustering kernel's products are not torch ops: not counted
+    monkeypatch.setenv(KERNEL_ENV, 'on')
+    assert _gmacs(model, x) < full - 1e-5

@@ -72,6 +72,7 @@ def test_transformers_gives_the_same_logits_and_preprocessing(saved):
         torch.testing.assert_close(hf_model(pixels).logits, model(pixels), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize('saved', ['boat_swin_tiny_224'], indirect=True)  # one family: a fresh process costs ~10 s
 def test_a_fresh_process_needs_the_one_import_line(saved):
     model, directory = saved
     x = torch.randn(1, 3, 224, 224)
