@@ -8,7 +8,7 @@ attribute whose forward returns an ``OrderedDict`` of NCHW maps. ``boat_fpn_back
 """
 
 from collections import OrderedDict
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import timm
 import torch
@@ -34,7 +34,7 @@ class BoatBackboneWithFPN(nn.Module):
         body: FeatureGetterNet,
         out_channels: int = 256,
         extra_blocks: Optional[ExtraFPNBlock] = None,
-        norm_layer: Optional[nn.Module] = None,
+        norm_layer: Optional[Callable[..., nn.Module]] = None,
     ):
         super().__init__()
         self.body = body
@@ -72,7 +72,7 @@ def boat_fpn_backbone(
     out_channels: int = 256,
     trainable_layers: Optional[int] = None,
     extra_blocks: Optional[ExtraFPNBlock] = None,
-    norm_layer: Optional[nn.Module] = None,
+    norm_layer: Optional[Callable[..., nn.Module]] = None,
     **model_kwargs: Any,
 ) -> BoatBackboneWithFPN:
     """A torchvision-detection-ready BOAT backbone with a feature pyramid.
@@ -114,7 +114,17 @@ def boat_fpn_backbone(
         raise ValueError(
             'boat_fpn_backbone needs a model built with dynamic_img_size=True: detection images vary in size.'
         )
+    num_stages = len(model.layers)
+    out_indices = tuple(out_indices)
+    if (
+        not out_indices
+        or list(out_indices) != sorted(set(out_indices))
+        or not set(out_indices) <= set(range(num_stages))
+    ):
+        raise ValueError(f'out_indices must be increasing stage indices in 0..{num_stages - 1}, got {out_indices}.')
+    if not isinstance(out_channels, int) or out_channels < 1:
+        raise ValueError(f'out_channels must be a positive int, got {out_channels!r}.')
     if trainable_layers is not None:
         _freeze(model, trainable_layers)
-    body = FeatureGetterNet(model, out_indices=tuple(out_indices))
+    body = FeatureGetterNet(model, out_indices=out_indices)
     return BoatBackboneWithFPN(body, out_channels=out_channels, extra_blocks=extra_blocks, norm_layer=norm_layer)

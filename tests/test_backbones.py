@@ -98,6 +98,10 @@ def test_bad_backbone_arguments_say_what_to_do():
         boat_fpn_backbone(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match='pass out_indices= to it'):
         boat_fpn_backbone('boat_swin_tiny_224', features_only=True)
+    with pytest.raises(ValueError, match=r'out_indices must be increasing stage indices in 0\.\.3'):
+        boat_fpn_backbone('boat_swin_tiny_224', out_indices=(2, 4), **SMALL['boat_swin_tiny_224'])
+    with pytest.raises(ValueError, match='out_channels must be a positive int'):
+        boat_fpn_backbone('boat_swin_tiny_224', out_channels=0, **SMALL['boat_swin_tiny_224'])
     with pytest.raises(ValueError, match='only apply when model is a name'):
         boat_fpn_backbone(
             timm.create_model('boat_swin_tiny_224', dynamic_img_size=True, **SMALL['boat_swin_tiny_224']), embed_dim=32
