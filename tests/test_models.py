@@ -119,7 +119,11 @@ def test_create_model_overrides(name):
     assert model.layers[1].blocks[1].attn.num_heads == 2
     assert model.head.fc.out_features == 3
     block = model.layers[3].blocks[0]
-    assert block.drop_path1.drop_prob == pytest.approx(0.2) if swin else block.drop_path.drop_prob == pytest.approx(0.2)
+    assert block.drop_path1.drop_prob == block.drop_path2.drop_prob == pytest.approx(0.2)
+    # the reference applies drop-path to BOAT-CSWin's FSLA branch, not to BOAT-Swin's
+    fsla_block = model.layers[1].blocks[1] if swin else block
+    assert fsla_block.fsla is not None
+    assert isinstance(fsla_block.drop_path_fsla, torch.nn.Identity) == swin
     if swin:
         assert model.layers[0].blocks[0].attn.window_size == (4, 4)
     else:

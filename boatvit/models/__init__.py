@@ -1,10 +1,11 @@
 """The BOAT model families; importing this registers their timm model names."""
 
-from .base import BoatStage, BoatTransformer
+from .base import BilateralBlock, BoatStage, BoatTransformer
 from .boat_cswin import BilateralCSWinBlock, BoatCSWinTransformer, CrossShapedWindowAttention
 from .boat_swin import BilateralSwinBlock, BoatSwinTransformer
 
 __all__ = [
+    'BilateralBlock',
     'BoatStage',
     'BoatTransformer',
     'BilateralCSWinBlock',

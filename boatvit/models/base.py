@@ -13,12 +13,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Un
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, trunc_normal_
+from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates, get_device_dtype, trunc_normal_
 from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
-__all__ = ['BoatStage', 'BoatTransformer', 'build_boat_model', 'init_weights']
+from ..fsla import FeatureSpaceAttention
+
+__all__ = ['BilateralBlock', 'BoatStage', 'BoatTransformer', 'build_boat_model', 'init_weights']
 
 FSLA_PLACEMENTS = ('shifted', 'even', 'odd', 'all', 'none')
 
@@ -51,6 +53,57 @@ def init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+class BilateralBlock(nn.Module):
+    """The bilateral residual skeleton of both families, on ``(B, H, W, C)`` tensors:
+
+    ``x + drop_path1(_attn(norm1(x)))`` (the family's image-space attention), then
+    ``+ drop_path_fsla(fsla(norm_fsla(x)))`` when the block carries a feature-space branch, then
+    ``+ drop_path2(mlp(norm2(x)))``.
+
+    A family's block builds ``norm1``, ``_attn``, ``drop_path1``, ``norm2``, ``mlp`` and ``drop_path2`` (BOAT-Swin
+    inherits them from timm's ``SwinTransformerBlock``) and calls ``init_fsla_branch``.
+    """
+
+    def init_fsla_branch(
+            self,
+            dim: int,
+            num_heads: int,
+            enabled: bool,
+            drop_path: float,
+            fsla_drop_path: bool,
+            qkv_bias: bool,
+            scale: Optional[float],
+            cluster_size: int,
+            overlap: int,
+            attn_drop: float,
+            proj_drop: float,
+            clustering_backend: Optional[str],
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        """Create ``norm_fsla``, ``fsla`` (both None when not ``enabled``) and ``drop_path_fsla`` (the block's
+        ``drop_path`` rate when ``fsla_drop_path``, else identity)."""
+        if enabled:
+            self.norm_fsla = nn.LayerNorm(dim, device=device, dtype=dtype)
+            self.fsla = FeatureSpaceAttention(
+                dim, num_heads, qkv_bias=qkv_bias, scale=scale, cluster_size=cluster_size, overlap=overlap,
+                attn_drop=attn_drop, proj_drop=proj_drop, clustering_backend=clustering_backend,
+                device=device, dtype=dtype)
+        else:
+            self.norm_fsla = self.fsla = None
+        self.drop_path_fsla = DropPath(drop_path) if enabled and fsla_drop_path and drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, C)`` to ``(B, H, W, C)``."""
+        B, H, W, C = x.shape
+        x = x + self.drop_path1(self._attn(self.norm1(x)))
+        x = x.reshape(B, H * W, C)
+        if self.fsla is not None:
+            x = x + self.drop_path_fsla(self.fsla(self.norm_fsla(x), (H, W)))
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return x.reshape(B, H, W, C)
+
+
 class BoatStage(nn.Module):
     """A downsampling layer (or identity) followed by a sequence of blocks, all on ``(B, H, W, C)`` tensors."""
 
@@ -62,14 +115,14 @@ class BoatStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
+        if self.grad_checkpointing:
             return checkpoint_seq(self.blocks, x)
         return self.blocks(x)
 
 
 class BoatTransformer(nn.Module):
-    """Base of both families. Subclasses build ``patch_embed`` (image -> NHWC), ``layers`` (``BoatStage``s),
-    then call ``_build_head``.
+    """Base of both families. Subclasses build ``patch_embed`` (image -> NHWC), then call ``_build_stages``
+    (the ``layers``, ``feature_info``, ``norm`` and ``head``).
     """
 
     output_fmt = 'NHWC'
@@ -82,9 +135,17 @@ class BoatTransformer(nn.Module):
             global_pool: str,
             dynamic_img_size: bool,
             min_img_size: int,
+            output_stride: Optional[int] = None,
     ):
-        """``min_img_size`` is the total stride: smaller images would leave no token in the last stage."""
+        """``min_img_size`` is the total stride: smaller images would leave no token in the last stage.
+        ``output_stride`` is timm's argument (segmentation libraries pass 8 or 16); only 32 (or None) is accepted."""
         super().__init__()
+        if output_stride not in (None, 32):
+            # as timm's models without dilation; dilating BOAT would change its windows, stripes and clusters,
+            # so the pretrained weights would no longer compute what they were trained to
+            raise ValueError(
+                f'BOAT supports output_stride 32 only (no dilation), got output_stride={output_stride!r}; use a '
+                'decoder that takes stride-32 features, e.g. a U-Net/FPN/UPerNet instead of DeepLabV3(+).')
         self.min_img_size = min_img_size
         if not isinstance(in_chans, int) or in_chans < 1:
             raise ValueError(f'in_chans must be a positive int, got {in_chans!r}.')
@@ -105,11 +166,36 @@ class BoatTransformer(nn.Module):
                 f'(the network downsamples {self.min_img_size}x), got {img_size!r}.')
         return size
 
-    def _build_head(self, num_features: int, drop_rate: float) -> None:
-        self.num_features = self.head_hidden_size = num_features
-        self.norm = nn.LayerNorm(num_features)
-        self.head = ClassifierHead(
-            num_features, self.num_classes, pool_type=self.global_pool, drop_rate=drop_rate, input_fmt=self.output_fmt)
+    def _build_stages(
+            self,
+            embed_dim: int,
+            depths: Sequence[int],
+            stem_stride: int,
+            drop_path_rate: float,
+            drop_rate: float,
+            make_block: Callable[[int, int, int, float], nn.Module],
+            make_downsample: Callable[[int, int], nn.Module],
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        """The stage loop both families share: stage ``i`` has ``embed_dim * 2**i`` channels, its blocks come from
+        ``make_block(stage, index, dim, drop_path)`` (drop-path linear from 0 over all blocks) and, from the second
+        stage on, it starts with ``make_downsample(in_dim, out_dim)``. Then the final norm and the classifier head."""
+        dpr = calculate_drop_path_rates(drop_path_rate, sum(depths))
+        stages = []
+        dim = embed_dim
+        for i, depth in enumerate(depths):
+            out_dim = embed_dim * 2**i
+            blocks = [make_block(i, j, out_dim, dpr[sum(depths[:i]) + j]) for j in range(depth)]
+            downsample = make_downsample(dim, out_dim) if i > 0 else nn.Identity()
+            stages.append(BoatStage(downsample, blocks))
+            self.feature_info.append(dict(num_chs=out_dim, reduction=stem_stride * 2**i, module=f'layers.{i}'))
+            dim = out_dim
+        self.layers = nn.Sequential(*stages)
+        self.num_features = self.head_hidden_size = dim
+        self.norm = nn.LayerNorm(dim, device=device, dtype=dtype)
+        self.head = ClassifierHead(dim, self.num_classes, pool_type=self.global_pool, drop_rate=drop_rate,
+                                   input_fmt=self.output_fmt, device=device, dtype=dtype)
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a ValueError naming the problem when ``x`` is not an image batch this model can take."""
@@ -179,7 +265,7 @@ class BoatTransformer(nn.Module):
         if not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f'num_classes must be a non-negative int, got {num_classes!r}.')
         self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool, in_features=self.num_features)
+        self.head.reset(num_classes, pool_type=global_pool, in_features=self.num_features, **get_device_dtype(self))
         if global_pool is not None:
             self.global_pool = global_pool
 
@@ -209,7 +295,7 @@ class BoatTransformer(nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}.")
         self.check_input(x)
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        stages = self.layers if torch.jit.is_scripting() or not stop_early else self.layers[:max_index + 1]
+        stages = self.layers[:max_index + 1] if stop_early else self.layers
         last = len(self.layers) - 1
         intermediates = []
         x = self.patch_embed(x)
