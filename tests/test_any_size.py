@@ -71,6 +71,27 @@ def test_features_only_matches_forward_intermediates_and_features(family):
 
 
 @pytest.mark.parametrize('family', ['swin', 'cswin'])
+def test_feature_maps_are_nchw_with_the_stated_channels_and_strides(family):
+    """What detection and segmentation libraries are handed, at a size that is no multiple of 32: every map NCHW
+    (the NHWC stage output, permuted), with the channels feature_info states and ceil(size / reduction) cells."""
+    torch.manual_seed(3)
+    name, args = SMALL[family]
+    backbone = timm.create_model(name, features_only=True, dynamic_img_size=True, **args).eval()
+    x = torch.randn(2, 3, 200, 260)
+    with torch.no_grad():
+        feats = backbone(x)
+        nchw = backbone.model.forward_intermediates(x, intermediates_only=True)
+        nhwc = backbone.model.forward_intermediates(x, intermediates_only=True, output_fmt='NHWC')
+    info = backbone.feature_info
+    assert len(feats) == len(nchw) == len(nhwc) == 4
+    for f, a, b, c, r in zip(feats, nchw, nhwc, info.channels(), info.reduction()):
+        assert f.shape == (2, c, math.ceil(200 / r), math.ceil(260 / r))
+        assert f.is_contiguous()
+        torch.testing.assert_close(f, a, rtol=0, atol=0)
+        torch.testing.assert_close(f, b.permute(0, 3, 1, 2), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('family', ['swin', 'cswin'])
 def test_too_small_images_name_the_minimum(family):
     model = small(family)
     with pytest.raises(ValueError, match='at least 32'):
