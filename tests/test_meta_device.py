@@ -9,10 +9,16 @@ from timm.models._manipulate import reinit_non_persistent_buffers
 import boatvit
 
 REDUCED = {
-    'swin': ('boat_swin_tiny_224', boatvit.BoatSwinTransformer,
-             dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), num_classes=5)),
-    'cswin': ('boat_cswin_tiny_224', boatvit.BoatCSWinTransformer,
-              dict(embed_dim=16, depths=(1, 2, 1, 1), num_heads=(2, 2, 4, 4), num_classes=5)),
+    'swin': (
+        'boat_swin_tiny_224',
+        boatvit.BoatSwinTransformer,
+        dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), num_classes=5),
+    ),
+    'cswin': (
+        'boat_cswin_tiny_224',
+        boatvit.BoatCSWinTransformer,
+        dict(embed_dim=16, depths=(1, 2, 1, 1), num_heads=(2, 2, 4, 4), num_classes=5),
+    ),
 }
 # fixed non-square size (BOAT-Swin's masks are buffers built for it) and any size (masks built per call)
 BUILDS = [dict(img_size=(96, 128)), dict(dynamic_img_size=True)]
@@ -81,5 +87,6 @@ def test_fsla_backend_reaches_every_fsla():
         fslas = [m for m in model.modules() if isinstance(m, boatvit.FeatureSpaceAttention)]
         assert fslas and {m.clustering_backend for m in fslas} == {'torch'}, family
         default = timm.create_model(name, **args)
-        assert {m.clustering_backend for m in default.modules() if isinstance(m, boatvit.FeatureSpaceAttention)} \
-            == {None}
+        assert {m.clustering_backend for m in default.modules() if isinstance(m, boatvit.FeatureSpaceAttention)} == {
+            None
+        }

@@ -17,8 +17,15 @@ NAMES = ['boat_swin_tiny_224', 'boat_cswin_tiny_224', 'boat_swin_nano_32']
 
 def test_registered_names():
     names = set(timm.list_models('boat_*'))
-    assert {'boat_swin_tiny_224', 'boat_swin_small_224', 'boat_swin_base_224', 'boat_cswin_tiny_224',
-            'boat_cswin_small_224', 'boat_cswin_base_224', 'boat_swin_nano_32'} <= names
+    assert {
+        'boat_swin_tiny_224',
+        'boat_swin_small_224',
+        'boat_swin_base_224',
+        'boat_cswin_tiny_224',
+        'boat_cswin_small_224',
+        'boat_cswin_base_224',
+        'boat_swin_nano_32',
+    } <= names
 
 
 @pytest.mark.slow
@@ -90,8 +97,9 @@ def test_fx_trace_matches_eager_forward_and_backward(name):
     model = timm.create_model(name, **REDUCED[name])
     tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
     train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
-    traced = create_feature_extractor(model, train_return_nodes=[train_nodes[-1]],
-                                      eval_return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer_kwargs)
+    traced = create_feature_extractor(
+        model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer_kwargs
+    )
     x = torch.randn(2, 3, 224, 224)
     model.eval()
     traced.eval()
@@ -171,7 +179,15 @@ def test_torch_hub_loads_every_registered_model_from_the_repo():
     entries = sorted(n for n in dir(hubconf) if callable(getattr(hubconf, n)) and not n.startswith('_'))
     assert entries == sorted(timm.list_models('boat_*'))
     for name in entries:  # reduced widths: the entry point, not the size, is under test
-        model = torch.hub.load(str(repo), name, source='local', trust_repo=True, embed_dim=16, depths=(1, 1, 1, 1),
-                               num_heads=(2, 2, 4, 4), num_classes=3)
+        model = torch.hub.load(
+            str(repo),
+            name,
+            source='local',
+            trust_repo=True,
+            embed_dim=16,
+            depths=(1, 1, 1, 1),
+            num_heads=(2, 2, 4, 4),
+            num_classes=3,
+        )
         assert isinstance(model, boatvit.models.BoatTransformer) and model.num_classes == 3
         assert model.pretrained_cfg['architecture'] == name

@@ -30,13 +30,13 @@ __all__ = ['stripe_attention', 'CrossShapedWindowAttention', 'BilateralCSWinBloc
 
 
 def stripe_attention(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        stripe: Tuple[int, int],
-        num_heads: int,
-        lepe: nn.Module,
-        dropout_p: float = 0.0,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    stripe: Tuple[int, int],
+    num_heads: int,
+    lepe: nn.Module,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Multi-head attention inside non-overlapping ``stripe`` windows, plus LePE on V inside each window.
 
@@ -75,8 +75,10 @@ def stripe_attention(
         real = torch.zeros(1, Hp, Wp, 1, dtype=torch.bool, device=q.device)
         real[:, :H, :W] = True
         mask = to_windows(real.expand(B, -1, -1, -1)).view(-1, 1, 1, area)
-    out = F.scaled_dot_product_attention(to_heads(qw), to_heads(kw), to_heads(vw), attn_mask=mask,
-                                         dropout_p=dropout_p) + pos
+    out = (
+        F.scaled_dot_product_attention(to_heads(qw), to_heads(kw), to_heads(vw), attn_mask=mask, dropout_p=dropout_p)
+        + pos
+    )
     out = out.transpose(1, 2).reshape(B, Hp // sh, Wp // sw, sh, sw, C).permute(0, 1, 3, 2, 4, 5)
     return out.reshape(B, Hp, Wp, C)[:, :H, :W]
 
@@ -92,16 +94,16 @@ class CrossShapedWindowAttention(nn.Module):
     """
 
     def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            split_size: int,
-            global_attention: bool = False,
-            qkv_bias: bool = True,
-            attn_drop: float = 0.0,
-            proj_drop: float = 0.0,
-            device: Optional[torch.device] = None,
-            dtype: Optional[torch.dtype] = None,
+        self,
+        dim: int,
+        num_heads: int,
+        split_size: int,
+        global_attention: bool = False,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
@@ -114,7 +116,8 @@ class CrossShapedWindowAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         branch_dim = dim // branches
         self.lepe = nn.ModuleList(
-            [nn.Conv2d(branch_dim, branch_dim, 3, padding=1, groups=branch_dim, **dd) for _ in range(branches)])
+            [nn.Conv2d(branch_dim, branch_dim, 3, padding=1, groups=branch_dim, **dd) for _ in range(branches)]
+        )
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -128,10 +131,17 @@ class CrossShapedWindowAttention(nn.Module):
             out = stripe_attention(q, k, v, (H, W), self.num_heads, self.lepe[0], dropout_p)
         else:
             half, heads, s = C // 2, self.num_heads // 2, self.split_size
-            out = torch.cat([
-                stripe_attention(q[..., :half], k[..., :half], v[..., :half], (H, s), heads, self.lepe[0], dropout_p),
-                stripe_attention(q[..., half:], k[..., half:], v[..., half:], (s, W), heads, self.lepe[1], dropout_p),
-            ], dim=-1)
+            out = torch.cat(
+                [
+                    stripe_attention(
+                        q[..., :half], k[..., :half], v[..., :half], (H, s), heads, self.lepe[0], dropout_p
+                    ),
+                    stripe_attention(
+                        q[..., half:], k[..., half:], v[..., half:], (s, W), heads, self.lepe[1], dropout_p
+                    ),
+                ],
+                dim=-1,
+            )
         return self.proj_drop(self.proj(out))
 
 
@@ -141,37 +151,55 @@ class BilateralCSWinBlock(BilateralBlock):
     ``fsla_drop_path``)."""
 
     def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            split_size: int,
-            global_attention: bool,
-            fsla: bool,
-            fsla_drop_path: bool,
-            fsla_scale: Optional[float],
-            fsla_cluster_size: int,
-            fsla_overlap: int,
-            mlp_ratio: float,
-            qkv_bias: bool,
-            proj_drop: float,
-            attn_drop: float,
-            drop_path: float,
-            fsla_backend: Optional[str] = None,
-            device: Optional[torch.device] = None,
-            dtype: Optional[torch.dtype] = None,
+        self,
+        dim: int,
+        num_heads: int,
+        split_size: int,
+        global_attention: bool,
+        fsla: bool,
+        fsla_drop_path: bool,
+        fsla_scale: Optional[float],
+        fsla_cluster_size: int,
+        fsla_overlap: int,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        proj_drop: float,
+        attn_drop: float,
+        drop_path: float,
+        fsla_backend: Optional[str] = None,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, **dd)
         self.attn = CrossShapedWindowAttention(
-            dim, num_heads, split_size, global_attention, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop,
-            **dd)
+            dim,
+            num_heads,
+            split_size,
+            global_attention,
+            qkv_bias=qkv_bias,
+            attn_drop=attn_drop,
+            proj_drop=proj_drop,
+            **dd,
+        )
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         # the reference passes attn_drop as the FSLA's output dropout too
         self.init_fsla_branch(
-            dim, num_heads, fsla, drop_path, fsla_drop_path, qkv_bias=qkv_bias, scale=fsla_scale,
-            cluster_size=fsla_cluster_size, overlap=fsla_overlap, attn_drop=attn_drop, proj_drop=attn_drop,
-            clustering_backend=fsla_backend, **dd)
+            dim,
+            num_heads,
+            fsla,
+            drop_path,
+            fsla_drop_path,
+            qkv_bias=qkv_bias,
+            scale=fsla_scale,
+            cluster_size=fsla_cluster_size,
+            overlap=fsla_overlap,
+            attn_drop=attn_drop,
+            proj_drop=attn_drop,
+            clustering_backend=fsla_backend,
+            **dd,
+        )
         self.norm2 = nn.LayerNorm(dim, **dd)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop, **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -185,11 +213,11 @@ class ConvStem(nn.Module):
     """CSWin's stem: 7x7 stride-4 conv (padding 2), then LayerNorm; NCHW image to NHWC tokens."""
 
     def __init__(
-            self,
-            in_chans: int,
-            embed_dim: int,
-            device: Optional[torch.device] = None,
-            dtype: Optional[torch.dtype] = None,
+        self,
+        in_chans: int,
+        embed_dim: int,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=7, stride=4, padding=2, device=device, dtype=dtype)
@@ -203,11 +231,11 @@ class ConvMerging(nn.Module):
     """CSWin's patch merging: 3x3 stride-2 conv (padding 1), then LayerNorm; NHWC in and out."""
 
     def __init__(
-            self,
-            dim: int,
-            out_dim: int,
-            device: Optional[torch.device] = None,
-            dtype: Optional[torch.dtype] = None,
+        self,
+        dim: int,
+        out_dim: int,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
         self.conv = nn.Conv2d(dim, out_dim, kernel_size=3, stride=2, padding=1, device=device, dtype=dtype)
@@ -223,31 +251,31 @@ class BoatCSWinTransformer(BoatTransformer):
     family = 'cswin'
 
     def __init__(
-            self,
-            img_size: Union[int, Tuple[int, int]] = 224,
-            in_chans: int = 3,
-            num_classes: int = 1000,
-            global_pool: str = 'avg',
-            embed_dim: int = 64,
-            depths: Tuple[int, ...] = (1, 2, 21, 1),
-            num_heads: Tuple[int, ...] = (2, 4, 8, 16),
-            split_size: Tuple[int, ...] = (1, 2, 7, 7),
-            mlp_ratio: float = 4.0,
-            qkv_bias: bool = True,
-            drop_rate: float = 0.0,
-            proj_drop_rate: float = 0.0,
-            attn_drop_rate: float = 0.0,
-            drop_path_rate: float = 0.1,
-            dynamic_img_size: bool = False,
-            fsla_blocks: str = 'even',
-            fsla_drop_path: bool = True,
-            fsla_scale: Optional[float] = 1.0,
-            fsla_cluster_size: int = 49,
-            fsla_overlap: int = 20,
-            fsla_backend: Optional[str] = None,
-            output_stride: Optional[int] = None,
-            device: Optional[torch.device] = None,
-            dtype: Optional[torch.dtype] = None,
+        self,
+        img_size: Union[int, Tuple[int, int]] = 224,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = 'avg',
+        embed_dim: int = 64,
+        depths: Tuple[int, ...] = (1, 2, 21, 1),
+        num_heads: Tuple[int, ...] = (2, 4, 8, 16),
+        split_size: Tuple[int, ...] = (1, 2, 7, 7),
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        dynamic_img_size: bool = False,
+        fsla_blocks: str = 'even',
+        fsla_drop_path: bool = True,
+        fsla_scale: Optional[float] = 1.0,
+        fsla_cluster_size: int = 49,
+        fsla_overlap: int = 20,
+        fsla_backend: Optional[str] = None,
+        output_stride: Optional[int] = None,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ):
         """
         Args:
@@ -281,17 +309,27 @@ class BoatCSWinTransformer(BoatTransformer):
                 ``device='meta'`` builds without memory, then ``to_empty`` and load a state dict).
         """
         num_stages = len(depths)
-        super().__init__(img_size, in_chans, num_classes, global_pool, dynamic_img_size,
-                         min_img_size=4 * 2 ** (num_stages - 1), output_stride=output_stride)
+        super().__init__(
+            img_size,
+            in_chans,
+            num_classes,
+            global_pool,
+            dynamic_img_size,
+            min_img_size=4 * 2 ** (num_stages - 1),
+            output_stride=output_stride,
+        )
         dd = {'device': device, 'dtype': dtype}
         if not len(num_heads) == len(split_size) == num_stages:
-            raise ValueError(f'depths {tuple(depths)}, num_heads {tuple(num_heads)} and split_size '
-                             f'{tuple(split_size)} must have the same length.')
+            raise ValueError(
+                f'depths {tuple(depths)}, num_heads {tuple(num_heads)} and split_size '
+                f'{tuple(split_size)} must have the same length.'
+            )
         if not all(isinstance(s, int) and s > 0 for s in split_size):
             raise ValueError(f'split_size must be positive ints (stripe widths), got {tuple(split_size)}.')
         if fsla_blocks == 'shifted':
-            raise ValueError("fsla_blocks='shifted' is BOAT-Swin's placement; BOAT-CSWin takes 'even', 'odd', "
-                             "'all' or 'none'.")
+            raise ValueError(
+                "fsla_blocks='shifted' is BOAT-Swin's placement; BOAT-CSWin takes 'even', 'odd', 'all' or 'none'."
+            )
         fsla_in_block(fsla_blocks, 0)  # validates the name
         self.patch_embed = ConvStem(in_chans, embed_dim, **dd)
 
@@ -316,8 +354,15 @@ class BoatCSWinTransformer(BoatTransformer):
             )
 
         self._build_stages(
-            embed_dim, depths, 4, drop_path_rate, drop_rate, make_block,
-            lambda dim, out_dim: ConvMerging(dim, out_dim, **dd), **dd)
+            embed_dim,
+            depths,
+            4,
+            drop_path_rate,
+            drop_rate,
+            make_block,
+            lambda dim, out_dim: ConvMerging(dim, out_dim, **dd),
+            **dd,
+        )
         self.apply(init_weights)
 
     def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None) -> None:
@@ -361,15 +406,20 @@ def _cfg(crop_pct: float = 0.9, **kwargs: Any) -> Dict[str, Any]:
     return boat_cfg(crop_pct, **kwargs)
 
 
-default_cfgs = generate_default_cfgs({
-    # released EMA weights; load them as the BOAT-Swin comment says
-    'boat_cswin_tiny_224.in1k': _cfg(
-        notes=('released file: https://www.dropbox.com/s/rsmtu6r0v2lt0y5/cswin_tiny.pth.tar',)),
-    'boat_cswin_small_224.in1k': _cfg(
-        notes=('released file: https://www.dropbox.com/s/cnl00d1faxxoi19/cswin_small.pth.tar',)),
-    'boat_cswin_base_224.in1k': _cfg(
-        notes=('released file: https://www.dropbox.com/s/92sr8r8zhng1mqg/cswin_base.pth.tar',)),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        # released EMA weights; load them as the BOAT-Swin comment says
+        'boat_cswin_tiny_224.in1k': _cfg(
+            notes=('released file: https://www.dropbox.com/s/rsmtu6r0v2lt0y5/cswin_tiny.pth.tar',)
+        ),
+        'boat_cswin_small_224.in1k': _cfg(
+            notes=('released file: https://www.dropbox.com/s/cnl00d1faxxoi19/cswin_small.pth.tar',)
+        ),
+        'boat_cswin_base_224.in1k': _cfg(
+            notes=('released file: https://www.dropbox.com/s/92sr8r8zhng1mqg/cswin_base.pth.tar',)
+        ),
+    }
+)
 
 
 @register_model

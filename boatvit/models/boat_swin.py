@@ -18,8 +18,12 @@ import torch.nn as nn
 from timm.layers import PatchEmbed, resize_rel_pos_bias_table
 from timm.models import generate_default_cfgs, register_model
 from timm.models._input import update_model_input_size
-from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, calc_stage_window_sizes, \
-    resolve_stage_window_sizes
+from timm.models.swin_transformer import (
+    PatchMerging,
+    SwinTransformerBlock,
+    calc_stage_window_sizes,
+    resolve_stage_window_sizes,
+)
 
 from .base import BilateralBlock, BoatTransformer, boat_cfg, build_boat_model, fsla_in_block, init_weights
 
@@ -36,26 +40,26 @@ class BilateralSwinBlock(BilateralBlock, SwinTransformerBlock):
     """
 
     def __init__(
-            self,
-            dim: int,
-            input_resolution: Tuple[int, int],
-            num_heads: int,
-            window_size: Tuple[int, int],
-            shift_size: int | Tuple[int, int],
-            fsla: bool,
-            fsla_drop_path: bool,
-            fsla_scale: Optional[float],
-            fsla_cluster_size: int,
-            fsla_overlap: int,
-            dynamic_mask: bool,
-            mlp_ratio: float,
-            qkv_bias: bool,
-            proj_drop: float,
-            attn_drop: float,
-            drop_path: float,
-            fsla_backend: Optional[str] = None,
-            device: Optional[torch.device] = None,
-            dtype: Optional[torch.dtype] = None,
+        self,
+        dim: int,
+        input_resolution: Tuple[int, int],
+        num_heads: int,
+        window_size: Tuple[int, int],
+        shift_size: int | Tuple[int, int],
+        fsla: bool,
+        fsla_drop_path: bool,
+        fsla_scale: Optional[float],
+        fsla_cluster_size: int,
+        fsla_overlap: int,
+        dynamic_mask: bool,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        proj_drop: float,
+        attn_drop: float,
+        drop_path: float,
+        fsla_backend: Optional[str] = None,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ):
         super().__init__(
             dim=dim,
@@ -73,9 +77,21 @@ class BilateralSwinBlock(BilateralBlock, SwinTransformerBlock):
             dtype=dtype,
         )
         self.init_fsla_branch(
-            dim, num_heads, fsla, drop_path, fsla_drop_path, qkv_bias=qkv_bias, scale=fsla_scale,
-            cluster_size=fsla_cluster_size, overlap=fsla_overlap, attn_drop=attn_drop, proj_drop=proj_drop,
-            clustering_backend=fsla_backend, device=device, dtype=dtype)
+            dim,
+            num_heads,
+            fsla,
+            drop_path,
+            fsla_drop_path,
+            qkv_bias=qkv_bias,
+            scale=fsla_scale,
+            cluster_size=fsla_cluster_size,
+            overlap=fsla_overlap,
+            attn_drop=attn_drop,
+            proj_drop=proj_drop,
+            clustering_backend=fsla_backend,
+            device=device,
+            dtype=dtype,
+        )
 
 
 class BoatSwinTransformer(BoatTransformer):
@@ -84,32 +100,32 @@ class BoatSwinTransformer(BoatTransformer):
     family = 'swin'
 
     def __init__(
-            self,
-            img_size: _int_or_tuple_2_t = 224,
-            patch_size: int = 4,
-            in_chans: int = 3,
-            num_classes: int = 1000,
-            global_pool: str = 'avg',
-            embed_dim: int = 96,
-            depths: Tuple[int, ...] = (2, 2, 6, 2),
-            num_heads: Tuple[int, ...] = (3, 6, 12, 24),
-            window_size: Union[_int_or_tuple_2_t, Sequence[_int_or_tuple_2_t]] = 7,
-            mlp_ratio: float = 4.0,
-            qkv_bias: bool = True,
-            drop_rate: float = 0.0,
-            proj_drop_rate: float = 0.0,
-            attn_drop_rate: float = 0.0,
-            drop_path_rate: float = 0.1,
-            dynamic_img_size: bool = False,
-            fsla_blocks: str = 'shifted',
-            fsla_drop_path: bool = False,
-            fsla_scale: Optional[float] = None,
-            fsla_cluster_size: int = 49,
-            fsla_overlap: int = 20,
-            fsla_backend: Optional[str] = None,
-            output_stride: Optional[int] = None,
-            device: Optional[torch.device] = None,
-            dtype: Optional[torch.dtype] = None,
+        self,
+        img_size: _int_or_tuple_2_t = 224,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = 'avg',
+        embed_dim: int = 96,
+        depths: Tuple[int, ...] = (2, 2, 6, 2),
+        num_heads: Tuple[int, ...] = (3, 6, 12, 24),
+        window_size: Union[_int_or_tuple_2_t, Sequence[_int_or_tuple_2_t]] = 7,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        dynamic_img_size: bool = False,
+        fsla_blocks: str = 'shifted',
+        fsla_drop_path: bool = False,
+        fsla_scale: Optional[float] = None,
+        fsla_cluster_size: int = 49,
+        fsla_overlap: int = 20,
+        fsla_backend: Optional[str] = None,
+        output_stride: Optional[int] = None,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ):
         """
         Args:
@@ -143,8 +159,15 @@ class BoatSwinTransformer(BoatTransformer):
                 arguments; ``device='meta'`` builds without memory, then ``to_empty`` and load a state dict).
         """
         num_stages = len(depths)
-        super().__init__(img_size, in_chans, num_classes, global_pool, dynamic_img_size,
-                         min_img_size=patch_size * 2 ** (num_stages - 1), output_stride=output_stride)
+        super().__init__(
+            img_size,
+            in_chans,
+            num_classes,
+            global_pool,
+            dynamic_img_size,
+            min_img_size=patch_size * 2 ** (num_stages - 1),
+            output_stride=output_stride,
+        )
         dd = {'device': device, 'dtype': dtype}
         if len(num_heads) != num_stages:
             raise ValueError(f'depths {tuple(depths)} and num_heads {tuple(num_heads)} must have the same length.')
@@ -194,14 +217,21 @@ class BoatSwinTransformer(BoatTransformer):
             )
 
         self._build_stages(
-            embed_dim, depths, patch_size, drop_path_rate, drop_rate, make_block,
-            lambda dim, out_dim: PatchMerging(dim=dim, out_dim=out_dim, **dd), **dd)
+            embed_dim,
+            depths,
+            patch_size,
+            drop_path_rate,
+            drop_rate,
+            make_block,
+            lambda dim, out_dim: PatchMerging(dim=dim, out_dim=out_dim, **dd),
+            **dd,
+        )
         self.apply(init_weights)
 
     def set_input_size(
-            self,
-            img_size: Optional[_int_or_tuple_2_t] = None,
-            window_size: Optional[Union[_int_or_tuple_2_t, Sequence[_int_or_tuple_2_t]]] = None,
+        self,
+        img_size: Optional[_int_or_tuple_2_t] = None,
+        window_size: Optional[Union[_int_or_tuple_2_t, Sequence[_int_or_tuple_2_t]]] = None,
     ) -> None:
         """Rebuild masks, windows and relative position tables for a new input size.
 
@@ -243,7 +273,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: BoatSwinTra
             attn = model.get_submodule(k[: -len('.relative_position_bias_table')])
             if v.shape != attn.relative_position_bias_table.shape:
                 v = resize_rel_pos_bias_table(
-                    v, new_window_size=attn.window_size, new_bias_shape=attn.relative_position_bias_table.shape)
+                    v, new_window_size=attn.window_size, new_bias_shape=attn.relative_position_bias_table.shape
+                )
         out[k] = v
     return out
 
@@ -257,17 +288,27 @@ def _cfg(crop_pct: float = 0.875, **kwargs: Any) -> Dict[str, Any]:
     return boat_cfg(crop_pct, **kwargs)
 
 
-default_cfgs = generate_default_cfgs({
-    # released weights cannot be fetched automatically: pass pretrained_cfg_overlay=dict(file=PATH) with a
-    # `boatvit convert` output, or dict(file=PATH, custom_load=True) with the downloaded file itself
-    'boat_swin_tiny_224.in1k': _cfg(notes=('released file: https://www.dropbox.com/s/xa94uewsrvjglnn/tiny.pth',)),
-    'boat_swin_small_224.in1k': _cfg(notes=('released file: https://www.dropbox.com/s/7ih1zvii3bvdcgd/small.pth',)),
-    'boat_swin_base_224.in1k': _cfg(notes=('released file: https://www.dropbox.com/s/70hr7h0smcr0gr9/base.pth',)),
-    # boatvit's own small model for small images (the embedded digits demo); no released weights
-    'boat_swin_nano_32.untrained': _cfg(
-        input_size=(3, 32, 32), pool_size=(2, 2), num_classes=10, crop_pct=1.0, interpolation='bilinear',
-        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), origin_url='', notes=('no released weights',)),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        # released weights cannot be fetched automatically: pass pretrained_cfg_overlay=dict(file=PATH) with a
+        # `boatvit convert` output, or dict(file=PATH, custom_load=True) with the downloaded file itself
+        'boat_swin_tiny_224.in1k': _cfg(notes=('released file: https://www.dropbox.com/s/xa94uewsrvjglnn/tiny.pth',)),
+        'boat_swin_small_224.in1k': _cfg(notes=('released file: https://www.dropbox.com/s/7ih1zvii3bvdcgd/small.pth',)),
+        'boat_swin_base_224.in1k': _cfg(notes=('released file: https://www.dropbox.com/s/70hr7h0smcr0gr9/base.pth',)),
+        # boatvit's own small model for small images (the embedded digits demo); no released weights
+        'boat_swin_nano_32.untrained': _cfg(
+            input_size=(3, 32, 32),
+            pool_size=(2, 2),
+            num_classes=10,
+            crop_pct=1.0,
+            interpolation='bilinear',
+            mean=(0.5, 0.5, 0.5),
+            std=(0.5, 0.5, 0.5),
+            origin_url='',
+            notes=('no released weights',),
+        ),
+    }
+)
 
 
 @register_model
@@ -295,6 +336,13 @@ def boat_swin_base_224(pretrained: bool = False, **kwargs: Any) -> BoatSwinTrans
 def boat_swin_nano_32(pretrained: bool = False, **kwargs: Any) -> BoatSwinTransformer:
     """A 2.3 M-parameter BOAT-Swin for 32x32 images: patch 2, window 4, FSLA in stages 1 and 2."""
     model_args = dict(
-        img_size=32, patch_size=2, window_size=4, embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
-        num_classes=10, drop_path_rate=0.0)
+        img_size=32,
+        patch_size=2,
+        window_size=4,
+        embed_dim=32,
+        depths=(2, 2, 2, 2),
+        num_heads=(1, 2, 4, 8),
+        num_classes=10,
+        drop_path_rate=0.0,
+    )
     return _create_boat_swin('boat_swin_nano_32', pretrained=pretrained, **dict(model_args, **kwargs))
