@@ -1,6 +1,6 @@
 """The BOAT model families; importing this registers their timm model names."""
 
-from .base import BilateralBlock, BoatStage, BoatTransformer
+from .base import BilateralBlock, BoatStage, BoatTransformer, FslaOptions
 from .boat_cswin import BilateralCSWinBlock, BoatCSWinTransformer, CrossShapedWindowAttention
 from .boat_swin import BilateralSwinBlock, BoatSwinTransformer
 
@@ -11,6 +11,7 @@ __all__ = [
     'BilateralCSWinBlock',
     'BoatCSWinTransformer',
     'CrossShapedWindowAttention',
+    'FslaOptions',
     'BilateralSwinBlock',
     'BoatSwinTransformer',
 ]

@@ -10,6 +10,7 @@ The public model API follows timm's hierarchical models (``swin_transformer.py``
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
@@ -22,7 +23,7 @@ from timm.models._manipulate import checkpoint_seq
 
 from ..fsla import FeatureSpaceAttention
 
-__all__ = ['BilateralBlock', 'BoatStage', 'BoatTransformer', 'build_boat_model', 'init_weights']
+__all__ = ['BilateralBlock', 'BoatStage', 'FslaOptions', 'BoatTransformer', 'build_boat_model', 'init_weights']
 
 FSLA_PLACEMENTS = ('shifted', 'even', 'odd', 'all', 'none')
 
@@ -55,6 +56,25 @@ def init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+@dataclass(frozen=True)
+class FslaOptions:
+    """The feature-space branch's settings, one object from a model's constructor to every block that carries one.
+
+    Attributes:
+        drop_path: apply the block's drop-path rate to the branch.
+        scale: attention logit scale; None means ``head_dim ** -0.5``.
+        cluster_size: tokens per cluster.
+        overlap: sibling tokens each cluster also attends to.
+        backend: the clustering backend (``FeatureSpaceAttention``'s ``clustering_backend``).
+    """
+
+    drop_path: bool
+    scale: Optional[float]
+    cluster_size: int
+    overlap: int
+    backend: Optional[str] = None
+
+
 class BilateralBlock(nn.Module):
     """The bilateral residual skeleton of both families, on ``(B, H, W, C)`` tensors:
 
@@ -70,39 +90,35 @@ class BilateralBlock(nn.Module):
         self,
         dim: int,
         num_heads: int,
-        enabled: bool,
+        fsla: Optional[FslaOptions],
         drop_path: float,
-        fsla_drop_path: bool,
         qkv_bias: bool,
-        scale: Optional[float],
-        cluster_size: int,
-        overlap: int,
         attn_drop: float,
         proj_drop: float,
-        clustering_backend: Optional[str],
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
-        """Create ``norm_fsla``, ``fsla`` (both None when not ``enabled``) and ``drop_path_fsla`` (the block's
-        ``drop_path`` rate when ``fsla_drop_path``, else identity)."""
-        if enabled:
+        """Create ``norm_fsla``, ``fsla`` (both None when ``fsla`` is None) and ``drop_path_fsla`` (the block's
+        ``drop_path`` rate when ``fsla.drop_path``, else identity)."""
+        if fsla is not None:
             self.norm_fsla = nn.LayerNorm(dim, device=device, dtype=dtype)
             self.fsla = FeatureSpaceAttention(
                 dim,
                 num_heads,
                 qkv_bias=qkv_bias,
-                scale=scale,
-                cluster_size=cluster_size,
-                overlap=overlap,
+                scale=fsla.scale,
+                cluster_size=fsla.cluster_size,
+                overlap=fsla.overlap,
                 attn_drop=attn_drop,
                 proj_drop=proj_drop,
-                clustering_backend=clustering_backend,
+                clustering_backend=fsla.backend,
                 device=device,
                 dtype=dtype,
             )
         else:
             self.norm_fsla = self.fsla = None
-        self.drop_path_fsla = DropPath(drop_path) if enabled and fsla_drop_path and drop_path > 0 else nn.Identity()
+        use_drop_path = fsla is not None and fsla.drop_path and drop_path > 0
+        self.drop_path_fsla = DropPath(drop_path) if use_drop_path else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C)`` to ``(B, H, W, C)``."""

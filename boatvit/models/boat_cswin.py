@@ -24,7 +24,7 @@ from timm.layers import DropPath, Mlp, register_notrace_module
 from timm.models import generate_default_cfgs, register_model
 from timm.models._input import update_model_input_size
 
-from .base import BilateralBlock, BoatTransformer, boat_cfg, build_boat_model, fsla_in_block, init_weights
+from .base import BilateralBlock, BoatTransformer, FslaOptions, boat_cfg, build_boat_model, fsla_in_block, init_weights
 
 __all__ = ['stripe_attention', 'CrossShapedWindowAttention', 'BilateralCSWinBlock', 'BoatCSWinTransformer']
 
@@ -146,9 +146,9 @@ class CrossShapedWindowAttention(nn.Module):
 
 
 class BilateralCSWinBlock(BilateralBlock):
-    """``x + CSWin-attn(norm1(x))``, then ``+ FSLA(norm_fsla(x))`` when ``fsla`` is set, then ``+ MLP(norm2(x))``
+    """``x + CSWin-attn(norm1(x))``, then ``+ FSLA(norm_fsla(x))`` when ``fsla`` is given, then ``+ MLP(norm2(x))``
     (``BilateralBlock.forward``), every branch with the block's drop-path (the FSLA one only when
-    ``fsla_drop_path``)."""
+    ``fsla.drop_path``)."""
 
     def __init__(
         self,
@@ -156,17 +156,12 @@ class BilateralCSWinBlock(BilateralBlock):
         num_heads: int,
         split_size: int,
         global_attention: bool,
-        fsla: bool,
-        fsla_drop_path: bool,
-        fsla_scale: Optional[float],
-        fsla_cluster_size: int,
-        fsla_overlap: int,
+        fsla: Optional[FslaOptions],
         mlp_ratio: float,
         qkv_bias: bool,
         proj_drop: float,
         attn_drop: float,
         drop_path: float,
-        fsla_backend: Optional[str] = None,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ):
@@ -185,21 +180,7 @@ class BilateralCSWinBlock(BilateralBlock):
         )
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         # the reference passes attn_drop as the FSLA's output dropout too
-        self.init_fsla_branch(
-            dim,
-            num_heads,
-            fsla,
-            drop_path,
-            fsla_drop_path,
-            qkv_bias=qkv_bias,
-            scale=fsla_scale,
-            cluster_size=fsla_cluster_size,
-            overlap=fsla_overlap,
-            attn_drop=attn_drop,
-            proj_drop=attn_drop,
-            clustering_backend=fsla_backend,
-            **dd,
-        )
+        self.init_fsla_branch(dim, num_heads, fsla, drop_path, qkv_bias, attn_drop, attn_drop, **dd)
         self.norm2 = nn.LayerNorm(dim, **dd)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop, **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -332,6 +313,7 @@ class BoatCSWinTransformer(BoatTransformer):
             )
         fsla_in_block(fsla_blocks, 0)  # validates the name
         self.patch_embed = ConvStem(in_chans, embed_dim, **dd)
+        fsla = FslaOptions(fsla_drop_path, fsla_scale, fsla_cluster_size, fsla_overlap, fsla_backend)
 
         def make_block(i: int, j: int, dim: int, drop_path: float) -> BilateralCSWinBlock:
             return BilateralCSWinBlock(
@@ -339,12 +321,7 @@ class BoatCSWinTransformer(BoatTransformer):
                 num_heads=num_heads[i],
                 split_size=split_size[i],
                 global_attention=i == num_stages - 1,
-                fsla=fsla_in_block(fsla_blocks, j),
-                fsla_drop_path=fsla_drop_path,
-                fsla_scale=fsla_scale,
-                fsla_cluster_size=fsla_cluster_size,
-                fsla_overlap=fsla_overlap,
-                fsla_backend=fsla_backend,
+                fsla=fsla if fsla_in_block(fsla_blocks, j) else None,
                 mlp_ratio=mlp_ratio,
                 qkv_bias=qkv_bias,
                 proj_drop=proj_drop_rate,

@@ -25,7 +25,7 @@ from timm.models.swin_transformer import (
     resolve_stage_window_sizes,
 )
 
-from .base import BilateralBlock, BoatTransformer, boat_cfg, build_boat_model, fsla_in_block, init_weights
+from .base import BilateralBlock, BoatTransformer, FslaOptions, boat_cfg, build_boat_model, fsla_in_block, init_weights
 
 __all__ = ['BilateralSwinBlock', 'BoatSwinTransformer']
 
@@ -35,7 +35,7 @@ _int_or_tuple_2_t = Union[int, Tuple[int, int]]
 class BilateralSwinBlock(BilateralBlock, SwinTransformerBlock):
     """timm's Swin block plus an optional feature-space attention branch before the MLP.
 
-    ``x + W-MSA(norm1(x))``, then ``+ FSLA(norm_fsla(x))`` when ``fsla`` is set, then ``+ MLP(norm2(x))``
+    ``x + W-MSA(norm1(x))``, then ``+ FSLA(norm_fsla(x))`` when ``fsla`` is given, then ``+ MLP(norm2(x))``
     (``BilateralBlock.forward``).
     """
 
@@ -46,18 +46,13 @@ class BilateralSwinBlock(BilateralBlock, SwinTransformerBlock):
         num_heads: int,
         window_size: Tuple[int, int],
         shift_size: int | Tuple[int, int],
-        fsla: bool,
-        fsla_drop_path: bool,
-        fsla_scale: Optional[float],
-        fsla_cluster_size: int,
-        fsla_overlap: int,
+        fsla: Optional[FslaOptions],
         dynamic_mask: bool,
         mlp_ratio: float,
         qkv_bias: bool,
         proj_drop: float,
         attn_drop: float,
         drop_path: float,
-        fsla_backend: Optional[str] = None,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ):
@@ -76,22 +71,7 @@ class BilateralSwinBlock(BilateralBlock, SwinTransformerBlock):
             device=device,
             dtype=dtype,
         )
-        self.init_fsla_branch(
-            dim,
-            num_heads,
-            fsla,
-            drop_path,
-            fsla_drop_path,
-            qkv_bias=qkv_bias,
-            scale=fsla_scale,
-            cluster_size=fsla_cluster_size,
-            overlap=fsla_overlap,
-            attn_drop=attn_drop,
-            proj_drop=proj_drop,
-            clustering_backend=fsla_backend,
-            device=device,
-            dtype=dtype,
-        )
+        self.init_fsla_branch(dim, num_heads, fsla, drop_path, qkv_bias, attn_drop, proj_drop, device, dtype)
 
 
 class BoatSwinTransformer(BoatTransformer):
@@ -189,24 +169,21 @@ class BoatSwinTransformer(BoatTransformer):
             **dd,
         )
         grid = self.patch_embed.grid_size
+        fsla = FslaOptions(fsla_drop_path, fsla_scale, fsla_cluster_size, fsla_overlap, fsla_backend)
         windows = resolve_stage_window_sizes(window_size, num_stages)
         self._ref_window_sizes = windows
         self._ref_grid_size = tuple(grid)
 
         def make_block(i: int, j: int, dim: int, drop_path: float) -> BilateralSwinBlock:
             resolution = tuple((g + 2**i - 1) // 2**i for g in grid)
+            shifted = any(r > w for r, w in zip(resolution, windows[i]))  # Swin shifts only stages above the window
             return BilateralSwinBlock(
                 dim=dim,
                 input_resolution=resolution,
                 num_heads=num_heads[i],
                 window_size=windows[i],
                 shift_size=0 if j % 2 == 0 else tuple(w // 2 for w in windows[i]),
-                fsla=fsla_in_block(fsla_blocks, j, shifted=any(r > w for r, w in zip(resolution, windows[i]))),
-                fsla_drop_path=fsla_drop_path,
-                fsla_scale=fsla_scale,
-                fsla_cluster_size=fsla_cluster_size,
-                fsla_overlap=fsla_overlap,
-                fsla_backend=fsla_backend,
+                fsla=fsla if fsla_in_block(fsla_blocks, j, shifted) else None,
                 dynamic_mask=dynamic_img_size,
                 mlp_ratio=mlp_ratio,
                 qkv_bias=qkv_bias,
