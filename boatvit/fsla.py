@@ -187,6 +187,9 @@ class FeatureSpaceAttention(nn.Module):
             temperature: float = 100.0,
             attn_drop: float = 0.0,
             proj_drop: float = 0.0,
+            clustering_backend: Optional[str] = None,
+            device=None,
+            dtype=None,
     ):
         """
         Args:
@@ -200,7 +203,11 @@ class FeatureSpaceAttention(nn.Module):
             temperature: soft-assignment temperature multiplier (100).
             attn_drop: attention dropout.
             proj_drop: output dropout.
+            clustering_backend: how the queries are clustered, see ``balanced_hierarchical_clustering``'s
+                ``backend``; None follows ``BOATVIT_CPU_KERNEL``.
+            device, dtype: factory arguments of every parameter (timm's convention).
         """
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
         if not all(isinstance(n, int) and n > 0 for n in (dim, num_heads)) or dim % num_heads:
             raise ValueError(f'dim and num_heads must be positive ints, dim divisible by num_heads; got dim={dim!r}, '
@@ -213,10 +220,11 @@ class FeatureSpaceAttention(nn.Module):
         self.overlap = overlap
         self.iterations = iterations
         self.temperature = temperature
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.clustering_backend = clustering_backend
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         self.attn_drop = attn_drop
-        self.lepe = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
-        self.proj = nn.Linear(dim, dim)
+        self.lepe = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, **dd)
+        self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def extra_repr(self) -> str:

@@ -99,3 +99,10 @@ def test_bad_input():
         FeatureSpaceAttention(8, 2, cluster_size=10, overlap=10)
     with pytest.raises(ValueError, match='same shape'):
         feature_space_attention(torch.randn(1, 1, 4, 2), torch.randn(1, 1, 5, 2), torch.randn(1, 1, 4, 2))
+
+
+def test_factory_kwargs_build_on_the_device_and_dtype():
+    """timm's ``device=``/``dtype=`` convention: every parameter is created there (the meta device builds nothing)."""
+    meta = FeatureSpaceAttention(64, 2, device='meta', dtype=torch.float64)
+    assert {(p.device.type, p.dtype) for p in meta.parameters()} == {('meta', torch.float64)}
+    assert list(meta.state_dict()) == list(FeatureSpaceAttention(64, 2).state_dict())
