@@ -15,9 +15,11 @@ equal halves, then each half into two, ``K`` times, until 2^K clusters of 49 tok
 
 Everything about the ghosts depends only on ``(N, cluster_size)``: it is the :class:`ClusterLayout`.
 
-Two implementations compute the clustering: the PyTorch ops here (every device, torch.compile, export) and, for
-eager CPU tensors, the compiled kernel of ``csrc/clustering_cpu.cpp`` (``boatvit.kernels``), which fuses each
-level's ~20 small ops per (image, head). They sum in different orders: in float64 the rounding (about 1e-16) is far
+Two implementations compute the clustering, chosen by the ``backend`` argument: the PyTorch ops here (every device,
+tracing, export) and, for CPU tensors, eager or in a ``torch.compile`` graph, the compiled kernel of
+``csrc/clustering_cpu.cpp`` (``boatvit.kernels``), which fuses each level's ~20 small ops per (image, head). The
+kernel is reached through the operator ``torch.ops.boatvit.fused_clustering``, registered here at import: its
+fake implementation lets compiled graphs hold it, and its CPU implementation builds the kernel on first use. They sum in different orders: in float64 the rounding (about 1e-16) is far
 below the gaps between keys and the permutations are equal (tested); in float32 a token within rounding of a cut
 can fall on the other side.
 """
@@ -34,7 +36,7 @@ from typing import Callable, List, Optional, Tuple, TypeVar
 import torch
 import torch.nn.functional as F
 
-from .kernels import clustering_kernel
+from .kernels import clustering_kernel, resolve_backend
 
 __all__ = ['ClusterLayout', 'cluster_layout', 'balanced_hierarchical_clustering', 'clustering_levels']
 
@@ -107,7 +109,12 @@ def cluster_layout(num_tokens: int, cluster_size: int = 49) -> ClusterLayout:
         raise ValueError(f'num_tokens must be a positive int, got {num_tokens!r}.')
     if not isinstance(cluster_size, int) or cluster_size < 1:
         raise ValueError(f'cluster_size must be a positive int, got {cluster_size!r}.')
-    levels = clustering_levels(num_tokens, cluster_size)
+    return _layout_of_levels(num_tokens, clustering_levels(num_tokens, cluster_size))
+
+
+@trace_safe_cache
+def _layout_of_levels(num_tokens: int, levels: int) -> ClusterLayout:
+    """The layout of ``num_tokens`` tokens split ``levels`` times (what the kernel's operator is given)."""
     size = math.ceil(num_tokens / 2**levels)
     ghosts = [size * 2**levels - num_tokens]
     per_level = []
@@ -210,12 +217,42 @@ def _argsort_rows(key: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return (order + offsets).view(-1)
 
 
-def _kernel_applies(q: torch.Tensor) -> bool:
-    """Whether the compiled CPU clustering runs: on plain CPU tensors in eager mode. Traced graphs (torch.compile,
-    torch.export, ONNX, TorchScript) and tensor subclasses (fake tensors) keep the eager ops, which every backend
-    understands."""
-    return (q.device.type == 'cpu' and type(q) is torch.Tensor and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export())
+def _use_kernel(q: torch.Tensor, backend: str) -> bool:
+    """Whether ``backend`` (resolved) clusters ``q`` with the compiled CPU kernel.
+
+    ``'auto'`` takes it for CPU tensors in eager mode and in ``torch.compile`` graphs (where the operator's fake
+    implementation stands in for it), and keeps the PyTorch ops for tensor subclasses outside compilation, for
+    ``torch.export``, TorchScript traces (FLOP counters read their matmuls) and ONNX, which every consumer
+    understands. ``'kernel'`` takes it wherever the operator can run, and refuses the rest by name.
+    """
+    if backend == 'torch':
+        return False
+    if backend == 'kernel':
+        if q.device.type != 'cpu' or torch.onnx.is_in_onnx_export():
+            where = 'an ONNX export' if q.device.type == 'cpu' else f'a {q.device.type} tensor'
+            raise ValueError(f"the clustering backend 'kernel' runs on CPU tensors only and cannot be exported to "
+                             f"ONNX, got {where}: pass backend='auto' or 'torch'.")
+        return True
+    traced = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+    return q.device.type == 'cpu' and not traced and (torch.compiler.is_compiling() or type(q) is torch.Tensor)
+
+
+@torch.library.custom_op('boatvit::fused_clustering', mutates_args=(), device_types='cpu')
+def _fused_clustering(
+        q: torch.Tensor, num_tokens_padded: int, levels: int, iterations: int, temperature: float, required: bool,
+) -> torch.Tensor:
+    """The compiled CPU kernel's padded clustered order ``(B, heads, num_tokens_padded)`` int64 of ``q``
+    ``(B, heads, N, d)`` float32/float64, built on first use; where it cannot be built, the PyTorch ops' (after one
+    warning) or, if ``required``, a RuntimeError. No gradient: the queries come detached."""
+    kernel = clustering_kernel(required)
+    if kernel is None:
+        return _torch_clustered_order(q, _layout_of_levels(q.shape[2], levels), iterations, temperature)
+    return kernel(q if q.stride(-1) == 1 else q.contiguous(), num_tokens_padded, levels, iterations, temperature)
+
+
+@_fused_clustering.register_fake
+def _(q, num_tokens_padded, levels, iterations, temperature, required):
+    return q.new_empty((q.shape[0], q.shape[1], num_tokens_padded), dtype=torch.long)
 
 
 def _clustered_order(
@@ -223,22 +260,33 @@ def _clustered_order(
         layout: ClusterLayout,
         iterations: int,
         temperature: float,
+        backend: str,
 ) -> torch.Tensor:
     """Padded clustered order ``(B, heads, layout.padded_tokens)``; ghosts are the indices >= N."""
     B, heads, N, d = q.shape
     n_pad = layout.padded_tokens
-    rows = B * heads
     if layout.levels == 0:
         return torch.arange(n_pad, device=q.device).expand(B, heads, n_pad)
-
     # the assignment is discrete (a sort): nothing differentiable flows through it
     q = q.detach()
     if q.dtype in (torch.float16, torch.bfloat16):
-        q = q.float()  # a split decided in half precision moves many tokens (see REFERENCE.md, bug 5)
-    kernel = clustering_kernel() if _kernel_applies(q) else None
-    if kernel is not None:
-        q = q if q.stride(-1) == 1 else q.contiguous()
-        return kernel(q, n_pad, layout.levels, iterations, float(temperature))
+        q = q.float()  # a split decided in half precision moves many tokens
+    if _use_kernel(q, backend):
+        return torch.ops.boatvit.fused_clustering(q, n_pad, layout.levels, iterations, float(temperature),
+                                                  backend == 'kernel')
+    return _torch_clustered_order(q, layout, iterations, temperature)
+
+
+def _torch_clustered_order(
+        q: torch.Tensor,
+        layout: ClusterLayout,
+        iterations: int,
+        temperature: float,
+) -> torch.Tensor:
+    """:func:`_clustered_order` by PyTorch ops, for ``q`` detached float32/float64 and ``layout.levels >= 1``."""
+    B, heads, N, d = q.shape
+    n_pad = layout.padded_tokens
+    rows = B * heads
     # the only copy of the queries, zero-padded with the ghosts; every level moves it once, to its new order
     raw = q.new_zeros(rows * n_pad, d)
     raw.view(B, heads, n_pad, d)[:, :, :N] = q
@@ -279,6 +327,7 @@ def balanced_hierarchical_clustering(
         iterations: int = 2,
         temperature: float = 100.0,
         return_padded: bool = False,
+        backend: Optional[str] = None,
 ) -> torch.Tensor:
     """Group the tokens of every (image, head) into equal-size clusters by their query features.
 
@@ -290,8 +339,8 @@ def balanced_hierarchical_clustering(
     sorted list is cut in half. The sorted order is carried into the next level. See the module docstring for N that
     is not ``cluster_size * 2^K``.
 
-    On the CPU, outside traced graphs, a compiled kernel (``boatvit.kernels``) computes the same clustering; it is
-    built on first use, and where it cannot be built these PyTorch ops run instead.
+    On the CPU a compiled kernel (``boatvit.kernels``) computes the same clustering, in eager mode and inside
+    ``torch.compile`` graphs (the operator ``torch.ops.boatvit.fused_clustering``); it is built on first use.
 
     Args:
         q: query features, ``(B, heads, N, head_dim)``, any floating dtype. float16/bfloat16 are clustered in
@@ -302,6 +351,12 @@ def balanced_hierarchical_clustering(
         temperature: softmax temperature multiplier of the soft assignment (100 in BOAT).
         return_padded: return the padded order ``(B, heads, c * 2^K)`` with ghost indices >= N in the slots
             ``cluster_layout(N, cluster_size).ghost_slots``, instead of the real tokens only.
+        backend: ``'auto'``: the compiled kernel for CPU tensors, eager or in ``torch.compile`` graphs, and the
+            PyTorch ops elsewhere (other devices, ``torch.export``, ONNX, TorchScript traces) or, after one warning,
+            where the kernel cannot be built; ``'kernel'``: the compiled kernel, an error where it cannot be built
+            or run; ``'torch'``: the PyTorch ops. None: the default set by ``BOATVIT_CPU_KERNEL`` (``auto``,
+            ``on`` for ``'kernel'``, ``off`` for ``'torch'``; unset is ``auto``). In float64 all give the same
+            permutation; in float32 a token within rounding of a cut may fall on the other side.
 
     Returns:
         ``(B, heads, N)`` int64: token indices (raster order over the input's N tokens) in clustered order;
@@ -314,13 +369,14 @@ def balanced_hierarchical_clustering(
         raise ValueError(f'iterations must be a non-negative int, got {iterations!r}.')
     if not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f'temperature must be a positive finite number, got {temperature!r}.')
+    backend = resolve_backend(backend)
     layout = cluster_layout(q.shape[2], cluster_size)
-    # autocast would run the centroid matmuls in half precision even on float32 queries (see bug 5); a device type
+    # autocast would run the centroid matmuls in half precision even on float32 queries; a device type
     # without autocast (meta, for shape inference) has nothing to switch off
     no_autocast = (torch.autocast(q.device.type, enabled=False) if torch.amp.is_autocast_available(q.device.type)
                    else contextlib.nullcontext())
     with torch.no_grad(), no_autocast:
-        order = _clustered_order(q, layout, iterations, temperature)
+        order = _clustered_order(q, layout, iterations, temperature, backend)
     if return_padded or not layout.ghost_slots:
         return order
     keep = torch.ones(layout.padded_tokens, dtype=torch.bool)

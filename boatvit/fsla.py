@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
 from .clustering import ClusterLayout, balanced_hierarchical_clustering, cluster_layout, trace_safe_cache
+from .kernels import resolve_backend
 
 __all__ = ['feature_space_attention', 'FeatureSpaceAttention']
 
@@ -71,6 +72,7 @@ def _packed_feature_space_attention(
         iterations: int,
         temperature: float,
         dropout_p: float,
+        backend: Optional[str],
 ) -> torch.Tensor:
     """:func:`feature_space_attention` on ``qkv`` packed as ``(B, N, 3, heads, head_dim)``, the layout of a qkv
     Linear's output; returns the attention output ``(B, N, heads * head_dim)`` in token order, the layout the output
@@ -87,7 +89,7 @@ def _packed_feature_space_attention(
     B, N, _, heads, d = qkv.shape
     layout = cluster_layout(N, cluster_size)
     order = balanced_hierarchical_clustering(
-        qkv[:, :, 0].transpose(1, 2), cluster_size, iterations, temperature, return_padded=True)
+        qkv[:, :, 0].transpose(1, 2), cluster_size, iterations, temperature, return_padded=True, backend=backend)
     c, num, n_pad = layout.cluster_size, layout.num_clusters, layout.padded_tokens
     device = qkv.device
 
@@ -134,6 +136,7 @@ def feature_space_attention(
         iterations: int = 2,
         temperature: float = 100.0,
         dropout_p: float = 0.0,
+        backend: Optional[str] = None,
 ) -> torch.Tensor:
     """Attention inside the balanced hierarchical clusters of the queries.
 
@@ -147,6 +150,7 @@ def feature_space_attention(
         cluster_size, iterations, temperature: clustering parameters, see ``balanced_hierarchical_clustering``.
         overlap: sibling keys and values added to each cluster (20 in BOAT); must be < ``cluster_size``.
         dropout_p: attention dropout probability.
+        backend: the clustering's, see ``balanced_hierarchical_clustering``.
 
     Returns:
         ``(B, heads, N, head_dim)``, tokens in their input order.
@@ -160,7 +164,8 @@ def feature_space_attention(
     _check_cluster_args(cluster_size, overlap)
     B, heads, N, d = q.shape
     qkv = torch.stack([t.transpose(1, 2) for t in (q, k, v)], dim=2)
-    out = _packed_feature_space_attention(qkv, scale, cluster_size, overlap, iterations, temperature, dropout_p)
+    out = _packed_feature_space_attention(
+        qkv, scale, cluster_size, overlap, iterations, temperature, dropout_p, backend)
     return out.view(B, N, heads, d).transpose(1, 2)
 
 
@@ -213,6 +218,8 @@ class FeatureSpaceAttention(nn.Module):
             raise ValueError(f'dim and num_heads must be positive ints, dim divisible by num_heads; got dim={dim!r}, '
                              f'num_heads={num_heads!r}.')
         _check_cluster_args(cluster_size, overlap)
+        if clustering_backend is not None:
+            resolve_backend(clustering_backend)  # a bad name is refused when the model is built
         self.dim = dim
         self.num_heads = num_heads
         self.scale = scale
@@ -231,6 +238,27 @@ class FeatureSpaceAttention(nn.Module):
         return (f'dim={self.dim}, num_heads={self.num_heads}, scale={self.scale}, cluster_size={self.cluster_size}, '
                 f'overlap={self.overlap}')
 
+    def _check_input(self, x: torch.Tensor, size: Tuple[int, int]) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f'x must be a torch.Tensor of shape (B, N, {self.dim}), got {type(x).__name__}.')
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f'FeatureSpaceAttention expects (B, N, {self.dim}) tokens, got shape {tuple(x.shape)}.')
+        if not isinstance(size, (tuple, list)) or len(size) != 2:
+            raise TypeError(f'size must be the token grid (H, W), got {size!r}.')
+        if size[0] * size[1] != x.shape[1]:
+            raise ValueError(f'size {tuple(size)} has {size[0] * size[1]} positions but x has N={x.shape[1]} tokens.')
+
+    def cluster_order(self, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+        """The clustered order of the queries of ``x`` ``(B, N, C)`` on the ``size`` ``(H, W)`` grid, as
+        :meth:`forward` clusters them: ``(B, heads, N)`` int64 token indices, consecutive runs of
+        ``cluster_layout(N, cluster_size).cluster_sizes()`` forming the clusters."""
+        self._check_input(x, size)
+        B, N, C = x.shape
+        q = F.linear(x, self.qkv.weight[:C], None if self.qkv.bias is None else self.qkv.bias[:C])
+        return balanced_hierarchical_clustering(
+            q.view(B, N, self.num_heads, C // self.num_heads).transpose(1, 2), self.cluster_size, self.iterations,
+            self.temperature, backend=self.clustering_backend)
+
     def forward(self, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
         """
         Args:
@@ -240,16 +268,9 @@ class FeatureSpaceAttention(nn.Module):
         Returns:
             ``(B, N, C)``.
         """
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f'x must be a torch.Tensor of shape (B, N, {self.dim}), got {type(x).__name__}.')
-        if x.ndim != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f'FeatureSpaceAttention expects (B, N, {self.dim}) tokens, got shape {tuple(x.shape)}.')
-        if not isinstance(size, (tuple, list)) or len(size) != 2:
-            raise TypeError(f'size must be the token grid (H, W), got {size!r}.')
+        self._check_input(x, size)
         B, N, C = x.shape
         H, W = size
-        if H * W != N:
-            raise ValueError(f'size {tuple(size)} has {H * W} positions but x has N={N} tokens.')
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads)
         out = _packed_feature_space_attention(
             qkv,
@@ -259,6 +280,7 @@ class FeatureSpaceAttention(nn.Module):
             iterations=self.iterations,
             temperature=self.temperature,
             dropout_p=self.attn_drop if self.training else 0.0,
+            backend=self.clustering_backend,
         )
         # V in token order is an NHWC image; the depthwise conv takes it channels-last. It is copied out of qkv since
         # the conv keeps its input for backward, and a view would keep all of q, k and v alive
