@@ -73,10 +73,12 @@ def _packed_feature_space_attention(
         temperature: float,
         dropout_p: float,
         backend: Optional[str],
+        cluster_queries: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """:func:`feature_space_attention` on ``qkv`` packed as ``(B, N, 3, heads, head_dim)``, the layout of a qkv
     Linear's output; returns the attention output ``(B, N, heads * head_dim)`` in token order, the layout the output
-    projection takes.
+    projection takes. The clustering reads ``cluster_queries`` ``(B, heads, N, head_dim)`` when given (the queries
+    at a higher precision than ``qkv``'s), else the queries of ``qkv``.
 
     q, k and v are put in clustered order by one row gather (``index_select`` of whole ``head_dim`` rows) straight
     from that layout, so backward scatters into ``qkv`` once; the output goes back to token order by a second one.
@@ -88,8 +90,10 @@ def _packed_feature_space_attention(
     """
     B, N, _, heads, d = qkv.shape
     layout = cluster_layout(N, cluster_size)
+    if cluster_queries is None:
+        cluster_queries = qkv[:, :, 0].transpose(1, 2)
     order = balanced_hierarchical_clustering(
-        qkv[:, :, 0].transpose(1, 2), cluster_size, iterations, temperature, return_padded=True, backend=backend)
+        cluster_queries, cluster_size, iterations, temperature, return_padded=True, backend=backend)
     c, num, n_pad = layout.cluster_size, layout.num_clusters, layout.padded_tokens
     device = qkv.device
 
@@ -193,6 +197,7 @@ class FeatureSpaceAttention(nn.Module):
             attn_drop: float = 0.0,
             proj_drop: float = 0.0,
             clustering_backend: Optional[str] = None,
+            float32_clustering: bool = True,
             device=None,
             dtype=None,
     ):
@@ -210,6 +215,9 @@ class FeatureSpaceAttention(nn.Module):
             proj_drop: output dropout.
             clustering_backend: how the queries are clustered, see ``balanced_hierarchical_clustering``'s
                 ``backend``; None follows ``BOATVIT_CPU_KERNEL``.
+            float32_clustering: under autocast, cluster queries computed at the input's precision (float32) by
+                their own matmul, as a float32 model clusters them; False clusters the half-precision queries of
+                the qkv Linear (no extra matmul, but most tokens change cluster).
             device, dtype: factory arguments of every parameter (timm's convention).
         """
         dd = {'device': device, 'dtype': dtype}
@@ -228,6 +236,7 @@ class FeatureSpaceAttention(nn.Module):
         self.iterations = iterations
         self.temperature = temperature
         self.clustering_backend = clustering_backend
+        self.float32_clustering = float32_clustering
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         self.attn_drop = attn_drop
         self.lepe = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, **dd)
@@ -248,16 +257,34 @@ class FeatureSpaceAttention(nn.Module):
         if size[0] * size[1] != x.shape[1]:
             raise ValueError(f'size {tuple(size)} has {size[0] * size[1]} positions but x has N={x.shape[1]} tokens.')
 
+    def _cluster_queries(self, x: torch.Tensor, qkv: torch.Tensor) -> Optional[torch.Tensor]:
+        """The queries the clustering reads when ``qkv`` (``self.qkv(x)``) rounded them: ``(B, heads, N, d)`` at the
+        precision of ``x``, or None to read those of ``qkv``.
+
+        Under autocast the qkv Linear rounds the queries to bfloat16/float16, and a split decided on rounded
+        queries moves many tokens (on random weights, 14-25 % of the tokens of a 56 x 56 or 112 x 112 grid stay in
+        their float32 cluster under bf16). With ``float32_clustering`` the clustering gets its own queries from a
+        matmul of the q rows of the weight at the input's precision: one more ``C x C`` product per token, a third
+        of the qkv Linear's.
+        """
+        B, N, C = x.shape
+        if not self.float32_clustering or qkv.dtype == x.dtype or not cluster_layout(N, self.cluster_size).levels:
+            return None
+        weight, bias = self.qkv.weight[:C], None if self.qkv.bias is None else self.qkv.bias[:C]
+        with torch.autocast(x.device.type, enabled=False):
+            q = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return q.view(B, N, self.num_heads, C // self.num_heads).transpose(1, 2)
+
     def cluster_order(self, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
         """The clustered order of the queries of ``x`` ``(B, N, C)`` on the ``size`` ``(H, W)`` grid, as
         :meth:`forward` clusters them: ``(B, heads, N)`` int64 token indices, consecutive runs of
         ``cluster_layout(N, cluster_size).cluster_sizes()`` forming the clusters."""
         self._check_input(x, size)
         B, N, C = x.shape
-        q = F.linear(x, self.qkv.weight[:C], None if self.qkv.bias is None else self.qkv.bias[:C])
-        return balanced_hierarchical_clustering(
-            q.view(B, N, self.num_heads, C // self.num_heads).transpose(1, 2), self.cluster_size, self.iterations,
-            self.temperature, backend=self.clustering_backend)
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads)
+        q = self._cluster_queries(x, qkv)
+        return balanced_hierarchical_clustering(qkv[:, :, 0].transpose(1, 2) if q is None else q, self.cluster_size,
+                                                self.iterations, self.temperature, backend=self.clustering_backend)
 
     def forward(self, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
         """
@@ -281,6 +308,7 @@ class FeatureSpaceAttention(nn.Module):
             temperature=self.temperature,
             dropout_p=self.attn_drop if self.training else 0.0,
             backend=self.clustering_backend,
+            cluster_queries=self._cluster_queries(x, qkv),
         )
         # V in token order is an NHWC image; the depthwise conv takes it channels-last. It is copied out of qkv since
         # the conv keeps its input for backward, and a view would keep all of q, k and v alive
