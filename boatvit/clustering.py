@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from .kernels import clustering_kernel, resolve_backend
 
-__all__ = ['ClusterLayout', 'cluster_layout', 'balanced_hierarchical_clustering', 'clustering_levels']
+__all__ = ['ClusterLayout', 'cluster_layout', 'balanced_hierarchical_clustering', 'clustering_levels', 'static_shape']
 
 _F = TypeVar('_F', bound=Callable)
 
@@ -48,15 +48,23 @@ def trace_safe_cache(fn: _F) -> _F:
 
     While ``torch.export`` (and with it the ONNX exporter) traces a model, every new tensor is a fake tensor: a
     cached one would be handed to all later eager calls, which then fail. Under tracing the helper runs uncached,
-    so its tensors become constants of the graph; torch.compile, which ignores lru_cache anyway, stops warning.
+    so its tensors become constants of the graph; torch.compile, which ignores lru_cache anyway, stops warning, and
+    a TorchScript trace records the same graph at every invocation (its sanity check traces twice).
     """
     cached = functools.lru_cache(maxsize=256)(fn)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        return fn(*args, **kwargs) if torch.compiler.is_compiling() else cached(*args, **kwargs)
+        tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        return fn(*args, **kwargs) if tracing else cached(*args, **kwargs)
 
     return wrapper
+
+
+def static_shape(t: torch.Tensor) -> Tuple[int, ...]:
+    """``t.shape``, as Python ints also while TorchScript traces (which makes sizes 0-dim tensors): the clustering
+    tree is built from the sizes, so a trace is specialised to its example's token count, as a compiled graph is."""
+    return tuple(int(size) for size in t.shape) if torch.jit.is_tracing() else tuple(t.shape)
 
 
 def clustering_levels(num_tokens: int, cluster_size: int) -> int:
@@ -176,10 +184,10 @@ def _sort_keys(key: torch.Tensor, ghost_keys: Optional[torch.Tensor]) -> torch.T
     clusters and a ghost in them.
 
     Eager and compiled: integers whose order is the float order, which torch.sort puts in the same permutation,
-    ties included, a quarter faster (no NaN test per comparison). ONNX has no bitcast: an exported graph sorts
-    the floats, NaN and +inf keys clamped to the largest finite float so that the ghosts can come after them.
+    ties included, a quarter faster (no NaN test per comparison). ONNX and TorchScript traces have no bitcast: they
+    sort the floats, NaN and +inf keys clamped to the largest finite float so that the ghosts can come after them.
     """
-    if torch.onnx.is_in_onnx_export():
+    if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
         big = torch.finfo(key.dtype).max
         key = key.nan_to_num(big, big)
         return key if ghost_keys is None else key.masked_fill(ghost_keys, float('inf'))
@@ -201,7 +209,7 @@ def _argsort_rows(key: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     on one thread, no faster on two idle ones, and several times slower on a busy machine (it synchronises its
     threads at every pass).
     """
-    rows, n = key.shape
+    rows, n = static_shape(key)
     offsets = torch.arange(0, rows * n, n, device=key.device)[:, None]
     if torch.onnx.is_in_onnx_export():
         # an exported graph sorts the rows as a full-length TopK with a constant K: TensorRT needs K when it builds
@@ -211,7 +219,8 @@ def _argsort_rows(key: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         # the 32-bit code above the 31-bit token: one sort of int64
         order = torch.sort((key.long() << 32) | tokens, dim=-1).indices
     else:
-        # 64-bit codes leave no room for the token: a stable sort of the rows put in token order
+        # 64-bit codes (or a traced graph's float keys) leave no room for the token: a stable sort of the rows put in
+        # token order
         by_token = torch.sort(tokens, dim=-1).indices
         order = by_token.gather(-1, torch.sort(key.gather(-1, by_token), dim=-1, stable=True).indices)
     return (order + offsets).view(-1)
@@ -263,7 +272,7 @@ def _clustered_order(
         backend: str,
 ) -> torch.Tensor:
     """Padded clustered order ``(B, heads, layout.padded_tokens)``; ghosts are the indices >= N."""
-    B, heads, N, d = q.shape
+    B, heads, N, d = static_shape(q)
     n_pad = layout.padded_tokens
     if layout.levels == 0:
         return torch.arange(n_pad, device=q.device).expand(B, heads, n_pad)
@@ -284,7 +293,7 @@ def _torch_clustered_order(
         temperature: float,
 ) -> torch.Tensor:
     """:func:`_clustered_order` by PyTorch ops, for ``q`` detached float32/float64 and ``layout.levels >= 1``."""
-    B, heads, N, d = q.shape
+    B, heads, N, d = static_shape(q)
     n_pad = layout.padded_tokens
     rows = B * heads
     # the only copy of the queries, zero-padded with the ghosts; every level moves it once, to its new order
@@ -370,7 +379,7 @@ def balanced_hierarchical_clustering(
     if not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f'temperature must be a positive finite number, got {temperature!r}.')
     backend = resolve_backend(backend)
-    layout = cluster_layout(q.shape[2], cluster_size)
+    layout = cluster_layout(static_shape(q)[2], cluster_size)
     # autocast would run the centroid matmuls in half precision even on float32 queries; a device type
     # without autocast (meta, for shape inference) has nothing to switch off
     no_autocast = (torch.autocast(q.device.type, enabled=False) if torch.amp.is_autocast_available(q.device.type)

@@ -9,7 +9,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
-from .clustering import ClusterLayout, balanced_hierarchical_clustering, cluster_layout, trace_safe_cache
+from .clustering import (
+    ClusterLayout,
+    balanced_hierarchical_clustering,
+    cluster_layout,
+    static_shape,
+    trace_safe_cache,
+)
 from .kernels import resolve_backend
 
 __all__ = ['feature_space_attention', 'FeatureSpaceAttention']
@@ -88,7 +94,7 @@ def _packed_feature_space_attention(
     view of the clustered keys and values (its backward adds the windows back, no scatter), and the even and odd
     clusters attend in two calls.
     """
-    B, N, _, heads, d = qkv.shape
+    B, N, _, heads, d = static_shape(qkv)
     layout = cluster_layout(N, cluster_size)
     if cluster_queries is None:
         cluster_queries = qkv[:, :, 0].transpose(1, 2)
@@ -166,7 +172,7 @@ def feature_space_attention(
         raise ValueError(f'q, k and v must have the same shape (B, heads, N, head_dim), got {tuple(q.shape)}, '
                          f'{tuple(k.shape)}, {tuple(v.shape)}.')
     _check_cluster_args(cluster_size, overlap)
-    B, heads, N, d = q.shape
+    B, heads, N, d = static_shape(q)
     qkv = torch.stack([t.transpose(1, 2) for t in (q, k, v)], dim=2)
     out = _packed_feature_space_attention(
         qkv, scale, cluster_size, overlap, iterations, temperature, dropout_p, backend)
@@ -254,7 +260,7 @@ class FeatureSpaceAttention(nn.Module):
             raise ValueError(f'FeatureSpaceAttention expects (B, N, {self.dim}) tokens, got shape {tuple(x.shape)}.')
         if not isinstance(size, (tuple, list)) or len(size) != 2:
             raise TypeError(f'size must be the token grid (H, W), got {size!r}.')
-        if size[0] * size[1] != x.shape[1]:
+        if size[0] * size[1] != static_shape(x)[1]:
             raise ValueError(f'size {tuple(size)} has {size[0] * size[1]} positions but x has N={x.shape[1]} tokens.')
 
     def _cluster_queries(self, x: torch.Tensor, qkv: torch.Tensor) -> Optional[torch.Tensor]:
@@ -267,7 +273,7 @@ class FeatureSpaceAttention(nn.Module):
         matmul of the q rows of the weight at the input's precision: one more ``C x C`` product per token, a third
         of the qkv Linear's.
         """
-        B, N, C = x.shape
+        B, N, C = static_shape(x)
         if not self.float32_clustering or qkv.dtype == x.dtype or not cluster_layout(N, self.cluster_size).levels:
             return None
         weight, bias = self.qkv.weight[:C], None if self.qkv.bias is None else self.qkv.bias[:C]
@@ -280,7 +286,7 @@ class FeatureSpaceAttention(nn.Module):
         :meth:`forward` clusters them: ``(B, heads, N)`` int64 token indices, consecutive runs of
         ``cluster_layout(N, cluster_size).cluster_sizes()`` forming the clusters."""
         self._check_input(x, size)
-        B, N, C = x.shape
+        B, N, C = static_shape(x)
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads)
         q = self._cluster_queries(x, qkv)
         return balanced_hierarchical_clustering(qkv[:, :, 0].transpose(1, 2) if q is None else q, self.cluster_size,
@@ -296,7 +302,7 @@ class FeatureSpaceAttention(nn.Module):
             ``(B, N, C)``.
         """
         self._check_input(x, size)
-        B, N, C = x.shape
+        B, N, C = static_shape(x)
         H, W = size
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads)
         out = _packed_feature_space_attention(

@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -106,3 +108,28 @@ def test_factory_kwargs_build_on_the_device_and_dtype():
     meta = FeatureSpaceAttention(64, 2, device='meta', dtype=torch.float64)
     assert {(p.device.type, p.dtype) for p in meta.parameters()} == {('meta', torch.float64)}
     assert list(meta.state_dict()) == list(FeatureSpaceAttention(64, 2).state_dict())
+
+
+class _OnGrid(torch.nn.Module):
+    """A FeatureSpaceAttention on a fixed grid: ``torch.jit.trace`` takes tensors only."""
+
+    def __init__(self, layer, size):
+        super().__init__()
+        self.layer, self.size = layer, size
+
+    def forward(self, x):
+        return self.layer(x, self.size)
+
+
+@pytest.mark.parametrize('size', [(20, 20), (15, 26)], ids=['no-ghosts', 'ghosts'])
+def test_torch_jit_trace_equals_eager(size):
+    """fvcore counts FLOPs from a TorchScript trace: the trace is specialised to the token count (as a compiled
+    graph is), and on another input of that size it gives the eager output."""
+    layer = _OnGrid(FeatureSpaceAttention(32, 2).double().eval(), size)
+    x, other = (torch.randn(2, size[0] * size[1], 32, dtype=torch.float64, generator=torch.Generator().manual_seed(s))
+                for s in (0, 1))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter('ignore', torch.jit.TracerWarning)
+        traced = torch.jit.trace(layer, x)
+        assert torch.equal(traced(other), layer(other))
+        assert torch.equal(traced(x), layer(x))
