@@ -246,6 +246,11 @@ class FeatureSpaceAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         self.attn_drop = attn_drop
         self.lepe = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, **dd)
+        # the conv takes channels-last input (see forward), so its weight gradient comes channels-last: strides
+        # (9, 1, 3, 1) where a weight made NCHW has (9, 9, 3, 1). The values are laid out the same (the second axis
+        # has size 1), but DDP compares strides and warns at every step; a channels-last weight matches its gradient
+        weight = self.lepe.weight.detach()
+        self.lepe.weight = nn.Parameter(torch.empty_like(weight, memory_format=torch.channels_last).copy_(weight))
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 

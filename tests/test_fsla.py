@@ -133,3 +133,28 @@ def test_torch_jit_trace_equals_eager(size):
         traced = torch.jit.trace(layer, x)
         assert torch.equal(traced(other), layer(other))
         assert torch.equal(traced(x), layer(x))
+
+
+def test_lepe_weight_gradient_has_the_weight_strides():
+    """DDP warns at every step when a gradient's strides differ from its parameter's: the LePE conv is fed
+    channels-last, so its weight is channels-last too (a float64 cast and a meta build keep that)."""
+    for layer in (FeatureSpaceAttention(64, 2), FeatureSpaceAttention(64, 2).double(),
+                  FeatureSpaceAttention(64, 2, device='meta').to_empty(device='cpu')):
+        x = torch.randn(2, 196, 64, dtype=layer.lepe.weight.dtype)
+        layer(x, (14, 14)).sum().backward()
+        assert layer.lepe.weight.grad.stride() == layer.lepe.weight.stride()
+
+
+def test_no_ddp_bucket_stride_warning():
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    dist.init_process_group('gloo', store=store, rank=0, world_size=1)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(_OnGrid(FeatureSpaceAttention(64, 2), (14, 14)))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            model(torch.randn(2, 196, 64)).sum().backward()
+    finally:
+        dist.destroy_process_group()
+    assert not [w for w in caught if 'stride' in str(w.message)]
