@@ -19,9 +19,9 @@ Two implementations compute the clustering, chosen by the ``backend`` argument: 
 tracing, export) and, for CPU tensors, eager or in a ``torch.compile`` graph, the compiled kernel of
 ``csrc/clustering_cpu.cpp`` (``boatvit.kernels``), which fuses each level's ~20 small ops per (image, head). The
 kernel is reached through the operator ``torch.ops.boatvit.fused_clustering``, registered here at import: its
-fake implementation lets compiled graphs hold it, and its CPU implementation builds the kernel on first use. They sum in different orders: in float64 the rounding (about 1e-16) is far
-below the gaps between keys and the permutations are equal (tested); in float32 a token within rounding of a cut
-can fall on the other side.
+fake implementation lets compiled graphs hold it, and its CPU implementation builds the kernel on first use. The
+two sum in different orders: in float64 the rounding (about 1e-16) is far below the gaps between keys and the
+permutations are equal (tested); in float32 a token within rounding of a cut can fall on the other side.
 """
 
 from __future__ import annotations
@@ -160,7 +160,8 @@ def _check_queries(q: torch.Tensor) -> None:
         raise TypeError(f'q must be a torch.Tensor of shape (B, heads, N, head_dim), got {type(q).__name__}.')
     if q.ndim != 4:
         raise ValueError(
-            f'q must have shape (B, heads, N, head_dim), got a {q.ndim}-D tensor of shape {tuple(q.shape)}.')
+            f'q must have shape (B, heads, N, head_dim), got a {q.ndim}-D tensor of shape {tuple(q.shape)}.'
+        )
     if not q.is_floating_point():
         raise ValueError(f'q must be a floating-point tensor, got dtype {q.dtype}.')
     if q.shape[2] < 1 or q.shape[3] < 1:
@@ -184,7 +185,7 @@ def _sort_keys(key: torch.Tensor, ghost_keys: Optional[torch.Tensor]) -> torch.T
     clusters and a ghost in them.
 
     Eager and compiled: integers whose order is the float order, which torch.sort puts in the same permutation,
-    ties included, a quarter faster (no NaN test per comparison). ONNX and TorchScript traces have no bitcast: they
+    ties included, and faster (no NaN test per comparison). ONNX and TorchScript traces have no bitcast: they
     sort the floats, NaN and +inf keys clamped to the largest finite float so that the ghosts can come after them.
     """
     if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
@@ -199,18 +200,17 @@ def _sort_keys(key: torch.Tensor, ghost_keys: Optional[torch.Tensor]) -> torch.T
     return codes if ghost_keys is None else codes.masked_fill_(ghost_keys, info.max)
 
 
-def _argsort_rows(key: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def _argsort_rows(key: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Ascending order of every row of ``key`` ``(rows, n)``, equal keys in the order of their ``tokens``
-    ``(rows, n)`` (input indices, distinct in a row), as indices into the flattened ``key``.
+    ``(rows, n)`` (input indices, distinct in a row), as indices into the flattened ``key``: ``offsets`` ``(rows, 1)``
+    holds where each row starts (``0, n, 2n, ...``).
 
     Equal keys come from equal queries, which tie at every level. ``torch.sort`` would order them in a way of its own
     that differs between devices; breaking ties by the token index gives one clustering everywhere, the compiled
-    CPU kernel's too. A per-row sort: a 1-D radix sort of 64-bit (row, float bits) codes was tried, 2-3 times faster
-    on one thread, no faster on two idle ones, and several times slower on a busy machine (it synchronises its
-    threads at every pass).
+    CPU kernel's too. A per-row sort: a 1-D radix sort of 64-bit (row, float bits) codes was tried, faster on one
+    thread but slower on a busy machine (it synchronises its threads at every pass).
     """
-    rows, n = static_shape(key)
-    offsets = torch.arange(0, rows * n, n, device=key.device)[:, None]
+    n = static_shape(key)[1]
     if torch.onnx.is_in_onnx_export():
         # an exported graph sorts the rows as a full-length TopK with a constant K: TensorRT needs K when it builds
         # the engine, and an exported sort reads K from the runtime shape (dynamic batch). Ties are TopK's own.
@@ -239,8 +239,10 @@ def _use_kernel(q: torch.Tensor, backend: str) -> bool:
     if backend == 'kernel':
         if q.device.type != 'cpu' or torch.onnx.is_in_onnx_export():
             where = 'an ONNX export' if q.device.type == 'cpu' else f'a {q.device.type} tensor'
-            raise ValueError(f"the clustering backend 'kernel' runs on CPU tensors only and cannot be exported to "
-                             f"ONNX, got {where}: pass backend='auto' or 'torch'.")
+            raise ValueError(
+                f"the clustering backend 'kernel' runs on CPU tensors only and cannot be exported to "
+                f"ONNX, got {where}: pass backend='auto' or 'torch'."
+            )
         return True
     traced = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
     return q.device.type == 'cpu' and not traced and (torch.compiler.is_compiling() or type(q) is torch.Tensor)
@@ -248,7 +250,12 @@ def _use_kernel(q: torch.Tensor, backend: str) -> bool:
 
 @torch.library.custom_op('boatvit::fused_clustering', mutates_args=(), device_types='cpu')
 def _fused_clustering(
-        q: torch.Tensor, num_tokens_padded: int, levels: int, iterations: int, temperature: float, required: bool,
+    q: torch.Tensor,
+    num_tokens_padded: int,
+    levels: int,
+    iterations: int,
+    temperature: float,
+    required: bool,
 ) -> torch.Tensor:
     """The compiled CPU kernel's padded clustered order ``(B, heads, num_tokens_padded)`` int64 of ``q``
     ``(B, heads, N, d)`` float32/float64, built on first use; where it cannot be built, the PyTorch ops' (after one
@@ -265,11 +272,11 @@ def _(q, num_tokens_padded, levels, iterations, temperature, required):
 
 
 def _clustered_order(
-        q: torch.Tensor,
-        layout: ClusterLayout,
-        iterations: int,
-        temperature: float,
-        backend: str,
+    q: torch.Tensor,
+    layout: ClusterLayout,
+    iterations: int,
+    temperature: float,
+    backend: str,
 ) -> torch.Tensor:
     """Padded clustered order ``(B, heads, layout.padded_tokens)``; ghosts are the indices >= N."""
     B, heads, N, d = static_shape(q)
@@ -281,16 +288,17 @@ def _clustered_order(
     if q.dtype in (torch.float16, torch.bfloat16):
         q = q.float()  # a split decided in half precision moves many tokens
     if _use_kernel(q, backend):
-        return torch.ops.boatvit.fused_clustering(q, n_pad, layout.levels, iterations, float(temperature),
-                                                  backend == 'kernel')
+        return torch.ops.boatvit.fused_clustering(
+            q, n_pad, layout.levels, iterations, float(temperature), backend == 'kernel'
+        )
     return _torch_clustered_order(q, layout, iterations, temperature)
 
 
 def _torch_clustered_order(
-        q: torch.Tensor,
-        layout: ClusterLayout,
-        iterations: int,
-        temperature: float,
+    q: torch.Tensor,
+    layout: ClusterLayout,
+    iterations: int,
+    temperature: float,
 ) -> torch.Tensor:
     """:func:`_clustered_order` by PyTorch ops, for ``q`` detached float32/float64 and ``layout.levels >= 1``."""
     B, heads, N, d = static_shape(q)
@@ -301,42 +309,46 @@ def _torch_clustered_order(
     raw.view(B, heads, n_pad, d)[:, :, :N] = q
     # cosines are (q . c) / max(|q|, eps), F.normalize's convention; the norms travel with the tokens
     inv_norm = raw.norm(dim=-1).clamp_min(1e-12).reciprocal()
+    # the inverse norms, and times the temperature for the soft assignment: one tensor, moved by one index_select
+    inv_norms = torch.stack([inv_norm, inv_norm * temperature])
     order = torch.arange(n_pad, device=q.device).repeat(rows)  # every slot's token, rows after rows
+    # every slot's flat index: a group of n slots starts at a multiple of n, at every level
+    slots = torch.arange(rows * n_pad, device=q.device)
 
     for level in range(layout.levels):
         groups = rows * 2**level
         n = n_pad >> level
         x = raw.view(groups, n, d)
-        inv = inv_norm.view(groups, 1, n)
-        inv_temperature = inv * temperature
+        x_t = x.transpose(1, 2)
+        inv, inv_temperature = inv_norms.view(2, groups, 1, n).unbind(0)
         # initial centroids: the two halves of the group in its current order (ghosts add zeros)
         centroids = F.normalize(x.view(groups, 2, n // 2, d).mean(2), dim=-1)  # (groups, 2, d)
         # (groups, 2, n) layout: the softmax over the two centroids runs along a strided axis, vectorised over n
         for _ in range(iterations):
-            assign = torch.softmax(torch.bmm(centroids, x.transpose(1, 2)).mul_(inv_temperature), dim=1)
+            assign = torch.softmax(torch.bmm(centroids, x_t).mul_(inv_temperature), dim=1)
             centroids = F.normalize(torch.bmm(assign, x), dim=-1)
-        cos_plus_1 = torch.bmm(centroids, x.transpose(1, 2)).mul_(inv).add_(1)
+        cos_plus_1 = torch.bmm(centroids, x_t).mul_(inv).add_(1)
         key = cos_plus_1[:, 0] / cos_plus_1[:, 1]  # (groups, n)
         ghosts = layout.ghosts_per_level[level]
         sort_keys = _sort_keys(key.view(rows, 2**level, n), _ghost_keys(n, ghosts, q.device))
-        flat = _argsort_rows(sort_keys.view(groups, n), order.view(groups, n))
+        flat = _argsort_rows(sort_keys.view(groups, n), order.view(groups, n), slots.view(groups, n)[:, :1])
         split = _split_index(n, ghosts, q.device)
         if split is not None:
             flat = flat.view(rows, 2**level, n).gather(-1, split.expand(rows, -1, -1)).view(-1)
         order = order.index_select(0, flat)
         if level + 1 < layout.levels:
             raw = raw.index_select(0, flat)
-            inv_norm = inv_norm.index_select(0, flat)
+            inv_norms = inv_norms.index_select(1, flat)
     return order.view(B, heads, n_pad)
 
 
 def balanced_hierarchical_clustering(
-        q: torch.Tensor,
-        cluster_size: int = 49,
-        iterations: int = 2,
-        temperature: float = 100.0,
-        return_padded: bool = False,
-        backend: Optional[str] = None,
+    q: torch.Tensor,
+    cluster_size: int = 49,
+    iterations: int = 2,
+    temperature: float = 100.0,
+    return_padded: bool = False,
+    backend: Optional[str] = None,
 ) -> torch.Tensor:
     """Group the tokens of every (image, head) into equal-size clusters by their query features.
 
@@ -382,8 +394,11 @@ def balanced_hierarchical_clustering(
     layout = cluster_layout(static_shape(q)[2], cluster_size)
     # autocast would run the centroid matmuls in half precision even on float32 queries; a device type
     # without autocast (meta, for shape inference) has nothing to switch off
-    no_autocast = (torch.autocast(q.device.type, enabled=False) if torch.amp.is_autocast_available(q.device.type)
-                   else contextlib.nullcontext())
+    no_autocast = (
+        torch.autocast(q.device.type, enabled=False)
+        if torch.amp.is_autocast_available(q.device.type)
+        else contextlib.nullcontext()
+    )
     with torch.no_grad(), no_autocast:
         order = _clustered_order(q, layout, iterations, temperature, backend)
     if return_padded or not layout.ghost_slots:

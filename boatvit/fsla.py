@@ -39,12 +39,12 @@ def _window_key_mask(layout: ClusterLayout, overlap: int, device: torch.device) 
 
 
 def _cluster_attention(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        attn_mask: Optional[torch.Tensor],
-        scale: Optional[float],
-        dropout_p: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    scale: Optional[float],
+    dropout_p: float,
 ) -> torch.Tensor:
     """Attention of the queries ``(..., c, d)`` of every cluster over its keys and values ``(..., m, d)``;
     ``attn_mask`` (True: attend) broadcasts to ``(..., c, m)``.
@@ -52,7 +52,7 @@ def _cluster_attention(
     ``F.scaled_dot_product_attention`` whenever autograd records (its kernels keep only the log-sum-exp for
     backward, not the ``c x m`` probabilities) and on every accelerator. CPU inference runs the same product as
     matmul, softmax, matmul instead: the CPU flash kernel cuts 49 queries into tiles of 32 and 17 rows, and on
-    clusters this small it is 1.6 to 1.8 times slower than one batched matmul over all of them.
+    clusters this small it is slower than one batched matmul over all of them.
     """
     if q.device.type != 'cpu' or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
@@ -71,15 +71,15 @@ def _cluster_attention(
 
 
 def _packed_feature_space_attention(
-        qkv: torch.Tensor,
-        scale: Optional[float],
-        cluster_size: int,
-        overlap: int,
-        iterations: int,
-        temperature: float,
-        dropout_p: float,
-        backend: Optional[str],
-        cluster_queries: Optional[torch.Tensor] = None,
+    qkv: torch.Tensor,
+    scale: Optional[float],
+    cluster_size: int,
+    overlap: int,
+    iterations: int,
+    temperature: float,
+    dropout_p: float,
+    backend: Optional[str],
+    cluster_queries: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """:func:`feature_space_attention` on ``qkv`` packed as ``(B, N, 3, heads, head_dim)``, the layout of a qkv
     Linear's output; returns the attention output ``(B, N, heads * head_dim)`` in token order, the layout the output
@@ -99,7 +99,8 @@ def _packed_feature_space_attention(
     if cluster_queries is None:
         cluster_queries = qkv[:, :, 0].transpose(1, 2)
     order = balanced_hierarchical_clustering(
-        cluster_queries, cluster_size, iterations, temperature, return_padded=True, backend=backend)
+        cluster_queries, cluster_size, iterations, temperature, return_padded=True, backend=backend
+    )
     c, num, n_pad = layout.cluster_size, layout.num_clusters, layout.padded_tokens
     device = qkv.device
 
@@ -115,12 +116,21 @@ def _packed_feature_space_attention(
     else:
         # the key windows of clusters 2j (start 2jc) and 2j+1 (start 2jc + c - overlap) are every 2c slots
         q = q.view(B * heads, num // 2, 2, c, d)
-        windows = [(k[:, start:].unfold(1, c + overlap, 2 * c).transpose(-1, -2),
-                    v[:, start:].unfold(1, c + overlap, 2 * c).transpose(-1, -2)) for start in (0, c - overlap)]
+        windows = [
+            (
+                k[:, start:].unfold(1, c + overlap, 2 * c).transpose(-1, -2),
+                v[:, start:].unfold(1, c + overlap, 2 * c).transpose(-1, -2),
+            )
+            for start in (0, c - overlap)
+        ]
         masks = _window_key_mask(layout, overlap, device)
-        out = torch.stack([
-            _cluster_attention(q[:, :, i], k_i, v_i, None if masks is None else masks[i], scale, dropout_p)
-            for i, (k_i, v_i) in enumerate(windows)], dim=2)
+        out = torch.stack(
+            [
+                _cluster_attention(q[:, :, i], k_i, v_i, None if masks is None else masks[i], scale, dropout_p)
+                for i, (k_i, v_i) in enumerate(windows)
+            ],
+            dim=2,
+        )
 
     # out holds the clustered slots of every (b, h); token t of (b, h) sits in the slot where order[b, h] is t
     slot_of = torch.empty_like(order).scatter_(-1, order, torch.arange(n_pad, device=device).expand_as(order))
@@ -137,16 +147,16 @@ def _check_cluster_args(cluster_size: int, overlap: int) -> None:
 
 
 def feature_space_attention(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        scale: Optional[float] = None,
-        cluster_size: int = 49,
-        overlap: int = 20,
-        iterations: int = 2,
-        temperature: float = 100.0,
-        dropout_p: float = 0.0,
-        backend: Optional[str] = None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: Optional[float] = None,
+    cluster_size: int = 49,
+    overlap: int = 20,
+    iterations: int = 2,
+    temperature: float = 100.0,
+    dropout_p: float = 0.0,
+    backend: Optional[str] = None,
 ) -> torch.Tensor:
     """Attention inside the balanced hierarchical clusters of the queries.
 
@@ -169,13 +179,16 @@ def feature_space_attention(
         if not isinstance(t, torch.Tensor):
             raise TypeError(f'{name} must be a torch.Tensor of shape (B, heads, N, head_dim), got {type(t).__name__}.')
     if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f'q, k and v must have the same shape (B, heads, N, head_dim), got {tuple(q.shape)}, '
-                         f'{tuple(k.shape)}, {tuple(v.shape)}.')
+        raise ValueError(
+            f'q, k and v must have the same shape (B, heads, N, head_dim), got {tuple(q.shape)}, '
+            f'{tuple(k.shape)}, {tuple(v.shape)}.'
+        )
     _check_cluster_args(cluster_size, overlap)
     B, heads, N, d = static_shape(q)
     qkv = torch.stack([t.transpose(1, 2) for t in (q, k, v)], dim=2)
     out = _packed_feature_space_attention(
-        qkv, scale, cluster_size, overlap, iterations, temperature, dropout_p, backend)
+        qkv, scale, cluster_size, overlap, iterations, temperature, dropout_p, backend
+    )
     return out.view(B, N, heads, d).transpose(1, 2)
 
 
@@ -191,21 +204,21 @@ class FeatureSpaceAttention(nn.Module):
     """
 
     def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            qkv_bias: bool = True,
-            scale: Optional[float] = None,
-            cluster_size: int = 49,
-            overlap: int = 20,
-            iterations: int = 2,
-            temperature: float = 100.0,
-            attn_drop: float = 0.0,
-            proj_drop: float = 0.0,
-            clustering_backend: Optional[str] = None,
-            float32_clustering: bool = True,
-            device=None,
-            dtype=None,
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        scale: Optional[float] = None,
+        cluster_size: int = 49,
+        overlap: int = 20,
+        iterations: int = 2,
+        temperature: float = 100.0,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        clustering_backend: Optional[str] = None,
+        float32_clustering: bool = True,
+        device=None,
+        dtype=None,
     ):
         """
         Args:
@@ -229,8 +242,10 @@ class FeatureSpaceAttention(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         if not all(isinstance(n, int) and n > 0 for n in (dim, num_heads)) or dim % num_heads:
-            raise ValueError(f'dim and num_heads must be positive ints, dim divisible by num_heads; got dim={dim!r}, '
-                             f'num_heads={num_heads!r}.')
+            raise ValueError(
+                f'dim and num_heads must be positive ints, dim divisible by num_heads; got dim={dim!r}, '
+                f'num_heads={num_heads!r}.'
+            )
         _check_cluster_args(cluster_size, overlap)
         if clustering_backend is not None:
             resolve_backend(clustering_backend)  # a bad name is refused when the model is built
@@ -255,8 +270,10 @@ class FeatureSpaceAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def extra_repr(self) -> str:
-        return (f'dim={self.dim}, num_heads={self.num_heads}, scale={self.scale}, cluster_size={self.cluster_size}, '
-                f'overlap={self.overlap}')
+        return (
+            f'dim={self.dim}, num_heads={self.num_heads}, scale={self.scale}, cluster_size={self.cluster_size}, '
+            f'overlap={self.overlap}'
+        )
 
     def _check_input(self, x: torch.Tensor, size: Tuple[int, int]) -> None:
         if not isinstance(x, torch.Tensor):
@@ -294,8 +311,13 @@ class FeatureSpaceAttention(nn.Module):
         B, N, C = static_shape(x)
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads)
         q = self._cluster_queries(x, qkv)
-        return balanced_hierarchical_clustering(qkv[:, :, 0].transpose(1, 2) if q is None else q, self.cluster_size,
-                                                self.iterations, self.temperature, backend=self.clustering_backend)
+        return balanced_hierarchical_clustering(
+            qkv[:, :, 0].transpose(1, 2) if q is None else q,
+            self.cluster_size,
+            self.iterations,
+            self.temperature,
+            backend=self.clustering_backend,
+        )
 
     def forward(self, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
         """

@@ -1,6 +1,6 @@
 """boatvit's compiled CPU kernel: the fused balanced hierarchical clustering of ``csrc/clustering_cpu.cpp``.
 
-It is built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about 10 s once, then
+It is built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; once, then
 loaded from the build cache) and registered as ``torch.ops.boatvit.clustered_order``. Where it cannot be built, the
 eager PyTorch clustering (the same clustering) runs instead, after one warning that names the reason.
 
@@ -43,12 +43,15 @@ def resolve_backend(backend: Optional[str]) -> str:
     if backend is None:
         setting = os.environ.get(KERNEL_ENV, 'auto')
         if setting.strip().lower() not in _ENV_BACKENDS:
-            raise ValueError(f'{KERNEL_ENV}={setting!r} is not one of {tuple(_ENV_BACKENDS)}: unset it or set it to '
-                             f"'off' to use the eager clustering, 'on' to require the compiled kernel.")
+            raise ValueError(
+                f'{KERNEL_ENV}={setting!r} is not one of {tuple(_ENV_BACKENDS)}: unset it or set it to '
+                f"'off' to use the eager clustering, 'on' to require the compiled kernel."
+            )
         return _ENV_BACKENDS[setting.strip().lower()]
     if backend not in BACKENDS:
-        raise ValueError(f'clustering backend must be one of {BACKENDS} or None (the default from {KERNEL_ENV}), '
-                         f'got {backend!r}.')
+        raise ValueError(
+            f'clustering backend must be one of {BACKENDS} or None (the default from {KERNEL_ENV}), got {backend!r}.'
+        )
     return backend
 
 
@@ -70,6 +73,7 @@ def _quiet_ninja_on_path():
     activated), and torch's note about a CUDA build of torch on a machine without CUDA silenced."""
     try:
         import ninja
+
         ninja_dir = ninja.BIN_DIR
     except ImportError:  # a ninja of the system's, if any, is found on PATH as it is
         ninja_dir = None
@@ -95,13 +99,19 @@ def _build() -> Callable:
     root = Path(os.environ.get('TORCH_EXTENSIONS_DIR', Path.home() / '.cache' / 'torch_extensions'))
     build_dir = root / name
     if not (build_dir / f'{name}.so').exists():
-        print(f'boatvit: building the CPU clustering kernel in {build_dir} (once, about 10 s)', file=sys.stderr)
+        print(f'boatvit: building the CPU clustering kernel in {build_dir} (once)', file=sys.stderr)
     build_dir.mkdir(parents=True, exist_ok=True)
     with _quiet_ninja_on_path():
         from torch.utils.cpp_extension import load  # imported late: it looks for CUDA at import
 
-        load(name, [str(_SOURCE)], extra_cflags=flags, extra_ldflags=['-fopenmp'], build_directory=str(build_dir),
-             is_python_module=False)
+        load(
+            name,
+            [str(_SOURCE)],
+            extra_cflags=flags,
+            extra_ldflags=['-fopenmp'],
+            build_directory=str(build_dir),
+            is_python_module=False,
+        )
     return torch.ops.boatvit.clustered_order
 
 
@@ -126,10 +136,15 @@ def clustering_kernel(required: bool = False) -> Optional[Callable]:
                         warnings.warn(
                             f'boatvit could not build its CPU clustering kernel ({_failure}); the eager PyTorch '
                             f'clustering runs instead (the same clustering, slower). Install a C++ compiler with '
-                            f"OpenMP and ninja, point TORCH_EXTENSIONS_DIR to a writable directory, or pass "
-                            f"backend='torch' (or set {KERNEL_ENV}=off) to silence this.", RuntimeWarning, stacklevel=2)
+                            f'OpenMP and ninja, point TORCH_EXTENSIONS_DIR to a writable directory, or pass '
+                            f"backend='torch' (or set {KERNEL_ENV}=off) to silence this.",
+                            RuntimeWarning,
+                            stacklevel=2,
+                        )
     if _loaded is None and required:
-        raise RuntimeError(f"the clustering backend 'kernel' (or {KERNEL_ENV}=on) was required but the CPU clustering "
-                           f"kernel could not be built: {_failure}. Pass backend='auto' or 'torch' to run the PyTorch "
-                           'ops.')
+        raise RuntimeError(
+            f"the clustering backend 'kernel' (or {KERNEL_ENV}=on) was required but the CPU clustering "
+            f"kernel could not be built: {_failure}. Pass backend='auto' or 'torch' to run the PyTorch "
+            'ops.'
+        )
     return _loaded

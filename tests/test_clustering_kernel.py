@@ -26,18 +26,23 @@ def _queries_with_ties(dtype):
 
 
 def test_kernel_builds_here():
-    assert clustering_kernel(required=True) is not None, 'the CPU clustering kernel did not build: a C++ compiler is needed'
+    assert clustering_kernel(required=True) is not None, (
+        'the CPU clustering kernel did not build: a C++ compiler is needed'
+    )
 
 
-@pytest.mark.parametrize('shape, cluster_size', [
-    ((2, 2, 3136, 32), 49),   # BOAT stage 1: 6 levels, the d = 32 specialisation
-    ((3, 4, 196, 32), 49),    # stage 3: 2 levels
-    ((2, 3, 1000, 16), 49),   # 8 ghosts over 16 clusters, another head size
-    ((1, 2, 999, 6), 7),      # 7 levels, 25 ghosts
-    ((2, 1, 77, 5), 5),
-    ((1, 1, 3, 2), 1),        # one level, one ghost
-    ((0, 2, 300, 8), 49),     # no images
-])
+@pytest.mark.parametrize(
+    'shape, cluster_size',
+    [
+        ((2, 2, 3136, 32), 49),  # BOAT stage 1: 6 levels, the d = 32 specialisation
+        ((3, 4, 196, 32), 49),  # stage 3: 2 levels
+        ((2, 3, 1000, 16), 49),  # 8 ghosts over 16 clusters, another head size
+        ((1, 2, 999, 6), 7),  # 7 levels, 25 ghosts
+        ((2, 1, 77, 5), 5),
+        ((1, 1, 3, 2), 1),  # one level, one ghost
+        ((0, 2, 300, 8), 49),  # no images
+    ],
+)
 @pytest.mark.parametrize('iterations', [0, 2, 3])
 def test_kernel_matches_eager_exactly_in_float64(shape, cluster_size, iterations):
     q = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(shape[2]))
@@ -149,6 +154,7 @@ def test_torch_backend_never_runs_the_kernel(monkeypatch):
 
 def test_kernel_is_left_out_of_traced_graphs(monkeypatch):
     """'auto' keeps the PyTorch ops for fake tensors outside torch.compile and for devices other than the CPU."""
+
     def forbidden(*args):
         raise AssertionError('the kernel ran on a traced or non-CPU tensor')
 
@@ -237,8 +243,9 @@ def test_fake_implementation_gives_the_padded_shape():
 
     layout = cluster_layout(1000)
     with FakeTensorMode():
-        out = torch.ops.boatvit.fused_clustering(torch.randn(2, 3, 1000, 16), layout.padded_tokens, layout.levels,
-                                                 2, 100.0, True)
+        out = torch.ops.boatvit.fused_clustering(
+            torch.randn(2, 3, 1000, 16), layout.padded_tokens, layout.levels, 2, 100.0, True
+        )
     assert (tuple(out.shape), out.dtype) == ((2, 3, layout.padded_tokens), torch.int64)
 
 
@@ -256,7 +263,8 @@ def test_inductor_graph_with_the_kernel_equals_torch_ops_in_float64():
     with torch.no_grad():
         compiled = torch.compile(layer, fullgraph=True)(x, (30, 30))
         expected = reference(x, (30, 30))
-        assert torch.equal(torch.compile(layer.cluster_order, fullgraph=True)(x, (30, 30)),
-                           reference.cluster_order(x, (30, 30)))
+        assert torch.equal(
+            torch.compile(layer.cluster_order, fullgraph=True)(x, (30, 30)), reference.cluster_order(x, (30, 30))
+        )
     torch._dynamo.reset()
     torch.testing.assert_close(compiled, expected, rtol=1e-10, atol=1e-10)
