@@ -234,9 +234,9 @@ class FeatureSpaceAttention(nn.Module):
             proj_drop: output dropout.
             clustering_backend: how the queries are clustered, see ``balanced_hierarchical_clustering``'s
                 ``backend``; None follows ``BOATVIT_CPU_KERNEL``.
-            float32_clustering: under autocast, cluster queries computed in float32 by their own matmul (a
-                float32 input is then clustered as without autocast); False clusters the half-precision queries
-                of the qkv Linear (no extra matmul, but most tokens change cluster).
+            float32_clustering: under autocast, a float32 input's queries are computed in float32 by their own
+                matmul for the clustering, which then clusters as without autocast; False clusters the
+                half-precision queries of the qkv Linear (no extra matmul, but most tokens change cluster).
             device, dtype: factory arguments of every parameter (timm's convention).
         """
         dd = {'device': device, 'dtype': dtype}
@@ -286,23 +286,22 @@ class FeatureSpaceAttention(nn.Module):
             raise ValueError(f'size {tuple(size)} has {size[0] * size[1]} positions but x has N={x.shape[1]} tokens.')
 
     def _cluster_queries(self, x: torch.Tensor, qkv: torch.Tensor) -> Optional[torch.Tensor]:
-        """The queries the clustering reads when autocast rounded those of ``qkv`` (``self.qkv(x)``):
-        ``(B, heads, N, d)`` float32, or None to read those of ``qkv``.
+        """The queries the clustering reads when autocast rounded those of ``qkv`` (``self.qkv(x)``) below the
+        precision of ``x``: ``(B, heads, N, d)`` at the precision of ``x``, or None to read those of ``qkv``.
 
         Under autocast the qkv Linear rounds the queries to bfloat16/float16, and a split decided on rounded
         queries moves many tokens (on random weights, 14-25 % of the tokens of a 56 x 56 or 112 x 112 grid stay in
         their float32 cluster under bf16). With ``float32_clustering`` the clustering gets its own queries from a
-        float32 matmul of the q rows of the weight: one more ``C x C`` product per token, a third of the qkv
-        Linear's. (Under CPU autocast the block's LayerNorm hands over a bfloat16/float16 ``x``: its rounding still
-        moves tokens, fewer.)
+        matmul of the q rows of the weight at the precision of ``x``: one more ``C x C`` product per token, a third
+        of the qkv Linear's. A ``x`` already rounded to half precision (CPU autocast's LayerNorm output) moves as
+        many tokens as rounded queries do, so it is clustered as the qkv Linear gives it, at no extra cost.
         """
         B, N, C = static_shape(x)
-        rounded = qkv.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type)
-        if not (self.float32_clustering and rounded and cluster_layout(N, self.cluster_size).levels):
+        if not (self.float32_clustering and qkv.dtype != x.dtype and cluster_layout(N, self.cluster_size).levels):
             return None
         weight, bias = self.qkv.weight[:C], None if self.qkv.bias is None else self.qkv.bias[:C]
         with torch.autocast(x.device.type, enabled=False):
-            q = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+            q = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
         return q.view(B, N, self.num_heads, C // self.num_heads).transpose(1, 2)
 
     def cluster_order(self, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:

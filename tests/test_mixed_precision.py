@@ -4,8 +4,8 @@ float32.
 
 The tolerance is loose on purpose: the clustering is discontinuous, and under CPU autocast the block's LayerNorm
 hands FSLA a bfloat16/float16 input, whose rounding alone moves most tokens of a random-weight model to other
-clusters than in float32 (FSLA clusters float32 queries of that input, see
-``test_fsla_clusters_float32_queries_under_autocast``, but cannot undo the input's rounding). Measured
+clusters than in float32 (FSLA clusters float32 queries of a float32 input, see
+``test_fsla_clusters_float32_queries_under_autocast``, but cannot undo an input's rounding). Measured
 on these reduced models at 224x224 (5 seeds), the relative L2 error of ``forward_features`` against float32 is
 0.017-0.020 (BOAT-Swin) and 0.009 (BOAT-CSWin) under bf16, 0.010-0.016 and 0.002 under fp16.
 """
