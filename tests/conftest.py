@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file
 
 import boatvit
-from boatvit.kernels import KERNEL_ENV
 
 # made with the reference code, see tests/fixtures/README.md
 FIXTURES = Path(__file__).resolve().parent / 'fixtures' / 'reference'
@@ -85,9 +84,8 @@ def reference_fixture(request, swin_fixture, cswin_fixture) -> ReferenceFixture:
     return swin_fixture if request.param == 'swin' else cswin_fixture
 
 
-@pytest.fixture(params=['kernel', 'eager'])
-def clustering_route(request, monkeypatch) -> str:
-    """Runs a test once with the compiled CPU clustering kernel (required: a failed build fails the test) and once
-    with the eager PyTorch clustering."""
-    monkeypatch.setenv(KERNEL_ENV, 'on' if request.param == 'kernel' else 'off')
+@pytest.fixture(params=['kernel', 'torch'])
+def backend(request) -> str:
+    """Runs a test with the compiled CPU clustering kernel (required: a failed build fails the test) and with the
+    PyTorch ops, chosen by the ``backend`` argument."""
     return request.param

@@ -10,13 +10,6 @@ from boatvit.fsla import FeatureSpaceAttention
 from naive_fsla import naive_permutation
 
 
-@pytest.fixture(params=['kernel', 'torch'])
-def backend(request) -> str:
-    """Runs a test with the compiled CPU clustering kernel (required: a failed build fails the test) and with the
-    PyTorch ops, chosen by the ``backend`` argument."""
-    return request.param
-
-
 def _fixture_queries(fixture):
     info = fixture.meta['first_fsla']
     module = FeatureSpaceAttention(info['dim'], info['num_heads'], scale=info['scale']).double()

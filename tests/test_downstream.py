@@ -7,7 +7,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import boatvit  # noqa: F401  (registers the models)
-from boatvit.kernels import KERNEL_ENV
 
 smp = pytest.importorskip('segmentation_models_pytorch', reason='the test extra installs segmentation_models_pytorch')
 
@@ -106,22 +105,22 @@ def _gmacs(model, x, grad: bool = False, math_attention: bool = True) -> float:
     return counter.get_total_flops() / 2e9
 
 
-def test_flop_counter_gives_the_readme_figure_with_the_pytorch_clustering(monkeypatch):
-    monkeypatch.setenv(KERNEL_ENV, 'off')
-    model = timm.create_model('boat_swin_tiny_224').eval()
+def test_flop_counter_gives_the_readme_figure_with_the_pytorch_clustering():
+    model = timm.create_model('boat_swin_tiny_224', fsla_backend='torch').eval()
     assert abs(_gmacs(model, torch.randn(1, 3, 224, 224)) - 5.20) < 0.01  # README: 5.20 (reference: 5.197)
 
 
-def test_what_the_flop_counter_cannot_see(monkeypatch):
-    model = timm.create_model('boat_swin_tiny_224', **ENCODER_KWARGS['tu-boat_swin_tiny_224']).eval()
+def test_what_the_flop_counter_cannot_see():
+    kwargs = ENCODER_KWARGS['tu-boat_swin_tiny_224']
+    model = timm.create_model('boat_swin_tiny_224', fsla_backend='torch', **kwargs).eval()
     x = torch.randn(1, 3, 224, 224)
-    monkeypatch.setenv(KERNEL_ENV, 'off')
     full = _gmacs(model, x)
     # the FSLA attention runs through the CPU flash kernel while autograd records: not counted
     assert _gmacs(model, x, grad=True, math_attention=False) < full - 1e-4
     # the compiled CPU clustering kernel's products are not torch ops: not counted
-    monkeypatch.setenv(KERNEL_ENV, 'on')
-    assert _gmacs(model, x) < full - 1e-5
+    with_kernel = timm.create_model('boat_swin_tiny_224', fsla_backend='kernel', **kwargs).eval()
+    with_kernel.load_state_dict(model.state_dict())
+    assert _gmacs(with_kernel, x) < full - 1e-5
 
 
 # smp decoders that ask for another output stride (last: the one test that needs the models' output_stride check)

@@ -8,13 +8,6 @@ from boatvit import FeatureSpaceAttention, feature_space_attention
 from naive_fsla import naive_feature_space_attention
 
 
-@pytest.fixture(params=['kernel', 'torch'])
-def backend(request) -> str:
-    """Runs a test with the compiled CPU clustering kernel (required: a failed build fails the test) and with the
-    PyTorch ops, chosen by the ``backend`` argument."""
-    return request.param
-
-
 def _qkv(shape, seed):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(*shape, generator=g, dtype=torch.float64) for _ in range(3)]
