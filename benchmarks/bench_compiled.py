@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 
@@ -69,11 +69,14 @@ TARGETS = [
 ]
 
 
-def _timed_mode(args: argparse.Namespace, mode: str) -> Dict[str, Any]:
+def _timed_mode(args: argparse.Namespace, mode: str) -> Tuple[Dict[str, Any], Dict[str, torch.nn.Module]]:
+    """The section of one mode, and the models by label (compiled for this mode)."""
     steps: Dict[str, Callable[[], None]] = {}
+    models: Dict[str, torch.nn.Module] = {}
     first_call_s = {}
     for label, spec, compiled in MODELS:
-        steps[label] = make_step(build_model(spec, args.device, compiled), mode, args.batch, 224, args.device)
+        models[label] = build_model(spec, args.device, compiled)
+        steps[label] = make_step(models[label], mode, args.batch, 224, args.device)
         # the first call compiles (or, eager, builds the kernel and warms the allocator): kept out of the figures
         sync(args.device)
         start = time.perf_counter()
@@ -82,14 +85,14 @@ def _timed_mode(args: argparse.Namespace, mode: str) -> Dict[str, Any]:
         first_call_s[label] = time.perf_counter() - start
         print(f'{mode}: {label}: first call {first_call_s[label]:.1f} s', flush=True)
     times = time_interleaved(steps, args.device, args.repeats, args.warmup)
-    models = {
+    rows = {
         label: {**summary(t), 'img_per_s': args.batch / median(t), 'first_call_s': first_call_s[label]}
         for label, t in times.items()
     }
     comparisons = [{'model': m, 'baseline': b, **ratio(times, m, b)} for m, b in PAIRS]
     print_table(
         f'{mode}: batch {args.batch}, median of {args.repeats} interleaved rounds; first_call_s includes compilation',
-        [{'model': k, **v} for k, v in models.items()],
+        [{'model': k, **v} for k, v in rows.items()],
         ['model', 'median_ms', 'min_ms', 'max_ms', 'img_per_s', 'first_call_s'],
     )
     print_table(
@@ -97,7 +100,7 @@ def _timed_mode(args: argparse.Namespace, mode: str) -> Dict[str, Any]:
         comparisons,
         ['model', 'baseline', 'ratio', 'round_ratio_q1', 'round_ratio_q3'],
     )
-    return {'batch': args.batch, 'models': models, 'comparisons': comparisons}
+    return {'batch': args.batch, 'models': rows, 'comparisons': comparisons}, models
 
 
 def _fsla_queries(model: torch.nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
@@ -121,13 +124,16 @@ def _fsla_queries(model: torch.nn.Module, x: torch.Tensor) -> List[torch.Tensor]
     return queries
 
 
-def _clustering(args: argparse.Namespace, inference: Dict[str, Any]) -> Dict[str, Any]:
+def _clustering(
+    args: argparse.Namespace, inference: Dict[str, Any], models: Dict[str, torch.nn.Module]
+) -> Dict[str, Any]:
     """Clustering time per forward, compiled standalone and eager, against the compiled model's forward."""
     out = {}
     x = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(args.device)
-    compiled_clustering = torch.compile(balanced_hierarchical_clustering, fullgraph=True)
-    for family, spec in (('boat_swin', BOAT_SWIN), ('boat_cswin', BOAT_CSWIN)):
-        queries = _fsla_queries(build_model(spec, args.device).eval(), x)
+    # static shapes, one graph per layer shape, as inside the compiled models (not a dynamic-shape graph)
+    compiled_clustering = torch.compile(balanced_hierarchical_clustering, fullgraph=True, dynamic=False)
+    for family in ('boat_swin', 'boat_cswin'):
+        queries = _fsla_queries(models[f'{family} eager'], x)
         steps = {}
         for route, fn in (('compiled', compiled_clustering), ('eager', balanced_hierarchical_clustering)):
 
@@ -138,10 +144,11 @@ def _clustering(args: argparse.Namespace, inference: Dict[str, Any]) -> Dict[str
 
             steps[route] = step
         times = time_interleaved(steps, args.device, args.repeats, args.warmup + 1)
-        forward_ms = inference['models'][f'{family} compiled']['median_ms'] if inference else None
-        rows = {route: {**summary(t)} for route, t in times.items()}
-        for row in rows.values():
-            row['share_of_compiled_forward'] = row['median_ms'] / forward_ms if forward_ms else None
+        forward_ms = inference['models'][f'{family} compiled']['median_ms']
+        rows = {
+            route: {**summary(t), 'share_of_compiled_forward': median(t) * 1e3 / forward_ms}
+            for route, t in times.items()
+        }
         out[family] = {'layers': [list(q.shape) for q in queries], 'compiled_forward_ms': forward_ms, 'routes': rows}
     print_table(
         f'clustering of every FSLA layer of one forward (batch {args.batch}), standalone; share: over the '
@@ -152,14 +159,13 @@ def _clustering(args: argparse.Namespace, inference: Dict[str, Any]) -> Dict[str
     return out
 
 
-def _profile(args: argparse.Namespace, top: int) -> Dict[str, Any]:
+def _profile(args: argparse.Namespace, top: int, models: Dict[str, torch.nn.Module]) -> Dict[str, Any]:
     """The top ``top`` ops of one compiled inference forward of each BOAT model by self CPU time."""
     out = {}
     x = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(args.device)
-    for family, spec in (('boat_swin', BOAT_SWIN), ('boat_cswin', BOAT_CSWIN)):
-        model = build_model(spec, args.device, compile=True).eval()
+    for family in ('boat_swin', 'boat_cswin'):
+        model = models[f'{family} compiled']  # compiled for inference by the timed section: no new compilation
         with torch.inference_mode():
-            model(x)
             model(x)
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 model(x)
@@ -225,16 +231,19 @@ def main() -> None:
     unknown = set(modes) - set(MODES)
     if unknown:
         parser.error(f'unknown modes {sorted(unknown)}; choose from {MODES}')
+    if (args.clustering or args.profile) and 'inference' not in modes:
+        parser.error('--clustering and --profile look at the inference models: add inference to --modes')
     setup(args)
     args.compile = True
     results: Dict[str, Any] = {'environment': environment(args)}
     print(results['environment'])
     for mode in modes:
-        results[mode] = _timed_mode(args, mode)
-    if args.clustering:
-        results['clustering'] = _clustering(args, results.get('inference'))
-    if args.profile:
-        results['profile'] = _profile(args, args.profile)
+        results[mode], models = _timed_mode(args, mode)
+        if mode == 'inference' and args.clustering:
+            results['clustering'] = _clustering(args, results['inference'], models)
+        if mode == 'inference' and args.profile:
+            results['profile'] = _profile(args, args.profile, models)
+        del models
     results['targets'] = _targets(results)
     write_json(args, 'bench_compiled', results)
 

@@ -45,12 +45,12 @@ def test_dry_run_writes_every_section_and_passes(tmp_path):
     assert set(report['timing']) == {'inference_b2', 'train_b2'}
     for section in report['timing'].values():
         assert not section['skipped_over_budget']
-        assert len(section['models']) == 2 * len(device_check.GPU_PLAN.models)
+        assert len(section['models']) == 2 * len(device_check.DRY_PLAN.models)
         for row in section['models'].values():
             assert row['median_ms'] > 0 and row['first_call_s'] > 0 and row['peak_mib'] is None
         pairs = {(c['model'], c['baseline']) for c in section['comparisons']}
         assert ('boat_swin_tiny_224 compiled', 'swin_tiny_patch4_window7_224 compiled') in pairs
-        assert ('boat_cswin_tiny_224 compiled', 'boat_cswin_tiny_224 eager') in pairs
+        assert ('boat_swin_tiny_224 compiled', 'boat_swin_tiny_224 eager') in pairs
     assert {t['figure'] for t in report['targets']} >= {'inference_b2 time', 'train_b2 time'}
 
 
