@@ -102,13 +102,20 @@ def parse_spec(spec: str) -> tuple:
     return name, kwargs
 
 
-def build_model(spec: str, device: str, compile: bool = False, **overrides: Any) -> nn.Module:
-    """A randomly initialised timm model from a spec (see ``parse_spec``), on ``device``; ``compile``: wrapped in
-    ``torch.compile`` with ``fullgraph=True``, since a graph break would run part of the model eagerly unnoticed."""
+def compile_model(model: nn.Module, backend: str = 'inductor') -> nn.Module:
+    """``torch.compile`` with ``fullgraph=True``: a graph break would run part of the model eagerly unnoticed."""
+    return torch.compile(model, fullgraph=True, backend=backend)
+
+
+def build_model(
+    spec: str, device: str, compile: bool = False, backend: str = 'inductor', **overrides: Any
+) -> nn.Module:
+    """A randomly initialised timm model from a spec (see ``parse_spec``), on ``device``; ``compile``: wrapped by
+    :func:`compile_model` with ``backend``."""
     name, kwargs = parse_spec(spec)
     torch.manual_seed(0)
     model = timm.create_model(name, **{**kwargs, **overrides}).to(device)
-    return torch.compile(model, fullgraph=True) if compile else model
+    return compile_model(model, backend) if compile else model
 
 
 def make_step(

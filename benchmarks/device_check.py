@@ -39,6 +39,7 @@ from benchmarks.bench_models import BOAT_CSWIN, BOAT_SWIN, CSWIN_NO_FSLA, SWIN
 from benchmarks.common import (
     autocast,
     build_model,
+    compile_model,
     environment,
     make_step,
     median,
@@ -77,6 +78,7 @@ class Plan:
     warmup: int
     compile_check_model: Optional[Dict[str, Any]] = None  # None: the fixture models
     img_size: int = 224
+    backend: str = 'inductor'  # of torch.compile
 
 
 GPU_PLAN = Plan(
@@ -244,7 +246,7 @@ def correctness(fixtures: Dict[str, Fixture], plan: Plan, device: str) -> List[D
         del model
 
     for family, (model, x) in compile_cases(fixtures, plan, device).items():
-        compiled = torch.compile(model, fullgraph=True)
+        compiled = compile_model(model, plan.backend)
         with torch.no_grad():
             expected, actual = model(x), compiled(x)
         checks.append(
@@ -253,7 +255,7 @@ def correctness(fixtures: Dict[str, Fixture], plan: Plan, device: str) -> List[D
                 torch.allclose(actual, expected, **CLOSE),
                 _max_diff(actual, expected),
                 1e-10,
-                'torch.compile (inductor, fullgraph) against eager, float64 logits',
+                f'torch.compile ({plan.backend}, fullgraph) against eager, float64 logits',
             )
         )
     print_table('correctness on ' + device, checks, ['check', 'passed', 'value', 'limit', 'detail'])
@@ -284,7 +286,7 @@ def timing(plan: Plan, device: str, budget_s: float) -> Dict[str, Any]:
                     if route == 'compiled' and time.perf_counter() - start_all > budget_s:
                         skipped.append(label)
                         continue
-                    model = build_model(spec, device, route == 'compiled', **overrides)
+                    model = build_model(spec, device, route == 'compiled', plan.backend, **overrides)
                     step = make_step(model, mode, batch, plan.img_size, device, torch.bfloat16)
                     sync(device)
                     start = time.perf_counter()
@@ -385,6 +387,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     parser.add_argument('--repeats', type=positive_int, help='timed rounds (default: 10 on a GPU, 2 in the dry run)')
     parser.add_argument('--warmup', type=non_negative_int, help='untimed rounds (default: 3 on a GPU, 1 dry)')
+    parser.add_argument(
+        '--compile-backend',
+        default='inductor',
+        choices=('inductor', 'aot_eager'),
+        help='torch.compile backend (default: inductor); aot_eager traces the same graphs (dynamo, AOTAutograd) '
+        "without generating code, minutes faster on a small CPU (the test suite's dry run)",
+    )
     parser.add_argument('--threads', type=positive_int, help="CPU threads (default: torch's)")
     parser.add_argument('--json', type=Path, default=None, help='where to write the results (default: results/)')
     args = parser.parse_args(argv)
@@ -400,6 +409,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             **plan.__dict__,
             'repeats': args.repeats or plan.repeats,
             'warmup': plan.warmup if args.warmup is None else args.warmup,
+            'backend': args.compile_backend,
         }
     )
     args.repeats, args.warmup = plan.repeats, plan.warmup
@@ -414,6 +424,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         'environment': {
             **environment(args),
             'dry_run': args.dry_run,
+            'compile_backend': plan.backend,
             'dtype': 'bfloat16 autocast (timing); float64, float32 (checks)',
         }
     }
