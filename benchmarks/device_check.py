@@ -25,6 +25,7 @@ recorded as skipped, so the whole run keeps to its budget on a slower machine.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -99,16 +100,21 @@ DRY_PLAN = Plan(
 )
 
 
-@dataclass
-class Fixture:
-    """One reference fixture: its JSON metadata and its tensors."""
+def _reference_fixture_class() -> type:
+    """``ReferenceFixture`` of ``tests/conftest.py`` (the fixture-to-model mapping the tests use), loaded from its
+    file: a ``tests`` package installed in site-packages would shadow ``import tests.conftest``."""
+    path = ROOT / 'tests' / 'conftest.py'
+    spec = importlib.util.spec_from_file_location('boatvit_tests_conftest', path)
+    if spec is None or not path.is_file():
+        raise SystemExit(f'device_check: {path} not found; run from a checkout of the repository')
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module.ReferenceFixture
 
-    name: str
-    meta: Dict[str, Any]
-    tensors: Dict[str, torch.Tensor]
 
-
-def load_fixtures(directory: Path) -> Dict[str, Fixture]:
+def load_fixtures(directory: Path) -> Dict[str, Any]:
+    """The reference fixtures in ``directory`` by family, as ``tests/conftest.py``'s ``ReferenceFixture``."""
     missing = [
         n for n in FIXTURE_NAMES.values() for ext in ('json', 'safetensors') if not (directory / f'{n}.{ext}').is_file()
     ]
@@ -117,28 +123,25 @@ def load_fixtures(directory: Path) -> Dict[str, Fixture]:
             f'device_check: --fixtures {directory}: missing {", ".join(sorted(set(missing)))} '
             '(.json and .safetensors); pass the directory of the reference fixtures'
         )
+    fixture_class = _reference_fixture_class()
     return {
-        family: Fixture(
+        family: fixture_class(
             name, json.loads((directory / f'{name}.json').read_text()), load_file(directory / f'{name}.safetensors')
         )
         for family, name in FIXTURE_NAMES.items()
     }
 
 
-def fixture_model(fixture: Fixture, device: str, dtype: torch.dtype) -> torch.nn.Module:
-    """The fixture's model with its weights, in eval mode (the constructor mapping of ``tests/conftest.py``)."""
-    from tests.conftest import ReferenceFixture
-
-    return ReferenceFixture(fixture.name, fixture.meta, fixture.tensors).build().to(device, dtype)
+def fixture_model(fixture: Any, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The fixture's model with its weights, in eval mode."""
+    return fixture.build().to(device, dtype)
 
 
-def _fixture_queries(fixture: Fixture, device: str) -> torch.Tensor:
+def _fixture_queries(fixture: Any, device: str) -> torch.Tensor:
     """The first FSLA layer's queries ``(B, heads, N, head_dim)`` in float64, computed on ``device``."""
-    from tests.conftest import ReferenceFixture
-
     info = fixture.meta['first_fsla']
     module = FeatureSpaceAttention(info['dim'], info['num_heads'], scale=info['scale']).double()
-    module.load_state_dict(ReferenceFixture(fixture.name, fixture.meta, fixture.tensors).first_fsla_weights())
+    module.load_state_dict(fixture.first_fsla_weights())
     module.to(device)
     x = fixture.tensors['fsla.input'].to(device)
     B, N, C = x.shape
@@ -158,9 +161,7 @@ def _check(name: str, passed: bool, value: float, limit: float, detail: str) -> 
     return {'check': name, 'passed': bool(passed), 'value': value, 'limit': limit, 'detail': detail}
 
 
-def compile_cases(
-    fixtures: Dict[str, Fixture], plan: Plan, device: str
-) -> Dict[str, Tuple[torch.nn.Module, torch.Tensor]]:
+def compile_cases(fixtures: Dict[str, Any], plan: Plan, device: str) -> Dict[str, Tuple[torch.nn.Module, torch.Tensor]]:
     """The float64 models and inputs the compile check compares: the fixture models, or the plan's tiny model."""
     if plan.compile_check_model is None:
         return {
@@ -173,7 +174,7 @@ def compile_cases(
     return {'tiny': (model, x.to(device))}
 
 
-def correctness(fixtures: Dict[str, Fixture], plan: Plan, device: str) -> List[Dict[str, Any]]:
+def correctness(fixtures: Dict[str, Any], plan: Plan, device: str) -> List[Dict[str, Any]]:
     checks = []
     for family, fixture in fixtures.items():
         t = fixture.tensors
