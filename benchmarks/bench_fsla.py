@@ -32,8 +32,18 @@ from timm.models.swin_transformer import SwinTransformerBlock
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import (add_device_args, autocast, environment, median, positive_int, print_table, setup,
-                               summary, time_interleaved, write_json)
+from benchmarks.common import (
+    add_device_args,
+    autocast,
+    environment,
+    median,
+    positive_int,
+    print_table,
+    setup,
+    summary,
+    time_interleaved,
+    write_json,
+)
 from boatvit import FeatureSpaceAttention, balanced_hierarchical_clustering
 from boatvit.kernels import KERNEL_ENV
 from boatvit.models.boat_cswin import CrossShapedWindowAttention
@@ -67,8 +77,10 @@ def _fsla_at(rev: str) -> ModuleType:
             raise SystemExit(f'--before {rev}: boatvit/{name} is not in that revision (git show failed)')
         if name.startswith('csrc/') and source is not None and source != (root / 'boatvit' / name).read_text():
             # both builds would register the torch.ops.boatvit namespace, which one process allows once
-            raise SystemExit(f'--before {rev}: its CPU kernel differs from the current one and two cannot load in '
-                             f'one process; compare with BOATVIT_CPU_KERNEL=off, or check that revision out')
+            raise SystemExit(
+                f'--before {rev}: its CPU kernel differs from the current one and two cannot load in '
+                f'one process; compare with BOATVIT_CPU_KERNEL=off, or check that revision out'
+            )
         if source is not None:
             (package / name).write_text(source)
     sys.path.insert(0, str(package.parent))
@@ -109,8 +121,12 @@ def _macs(shape: tuple, batch: int) -> Dict[str, float]:
     calls = {'fsla': lambda: fsla(x.view(batch, side * side, dim), (side, side)), 'window': lambda: window_fn(x)}
     macs = {}
     for name, call in calls.items():
-        with _pytorch_clustering(), torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), \
-                FlopCounterMode(display=False) as counter:
+        with (
+            _pytorch_clustering(),
+            torch.inference_mode(),
+            sdpa_kernel(SDPBackend.MATH),
+            FlopCounterMode(display=False) as counter,
+        ):
             call()
         macs[name] = counter.get_total_flops() / 2
     return macs
@@ -140,6 +156,7 @@ def _steps(args: argparse.Namespace, shape: tuple, mode: str) -> Dict[str, Calla
             def step() -> None:
                 with torch.inference_mode(), autocast(args.device):
                     fn()
+
             return step
         module.train()
 
@@ -149,6 +166,7 @@ def _steps(args: argparse.Namespace, shape: tuple, mode: str) -> Dict[str, Calla
             out.float().square().mean().backward()
             module.zero_grad(set_to_none=True)
             x.grad = None
+
         return step
 
     steps = {
@@ -175,8 +193,12 @@ def main() -> None:
     args.before_module = _fsla_at(args.before) if args.before else None
     args.batch = args.batch or (64 if args.device == 'cuda' else 8)
 
-    results: Dict[str, Any] = {'environment': environment(args), 'batch': args.batch, 'before': args.before,
-                               'shapes': {}}
+    results: Dict[str, Any] = {
+        'environment': environment(args),
+        'batch': args.batch,
+        'before': args.before,
+        'shapes': {},
+    }
     print(results['environment'])
     rows: List[Dict[str, Any]] = []
     for name in args.shapes.split(','):
@@ -186,19 +208,30 @@ def main() -> None:
             steps = _steps(args, shape, mode)
             times = time_interleaved(steps, args.device, args.repeats, args.warmup)
             medians = {k: median(t) for k, t in times.items()}
-            entry[mode] = {k: {**summary(t), 'ratio_to_window': medians[k] / medians['window']}
-                           for k, t in times.items()}
+            entry[mode] = {
+                k: {**summary(t), 'ratio_to_window': medians[k] / medians['window']} for k, t in times.items()
+            }
             if mode == 'inference':
                 macs = _macs(shape, args.batch)
                 entry['macs'] = macs
                 entry['mac_ratio'] = macs['fsla'] / macs['window']
             for k, row in entry[mode].items():
-                rows.append({'shape': name, 'mode': mode, 'op': k, 'median_ms': row['median_ms'],
-                             'ratio_to_window': row['ratio_to_window'],
-                             'mac_ratio': entry['mac_ratio'] if k == 'fsla' else None})
+                rows.append(
+                    {
+                        'shape': name,
+                        'mode': mode,
+                        'op': k,
+                        'median_ms': row['median_ms'],
+                        'ratio_to_window': row['ratio_to_window'],
+                        'mac_ratio': entry['mac_ratio'] if k == 'fsla' else None,
+                    }
+                )
         results['shapes'][name] = entry
-    print_table(f'FSLA layer vs image-space attention: batch {args.batch}, median of {args.repeats} interleaved rounds',
-                rows, ['shape', 'mode', 'op', 'median_ms', 'ratio_to_window', 'mac_ratio'])
+    print_table(
+        f'FSLA layer vs image-space attention: batch {args.batch}, median of {args.repeats} interleaved rounds',
+        rows,
+        ['shape', 'mode', 'op', 'median_ms', 'ratio_to_window', 'mac_ratio'],
+    )
     write_json(args, 'bench_fsla', results)
 
 
