@@ -16,9 +16,7 @@ attention) over 2, so ``time ratio / mac ratio`` is the FSLA's cost per multiply
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
-import os
 import subprocess
 import sys
 import tempfile
@@ -45,7 +43,6 @@ from benchmarks.common import (
     write_json,
 )
 from boatvit import FeatureSpaceAttention, balanced_hierarchical_clustering
-from boatvit.kernels import KERNEL_ENV
 from boatvit.models.boat_cswin import CrossShapedWindowAttention
 
 # name: (family, side, dim, heads, FSLA scale, CSWin stripe width); Tiny models at 224
@@ -97,32 +94,18 @@ def _window_branch(family: str, side: int, dim: int, heads: int, stripe: int) ->
     return attn, attn
 
 
-@contextlib.contextmanager
-def _pytorch_clustering():
-    """The clustering as PyTorch ops: the FLOP counter cannot see inside the compiled CPU kernel."""
-    before = os.environ.get(KERNEL_ENV)
-    os.environ[KERNEL_ENV] = 'off'
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[KERNEL_ENV]
-        else:
-            os.environ[KERNEL_ENV] = before
-
-
 def _macs(shape: tuple, batch: int) -> Dict[str, float]:
     """Multiply-adds of one inference call of each, counted on eager CPU modules, the clustering's included. The math
     SDPA backend is forced because the counter has no formula for the CPU flash kernel."""
     family, side, dim, heads, scale, stripe = shape
-    fsla = FeatureSpaceAttention(dim, heads, scale=scale).eval()
+    # the clustering as PyTorch ops: the FLOP counter cannot see inside the compiled CPU kernel
+    fsla = FeatureSpaceAttention(dim, heads, scale=scale, clustering_backend='torch').eval()
     _, window_fn = _window_branch(family, side, dim, heads, stripe)
     x = torch.randn(batch, side, side, dim)
     calls = {'fsla': lambda: fsla(x.view(batch, side * side, dim), (side, side)), 'window': lambda: window_fn(x)}
     macs = {}
     for name, call in calls.items():
         with (
-            _pytorch_clustering(),
             torch.inference_mode(),
             sdpa_kernel(SDPBackend.MATH),
             FlopCounterMode(display=False) as counter,
