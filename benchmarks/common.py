@@ -1,7 +1,7 @@
 """What the benchmark scripts share: the device set-up, model specs, interleaved timing, peak memory measured in a
 fresh process, the environment record, a text table and the JSON file.
 
-Timing rules (see ``../shared/REFERENCE.md``, "CPU timing"): models are built once and timed in interleaved rounds,
+Timing rules: models are built once and timed in interleaved rounds,
 each round in a rotated order, so that a slow spell of a shared machine hits every model alike; every figure is the
 median over the rounds and the ratios compare medians taken side by side in one process.
 """
@@ -72,7 +72,7 @@ def setup(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     if cuda:
         # TF32 would run the clustering's float32 matmuls with 10-bit mantissas, which moves tokens between clusters
-        # as half precision does (REFERENCE.md, bug 5); torch's default is off, and so it stays
+        # as half precision does; torch's default is off, and so it stays
         torch.backends.cuda.matmul.allow_tf32 = False
 
 
