@@ -6,7 +6,15 @@ They subclass ``ValueError`` so callers that catch ``ValueError`` for bad argume
 
 from __future__ import annotations
 
-__all__ = ['BoatvitError', 'UsageError', 'CheckpointFileError', 'UnsafeCheckpointError', 'WeightsMetadataError']
+__all__ = [
+    'BoatvitError',
+    'UsageError',
+    'CheckpointFileError',
+    'UnsafeCheckpointError',
+    'WeightsMetadataError',
+    'OutputWriteError',
+    'TrainingDivergedError',
+]
 
 
 class BoatvitError(ValueError):
@@ -27,3 +35,11 @@ class UnsafeCheckpointError(CheckpointFileError):
 
 class WeightsMetadataError(CheckpointFileError):
     """Metadata of a weights file with unknown keys, or values of the wrong type or outside their range."""
+
+
+class OutputWriteError(BoatvitError):
+    """A file could not be written (a full disk, no permission); the file it was to replace is left as it was."""
+
+
+class TrainingDivergedError(BoatvitError):
+    """The training loss or the weights became non-finite; the last finite checkpoint is kept."""

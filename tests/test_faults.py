@@ -4,15 +4,28 @@ and checks the one-line message, the files left intact and the exit status."""
 
 from __future__ import annotations
 
+import errno
+import itertools
+import json
+import math
+import os
 import random
 import types
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
+import boatvit.training as train_mod
+from boatvit import runs
+from boatvit.cli import main
 from boatvit.training import TrainConfig, _set_transforms
-from boatvit.weights import build_model
+from boatvit.weights import build_model, read_weights
+from test_evaluate import TINY_FLAGS, TINY_KWARGS
 
 
 def test_default_training_augmentation_survives_thousands_of_images():
@@ -28,3 +41,139 @@ def test_default_training_augmentation_survives_thousands_of_images():
     for _ in range(3000):
         out = train_ds.transform(image)
     assert out.shape == (3, 32, 32) and torch.isfinite(out).all()
+
+
+# one epoch of one batch of 16 on a tiny BOAT-Swin: a few seconds
+FAST = ['--limit-batches', '1', '--batch-size', '16', '--workers', '0', '--quiet', *TINY_FLAGS]
+
+
+def run_train(tmp_path: Path, name: str, *flags: str, epochs: int = 2) -> int:
+    return main(['train', '--output', str(tmp_path), '--name', name, '--epochs', str(epochs), *FAST, *flags])
+
+
+def no_temporary_files(run_dir: Path) -> bool:
+    return not list(run_dir.glob('.*.tmp'))
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_in_training_forward(monkeypatch, at: int, error: BaseException) -> None:
+    """The model raises ``error`` on its training forward number ``at`` (0-based; one per epoch here)."""
+    real_build = train_mod.build_model
+
+    def build_crashing(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        calls = itertools.count()
+
+        def hook(module, inputs):
+            if module.training and next(calls) == at:
+                raise error
+
+        model.register_forward_pre_hook(hook)
+        return model
+
+    monkeypatch.setattr(train_mod, 'build_model', build_crashing)
+
+
+FULL_DISK = {
+    'safetensors': (
+        'save_file',
+        SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        ),
+    ),
+    'torch.save short write': (
+        'torch_save',
+        RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos'),
+    ),
+    'ENOSPC': ('torch_save', OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))),
+}
+
+
+@pytest.mark.parametrize('case', sorted(FULL_DISK))
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys, case):
+    writer, error = FULL_DISK[case]
+    real_save_file, real_torch_save = runs.save_file, torch.save
+
+    def save_file_failing(tensors, path, metadata):
+        if json.loads(metadata['epoch']) == 2:
+            Path(path).write_bytes(b'partial')  # the writer got some bytes out before the disk filled up
+            raise error
+        real_save_file(tensors, path, metadata=metadata)
+
+    def torch_save_failing(obj, path):
+        if obj['epoch'] == 2:
+            Path(path).write_bytes(b'partial')
+            raise error
+        real_torch_save(obj, path)
+
+    if writer == 'save_file':
+        monkeypatch.setattr(runs, 'save_file', save_file_failing)
+    else:
+        monkeypatch.setattr(runs.torch, 'save', torch_save_failing)
+    assert run_train(tmp_path, 'full') == 2
+    err = capsys.readouterr().err.strip()
+    run_dir = tmp_path / 'full'
+    assert len(err.splitlines()) == 1 and 'Traceback' not in err
+    assert 'saving the checkpoint of epoch 2 failed: could not write' in err and 'MiB free' in err
+    assert f'{run_dir / "last.pt"} holds epoch 1' in err and f'--resume {run_dir}' in err
+    assert no_temporary_files(run_dir)
+    assert runs.load_state(run_dir / 'last.pt')['epoch'] == 1
+    # the weights are written before the state: complete either way, of epoch 2 when only the state failed
+    assert read_weights(run_dir / 'last.safetensors').metadata['epoch'] == (1 if writer == 'save_file' else 2)
+    monkeypatch.undo()
+    assert main(['train', '--resume', str(run_dir), '--quiet', '--workers', '0']) == 0
+    assert runs.load_state(run_dir / 'last.pt')['epoch'] == 2
+
+
+def test_full_disk_while_converting_leaves_the_old_output(tmp_path, monkeypatch, capsys):
+    source = tmp_path / 'source.safetensors'
+    model = build_model('boat_swin_nano_32', num_classes=10, model_kwargs=TINY_KWARGS)
+    runs.save_weights(source, model.state_dict(), {'model': 'boat_swin_nano_32', 'model_kwargs': TINY_KWARGS})
+    out = tmp_path / 'out.safetensors'
+    out.write_bytes(b'the previous output')
+
+    def full(tensors, path, metadata):
+        Path(path).write_bytes(b'partial')
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(runs, 'save_file', full)
+    assert main(['convert', str(source), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f'could not write {out}: No space left on device' in err and 'MiB free' in err
+    assert 'the previous one is intact' in err
+    assert out.read_bytes() == b'the previous output' and no_temporary_files(tmp_path)
+
+
+def test_other_errors_inside_an_atomic_write_pass_through(tmp_path):
+    with pytest.raises(Crash), runs.atomic_path(tmp_path / 'x') as tmp:
+        tmp.write_text('half')
+        raise Crash()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_diverging_run_stops_and_keeps_finite_checkpoints(tmp_path, capsys):
+    assert run_train(tmp_path, 'diverging', '--lr', '1e4', '--warmup-epochs', '0', epochs=3) == 2
+    err = capsys.readouterr().err
+    assert 'training diverged' in err and '--lr' in err and '--clip-grad' in err and 'Traceback' not in err
+    run_dir = tmp_path / 'diverging'
+    for name in ('last', 'best'):
+        if (run_dir / f'{name}.safetensors').exists():
+            assert all(torch.isfinite(v).all() for v in load_file(run_dir / f'{name}.safetensors').values())
+            state = runs.load_state(run_dir / f'{name}.pt')
+            assert all(torch.isfinite(v).all() for v in state['trainer']['model'].values())
+            assert all(math.isfinite(row['train_loss']) for row in state['history'])
+
+
+def test_non_finite_loss_stops_at_that_batch(tmp_path, monkeypatch, capsys):
+    def nan_loss(self, *args):
+        return torch.tensor(float('nan'), requires_grad=True)
+
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, 'forward', nan_loss)
+    assert run_train(tmp_path, 'nan', '--mixup', '0', '--cutmix', '0', '--smoothing', '0') == 2
+    err = capsys.readouterr().err
+    assert 'training diverged: the loss became nan at batch 1 of epoch 1' in err
+    # nothing was saved, so the run directory it created is gone
+    assert not (tmp_path / 'nan').exists()
