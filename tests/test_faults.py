@@ -10,6 +10,9 @@ import json
 import math
 import os
 import random
+import shutil
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -123,9 +126,10 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
     assert runs.load_state(run_dir / 'last.pt')['epoch'] == 1
     # the weights are written before the state: complete either way, of epoch 2 when only the state failed
     assert read_weights(run_dir / 'last.safetensors').metadata['epoch'] == (1 if writer == 'save_file' else 2)
-    monkeypatch.undo()
-    assert main(['train', '--resume', str(run_dir), '--quiet', '--workers', '0']) == 0
-    assert runs.load_state(run_dir / 'last.pt')['epoch'] == 2
+    if case == 'ENOSPC':  # once is enough: the run resumes from the epoch named
+        monkeypatch.undo()
+        assert main(['train', '--resume', str(run_dir), '--quiet', '--workers', '0']) == 0
+        assert runs.load_state(run_dir / 'last.pt')['epoch'] == 2
 
 
 def test_full_disk_while_converting_leaves_the_old_output(tmp_path, monkeypatch, capsys):
@@ -177,3 +181,139 @@ def test_non_finite_loss_stops_at_that_batch(tmp_path, monkeypatch, capsys):
     assert 'training diverged: the loss became nan at batch 1 of epoch 1' in err
     # nothing was saved, so the run directory it created is gone
     assert not (tmp_path / 'nan').exists()
+
+
+@pytest.fixture(scope='module')
+def one_epoch_run(tmp_path_factory) -> Path:
+    """A run of 2 epochs stopped after the first (as if killed): last.pt and best.pt hold epoch 1."""
+    tmp_path = tmp_path_factory.mktemp('runs')
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        crash_in_training_forward(monkeypatch, 1, Crash())
+        with pytest.raises(Crash):
+            run_train(tmp_path, 'stopped')
+    return tmp_path / 'stopped'
+
+
+def copy_run(run_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / run_dir.name
+    shutil.copytree(run_dir, copy)
+    return copy
+
+
+@pytest.mark.parametrize('damage', ['empty', 'truncated', 'not a state'])
+def test_corrupt_last_pt_names_the_file_and_the_way_out(one_epoch_run, tmp_path, capsys, damage):
+    run_dir = copy_run(one_epoch_run, tmp_path)
+    last = run_dir / 'last.pt'
+    if damage == 'empty':
+        last.write_bytes(b'')
+    elif damage == 'truncated':
+        last.write_bytes(last.read_bytes()[:1000])
+    else:
+        torch.save({'epoch': 1}, last)
+    assert main(['train', '--resume', str(run_dir), '--quiet', '--workers', '0']) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and str(last) in err
+    assert f'cp {run_dir / "best.pt"} {last}' in err and 'start the run anew' in err
+    if damage != 'empty':
+        return
+    assert f'{last} is empty' in err
+    # the advice works: the best epoch's state resumes
+    shutil.copy(run_dir / 'best.pt', last)
+    assert main(['train', '--resume', str(run_dir), '--quiet', '--workers', '0']) == 0
+    assert runs.load_state(last)['epoch'] == 2
+
+
+def test_unparsable_config_names_the_file(one_epoch_run, tmp_path, capsys):
+    run_dir = copy_run(one_epoch_run, tmp_path)
+    (run_dir / 'config.json').write_text('{"config": ')
+    assert main(['train', '--resume', str(run_dir)]) == 2
+    assert f'{run_dir / "config.json"} is not valid JSON' in capsys.readouterr().err
+
+
+def test_a_crash_right_after_the_final_checkpoint_keeps_its_metrics(one_epoch_run, tmp_path, monkeypatch):
+    run_dir = copy_run(one_epoch_run, tmp_path)
+    real_save = train_mod.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise Crash()
+
+    monkeypatch.setattr(train_mod, 'save_checkpoint', save_then_crash)
+    with pytest.raises(Crash):
+        main(['train', '--resume', str(run_dir), '--quiet', '--workers', '0'])
+    assert runs.load_state(run_dir / 'last.pt')['epoch'] == 2
+    assert [row['epoch'] for row in json.loads((run_dir / 'metrics.json').read_text())] == [1, 2]
+    assert (run_dir / 'metrics.csv').read_text().count('\n') == 3
+
+
+def test_ctrl_c_is_one_line_with_the_resume_hint(one_epoch_run, tmp_path, monkeypatch, capsys):
+    run_dir = copy_run(one_epoch_run, tmp_path)
+    crash_in_training_forward(monkeypatch, 0, KeyboardInterrupt())
+    assert main(['train', '--resume', str(run_dir), '--quiet', '--workers', '0']) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == f'boatvit train: interrupted; continue it with boatvit train --resume {run_dir}'
+    assert runs.load_state(run_dir / 'last.pt')['epoch'] == 1 and (run_dir / 'train.lock').read_text() == ''
+    # in the first epoch nothing is saved yet: the new run directory goes
+    assert run_train(tmp_path, 'early') == 130
+    assert 'nothing was saved' in capsys.readouterr().err and not (tmp_path / 'early').exists()
+
+
+def test_a_failed_new_run_leaves_no_directory(tmp_path):
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        crash_in_training_forward(monkeypatch, 0, Crash())
+        with pytest.raises(Crash):
+            run_train(tmp_path, 'failed')
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_that_is_a_file(tmp_path, capsys):
+    output = tmp_path / 'a_file'
+    output.write_text('')
+    for out in (output, output / 'below'):
+        assert main(['train', '--output', str(out), '--epochs', '1', *FAST]) == 2
+        assert f'--output {out} is a file, not a directory' in capsys.readouterr().err
+
+
+def test_a_run_in_training_refuses_a_second_process(one_epoch_run, tmp_path, capsys):
+    run_dir = copy_run(one_epoch_run, tmp_path)
+    lock = run_dir / 'train.lock'
+    # flock conflicts between two opens of the file in one process as between two processes
+    with runs.hold_run_dir(run_dir, created=False):
+        assert lock.read_text() == f'{os.getpid()}\n'
+        assert main(['train', '--resume', str(run_dir), '--quiet', '--workers', '0']) == 2
+        err = capsys.readouterr().err
+        assert f'{run_dir} is being trained by process {os.getpid()}' in err
+        # the same --output and --name: the directory exists
+        assert main(['train', '--output', str(tmp_path), '--name', run_dir.name, '--epochs', '1', *FAST]) == 2
+        assert 'exists; pass --resume' in capsys.readouterr().err
+    assert runs.load_state(run_dir / 'last.pt')['epoch'] == 1
+    # the lock of a killed process (its pid left in the file, the flock gone with it) is taken over with a note
+    lock.write_text('999999999\n')
+    with runs.hold_run_dir(run_dir, created=False):
+        pass
+    assert f'taking over {lock} from process 999999999' in capsys.readouterr().err
+
+
+def test_two_processes_on_one_run_directory(one_epoch_run, tmp_path):
+    run_dir = copy_run(one_epoch_run, tmp_path)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            '-c',
+            f'import sys, time; from boatvit import runs\nwith runs.hold_run_dir({str(run_dir)!r}, False):\n    print("held", flush=True); time.sleep(60)',
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == 'held'
+        second = subprocess.run(
+            [sys.executable, '-m', 'boatvit', 'train', '--resume', str(run_dir), '--quiet'],
+            capture_output=True,
+            text=True,
+        )
+        assert second.returncode == 2
+        assert f'is being trained by process {holder.pid}' in second.stderr and 'Traceback' not in second.stderr
+    finally:
+        holder.kill()
+        holder.wait()
