@@ -12,6 +12,7 @@ __all__ = [
     'CheckpointFileError',
     'UnsafeCheckpointError',
     'WeightsMetadataError',
+    'UnreadableImageError',
     'OutputWriteError',
     'TrainingDivergedError',
 ]
@@ -35,6 +36,11 @@ class UnsafeCheckpointError(CheckpointFileError):
 
 class WeightsMetadataError(CheckpointFileError):
     """Metadata of a weights file with unknown keys, or values of the wrong type or outside their range."""
+
+
+class UnreadableImageError(UsageError):
+    """An image file that cannot be decoded: not an image, truncated, too large to open safely, or a pixel format
+    that would be read wrongly."""
 
 
 class OutputWriteError(BoatvitError):
