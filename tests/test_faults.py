@@ -28,6 +28,7 @@ from boatvit import runs
 from boatvit.cli import main
 from boatvit.training import TrainConfig, _set_transforms
 from boatvit.weights import build_model, read_weights
+from test_data import make_image_folder, write_png_header
 from test_evaluate import TINY_FLAGS, TINY_KWARGS
 
 
@@ -296,15 +297,13 @@ def test_a_run_in_training_refuses_a_second_process(one_epoch_run, tmp_path, cap
 
 def test_two_processes_on_one_run_directory(one_epoch_run, tmp_path):
     run_dir = copy_run(one_epoch_run, tmp_path)
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            '-c',
-            f'import sys, time; from boatvit import runs\nwith runs.hold_run_dir({str(run_dir)!r}, False):\n    print("held", flush=True); time.sleep(60)',
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
+    hold = (
+        'import time\nfrom boatvit import runs\n'
+        f'with runs.hold_run_dir({str(run_dir)!r}, False):\n'
+        '    print("held", flush=True)\n'
+        '    time.sleep(60)'
     )
+    holder = subprocess.Popen([sys.executable, '-c', hold], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == 'held'
         second = subprocess.run(
@@ -317,3 +316,38 @@ def test_two_processes_on_one_run_directory(one_epoch_run, tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.parametrize('header', [b'\xff' * 8 + b'garbage', (100).to_bytes(8, 'little') + b'{"not": json', b''])
+def test_garbage_safetensors_header_is_not_a_checkpoint_for_every_command(tmp_path, capsys, header):
+    weights = tmp_path / 'garbage.safetensors'
+    weights.write_bytes(header)
+    image = tmp_path / 'image.png'
+    Image.new('RGB', (32, 32)).save(image)
+    # eval without --model or --data: the weights file is the first (and only) thing it reports
+    commands = {
+        'eval': ['eval', '--weights', str(weights)],
+        'convert': ['convert', str(weights), str(tmp_path / 'out.safetensors')],
+        'predict': ['predict', str(image), '--weights', str(weights)],
+        'clusters': ['clusters', str(image), '-o', str(tmp_path / 'c.png'), '--weights', str(weights)],
+    }
+    messages = {}
+    for name, argv in commands.items():
+        assert main(argv) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and 'Traceback' not in err, err
+        messages[name] = err.split(': error: ', 1)[1]
+    assert len(set(messages.values())) == 1, messages
+    assert str(weights) in messages['eval']
+    assert not (tmp_path / 'out.safetensors').exists() and not (tmp_path / 'c.png').exists()
+
+
+def test_a_folder_with_a_corrupt_image_fails_before_training(tmp_path, capsys):
+    root = make_image_folder(tmp_path / 'data', {'train': {'a': 2, 'b': 2}, 'val': {'a': 1, 'b': 1}})
+    (root / 'train' / 'b' / '0.png').write_bytes(b'not a png')
+    write_png_header(root / 'val' / 'a' / 'bomb.png', 20000, 20000)
+    argv = ['train', '--data', str(root), '--output', str(tmp_path / 'runs'), '--epochs', '1', '--batch-size', '2']
+    assert main([*argv, '--workers', '0', '--quiet', *TINY_FLAGS]) == 2
+    err = capsys.readouterr().err
+    assert f'1 of the 4 images in {root / "train"} cannot be used: {root / "train" / "b" / "0.png"}' in err
+    assert list((tmp_path / 'runs').iterdir()) == []  # nothing trained, no run directory left
