@@ -255,11 +255,14 @@ def hold_run_dir(run_dir: os.PathLike, created: bool) -> Iterator[Path]:
     when the process dies, so a killed run's lock is taken over (with a note); the pid inside says who holds it.
     Where ``fcntl`` is missing (Windows) the lock file's existence is the lock and a dead pid's file is taken over.
 
-    When the body fails, a directory this process ``created`` that holds no checkpoint yet is removed; an
-    interrupt (Ctrl-C) gets a note saying how to resume.
+    Temporary files that a killed process left (`atomic_path` removes its own otherwise) are removed once the lock
+    is held: no other process writes here then. When the body fails, a directory this process ``created`` that
+    holds no checkpoint yet is removed; an interrupt (Ctrl-C) gets a note saying how to resume.
     """
     run_dir = Path(run_dir)
     with _run_lock(run_dir):
+        for tmp in run_dir.glob('.*.tmp'):
+            tmp.unlink(missing_ok=True)
         try:
             yield run_dir
         except BaseException as e:

@@ -249,11 +249,13 @@ def test_a_crash_right_after_the_final_checkpoint_keeps_its_metrics(one_epoch_ru
 
 def test_ctrl_c_is_one_line_with_the_resume_hint(one_epoch_run, tmp_path, monkeypatch, capsys):
     run_dir = copy_run(one_epoch_run, tmp_path)
+    (run_dir / '.last.pt.99999999.tmp').write_bytes(b'left by a killed process')
     crash_in_training_forward(monkeypatch, 0, KeyboardInterrupt())
     assert main(['train', '--resume', str(run_dir), '--quiet', '--workers', '0']) == 130
     err = capsys.readouterr().err.strip()
     assert err == f'boatvit train: interrupted; continue it with boatvit train --resume {run_dir}'
     assert runs.load_state(run_dir / 'last.pt')['epoch'] == 1 and (run_dir / 'train.lock').read_text() == ''
+    assert no_temporary_files(run_dir)  # the killed process's, removed under the lock
     # in the first epoch nothing is saved yet: the new run directory goes
     assert run_train(tmp_path, 'early') == 130
     assert 'nothing was saved' in capsys.readouterr().err and not (tmp_path / 'early').exists()
