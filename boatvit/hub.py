@@ -11,16 +11,19 @@ imported; neither has a plug-in mechanism that would import it from the saved co
 """
 
 import json
+import os
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import timm
 from timm.utils import unwrap_model
 from torch import nn
 
+from .data import eval_data_config
 from .models import BoatTransformer
+from .weights import load_model
 
-__all__ = ['HUB_NOTE', 'save_hub_format']
+__all__ = ['HUB_NOTE', 'export_hub', 'save_hub_format']
 
 HUB_NOTE = (
     'boatvit model: `pip install boatvit`, then `import boatvit` before timm.create_model or transformers '
@@ -81,3 +84,34 @@ def save_hub_format(
     config['model_args'].pop('num_classes', None)
     config_path.write_text(json.dumps(config, indent=2))
     return directory
+
+
+def export_hub(
+    source: Union[str, os.PathLike],
+    directory: Union[str, Path],
+    model: Optional[str] = None,
+    model_kwargs: Optional[Mapping[str, Any]] = None,
+    use_ema: bool = True,
+    overwrite: bool = False,
+) -> Dict[str, Any]:
+    """Any weight source (`boatvit.weights.read_weights`: a released checkpoint, a converted file, a run) in timm's
+    hub layout, with what the source records about its model: the class names (``label_names``) and the data
+    config a fine-tuned run was trained with (input size, mean, std, crop, interpolation).
+
+    Returns:
+        ``{'model', 'directory', 'num_classes', 'label_names' (or None), 'input_size'}``.
+    """
+    loaded = load_model(source, model, model_kwargs, use_ema=use_ema)
+    net = loaded.model
+    data_config = eval_data_config(net, loaded.metadata)
+    net.pretrained_cfg = dict(net.pretrained_cfg, **data_config)
+    classes = loaded.metadata.get('classes')
+    label_names = classes if classes and len(classes) == net.num_classes else None
+    save_hub_format(net, directory, label_names=label_names, overwrite=overwrite)
+    return {
+        'model': loaded.name,
+        'directory': Path(directory),
+        'num_classes': net.num_classes,
+        'label_names': label_names,
+        'input_size': tuple(data_config['input_size']),
+    }

@@ -1,5 +1,8 @@
 """BOAT inside segmentation_models_pytorch (timm universal encoders, ``tu-<name>``), reduced widths; FLOP counters."""
 
+import math
+import warnings
+
 import pytest
 import timm
 import torch
@@ -132,3 +135,27 @@ def test_deeplabv3plus_output_stride_is_a_clear_error():
         smp.DeepLabV3Plus(
             encoder_name='tu-boat_swin_tiny_224', encoder_weights=None, **ENCODER_KWARGS['tu-boat_swin_tiny_224']
         )
+
+
+def _sdpa_macs(inputs, outputs):
+    """fvcore handle for ``aten::scaled_dot_product_attention``: L * S * (d + dv) multiply-adds per (batch, head)."""
+    from fvcore.nn.jit_handles import get_shape
+
+    q, k, v = (get_shape(i) for i in inputs[:3])
+    return math.prod(q[:-2]) * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name, gmacs', [('boat_swin_tiny_224', 5.219), ('boat_cswin_tiny_224', 5.220)])
+def test_fvcore_counts_the_reference_figures(name, gmacs):
+    """fvcore traces BOAT (torch.jit.trace) and, with the SDPA handle of docs/BACKBONES.md and the PyTorch
+    clustering, gives the reference's fvcore totals (its FlopCounterMode figure plus the LayerNorms)."""
+    fvcore_nn = pytest.importorskip('fvcore.nn', reason='the integrations extra installs fvcore')
+    model = timm.create_model(name, fsla_backend='torch').eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        counter = fvcore_nn.FlopCountAnalysis(model, torch.randn(1, 3, 224, 224))
+        counter.set_op_handle('aten::scaled_dot_product_attention', _sdpa_macs)
+        counter.unsupported_ops_warnings(False)
+        counter.uncalled_modules_warnings(False)
+        assert abs(counter.total() / 1e9 - gmacs) < 0.005

@@ -116,3 +116,47 @@ def test_bad_arguments_say_what_to_do(tmp_path):
     with pytest.raises(FileExistsError, match='overwrite=True'):
         save_hub_format(model, tmp_path / 'd')
     save_hub_format(model, tmp_path / 'd', overwrite=True)
+
+
+def test_convert_hf_writes_a_runs_classes_and_data_config(tmp_path, capsys):
+    """`boatvit convert WEIGHTS --hf DIR` carries what the weights record (class names, the data config of a
+    fine-tuned run at another size) into the hub folder, and the folder loads with the same logits."""
+    from boatvit import cli
+    from boatvit.runs import save_weights
+
+    name, kwargs = 'boat_swin_tiny_224', dict(SMALL['boat_swin_tiny_224'], img_size=160)
+    torch.manual_seed(1)
+    model = timm.create_model(name, num_classes=3, **kwargs).eval()
+    data_config = {
+        'input_size': (3, 160, 160),
+        'interpolation': 'bilinear',
+        'mean': (0.5, 0.5, 0.5),
+        'std': (0.25, 0.25, 0.25),
+        'crop_pct': 1.0,
+        'crop_mode': 'center',
+    }
+    weights = tmp_path / 'best.safetensors'
+    metadata = {'model': name, 'model_kwargs': kwargs, 'classes': LABELS, 'data_config': data_config}
+    save_weights(weights, model.state_dict(), metadata)
+    directory = tmp_path / 'hub'
+    assert cli.main(['convert', str(weights), '--hf', str(directory)]) == 0
+    assert '3 class names' in capsys.readouterr().out
+    config = json.loads((directory / 'config.json').read_text())
+    assert config['label_names'] == LABELS
+    cfg = config['pretrained_cfg']
+    assert cfg['input_size'] == [3, 160, 160] and cfg['mean'] == [0.5] * 3 and cfg['interpolation'] == 'bilinear'
+    loaded = timm.create_model(f'local-dir:{directory}', pretrained=True).eval()
+    x = torch.randn(1, 3, 160, 160)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    # a second export into the same folder is refused unless asked for
+    assert cli.main(['convert', str(weights), '--hf', str(directory)]) == 2
+    assert '--overwrite' in capsys.readouterr().err
+    assert cli.main(['convert', str(weights), '--hf', str(directory), '--overwrite']) == 0
+
+
+def test_convert_needs_an_output(tmp_path, capsys):
+    from boatvit import cli
+
+    assert cli.main(['convert', str(tmp_path / 'x.pth')]) == 2
+    assert 'nothing to write' in capsys.readouterr().err
