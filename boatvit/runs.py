@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from .errors import CheckpointFileError, OutputWriteError, UsageError
@@ -38,16 +39,16 @@ WEIGHTS_SUFFIX = '.safetensors'
 # what the writers say when a write fails: OSError carries an errno; safetensors' SafetensorError wraps the OS
 # error in its text; torch.save's zip writer reports a short write as an '[enforce fail at inline_container.cc]'
 _WRITE_FAILURE_TEXT = ('No space left', 'StorageFull', 'Disk quota', 'inline_container', 'file write failed')
+_DISK_FULL_ERRNOS = (errno.ENOSPC, getattr(errno, 'EDQUOT', errno.ENOSPC))  # no EDQUOT on Windows
 
 
 def _write_failure(error: BaseException) -> Optional[str]:
     """Why writing a file failed, if ``error`` is a failed write; None for any other error."""
     if isinstance(error, OSError):
-        return os.strerror(error.errno) if error.errno in (errno.ENOSPC, errno.EDQUOT) else str(error)
+        return os.strerror(error.errno) if error.errno in _DISK_FULL_ERRNOS else str(error)
     text = str(error)
-    if isinstance(error, RuntimeError) or type(error).__name__ == 'SafetensorError':
-        if any(word in text for word in _WRITE_FAILURE_TEXT):
-            return text
+    if isinstance(error, (RuntimeError, SafetensorError)) and any(word in text for word in _WRITE_FAILURE_TEXT):
+        return text
     return None
 
 
