@@ -534,14 +534,6 @@ def _save_epoch(
     row = history[-1]
     state = {'epoch': row['epoch'], 'trainer': trainer.state_dict(), 'rng': ranks_rng, 'history': history}
     weights = (trainer.ema.module if trainer.ema is not None else unwrap_model(trainer.model)).state_dict()
-    # the last step of an epoch can make the weights non-finite with a finite loss
-    bad = next(
-        (k for k, v in state['trainer']['model'].items() if v.is_floating_point() and not v.isfinite().all()), None
-    )
-    if bad is not None:
-        raise TrainingDivergedError(
-            diverged(f'{bad} became non-finite in epoch {row["epoch"]}', trainer.config, trainer.lr)
-        )
     metadata = dict(weights_metadata, epoch=row['epoch'], top1=row['eval_top1'])
     # the metrics first: a crash between them and last.pt repeats the epoch on resume, which rewrites them; the
     # other order would lose the final epoch's metrics for good (its resume finds the run finished)
@@ -554,6 +546,16 @@ def _save_epoch(
         + (f'  ema top-1 {row["val_top1_ema"]:.2f} %' if trainer.ema is not None else '')
         + f'  lr {row["lr"]:.2e}  {row["train_images_per_s"]:.0f} img/s'
     )
+
+
+def _check_finite_weights(trainer: Trainer, epoch: int) -> None:
+    """Raise a `TrainingDivergedError` if a weight is non-finite: the last step of an epoch can do that with a
+    finite loss. Every rank checks (DDP keeps the weights equal), so all stop together."""
+    for key, value in unwrap_model(trainer.model).state_dict().items():
+        if value.is_floating_point() and not value.isfinite().all():
+            raise TrainingDivergedError(
+                diverged(f'{key} became non-finite in epoch {epoch + 1}', trainer.config, trainer.lr)
+            )
 
 
 def _gather_rng(world_size: int) -> List[Any]:
@@ -633,6 +635,7 @@ def fit(
     for epoch in range(start_epoch, config.epochs):
         train_loader.sampler.set_epoch(epoch)
         row = _train_and_validate(trainer, train_loader, val_loader, epoch, progress)
+        _check_finite_weights(trainer, epoch)  # before it can count as the best or be saved
         history.append(row)
         is_best = best is None or row['eval_top1'] > best['eval_top1']
         if is_best:

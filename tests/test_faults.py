@@ -353,3 +353,23 @@ def test_a_folder_with_a_corrupt_image_fails_before_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f'1 of the 4 images in {root / "train"} cannot be used: {root / "train" / "b" / "0.png"}' in err
     assert list((tmp_path / 'runs').iterdir()) == []  # nothing trained, no run directory left
+
+
+def test_non_finite_weights_after_the_last_step_are_never_saved(tmp_path, monkeypatch, capsys):
+    real_step = train_mod.Trainer._step
+
+    def step_then_poison(self):
+        real_step(self)
+        if self.num_updates == 2:  # the last step of epoch 2: the loss that led to it was finite
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(float('inf'))
+
+    monkeypatch.setattr(train_mod.Trainer, '_step', step_then_poison)
+    assert run_train(tmp_path, 'poisoned', epochs=3) == 2
+    err = capsys.readouterr().err
+    assert 'training diverged: ' in err and 'became non-finite in epoch 2' in err
+    run_dir = tmp_path / 'poisoned'
+    for name in ('last', 'best'):
+        state = runs.load_state(run_dir / f'{name}.pt')
+        assert state['epoch'] == 1 and read_weights(run_dir / f'{name}.safetensors').metadata['epoch'] == 1
+    assert [row['epoch'] for row in json.loads((run_dir / 'metrics.json').read_text())] == [1]
