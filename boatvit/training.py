@@ -228,7 +228,7 @@ def diverged(what: str, config: TrainConfig, lr: float) -> str:
     amp = '--amp bf16 instead of fp16' if config.amp == 'fp16' else '--amp none' if config.amp == 'bf16' else ''
     fixes = ', '.join(f for f in (f'a lower --lr (it was {lr:.2e} at that step)', clip, amp) if f)
     return (
-        f'training diverged: {what}. The checkpoints of the earlier epochs are kept, nothing non-finite was saved;'
+        f'training diverged: {what}. Nothing non-finite was saved (the checkpoints of earlier epochs are kept);'
         f' start a new run with {fixes}'
     )
 
