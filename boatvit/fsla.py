@@ -192,8 +192,6 @@ def feature_space_attention(
     return out.view(B, N, heads, d).transpose(1, 2)
 
 
-# a leaf for torch.fx (timm's FX feature extraction): the clustering builds its tree from the token count
-@register_notrace_module
 def lepe_conv(dim: int, device=None, dtype=None) -> nn.Conv2d:
     """The depthwise 3x3 conv of a locally-enhanced positional term (LePE) on V, for inputs fed channels-last (FSLA's V
     image, CSWin's V stripes).
@@ -208,6 +206,8 @@ def lepe_conv(dim: int, device=None, dtype=None) -> nn.Conv2d:
     return conv
 
 
+# a leaf for torch.fx (timm's FX feature extraction): the clustering builds its tree from the token count
+@register_notrace_module
 class FeatureSpaceAttention(nn.Module):
     """BOAT's feature-space local attention with its LePE positional term.
 

@@ -165,9 +165,13 @@ def file_kind(path: Path) -> str:
         head = f.read(9)
     if head.startswith(b'PK\x03\x04'):
         return 'torch-zip'
+    # safetensors: a little-endian u64 header size, then the JSON header. Tested before the pickle opcode since the
+    # size's first byte can be 0x80; a legacy torch file never has '{' at byte 8 (it is inside its magic number)
+    if len(head) == 9 and head[8:9] == b'{':
+        return 'safetensors'
     if head[:1] == b'\x80':  # pickle PROTO opcode: the pre-1.6 torch.save format starts with a pickled magic number
         return 'torch-legacy'
-    if (len(head) == 9 and head[8:9] == b'{') or path.suffix == '.safetensors':  # u64 header size, then JSON
+    if path.suffix == '.safetensors':
         return 'safetensors'
     raise CheckpointFileError(
         f'{path}: not a checkpoint: neither a PyTorch file (torch.save) nor a safetensors file (it starts with '

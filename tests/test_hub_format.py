@@ -68,7 +68,9 @@ def test_transformers_gives_the_same_logits_and_preprocessing(saved):
     expected = timm.data.create_transform(**timm.data.resolve_data_config(model=model))(image)[None]
     torch.testing.assert_close(pixels, expected)
     with torch.no_grad():
-        torch.testing.assert_close(hf_model(pixels).logits, model(pixels), rtol=0, atol=0)
+        # transformers assigns the loaded tensors, which drops the channels-last layout of the LePE conv weights
+        # (lepe_conv); the conv then runs another kernel, equal up to float32 rounding
+        torch.testing.assert_close(hf_model(pixels).logits, model(pixels), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('saved', ['boat_swin_tiny_224'], indirect=True)  # one family: a fresh process costs ~10 s

@@ -143,6 +143,20 @@ def test_reads_safetensors(tmp_path):
     assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], v) for k, v in tensors.items())
 
 
+def test_safetensors_whose_header_size_starts_with_the_pickle_opcode(tmp_path):
+    """The header size is little-endian: one in 256 headers (metadata of some length) begins with 0x80, the byte that
+    opens a legacy torch pickle; such a file is still read as safetensors."""
+    tensors = {'a': torch.randn(2, 3)}
+    for pad in range(256):
+        path = tmp_path / 'weights.bin'
+        save_file(tensors, path, metadata={'note': 'x' * pad})
+        if path.read_bytes()[:1] == b'\x80':
+            break
+    else:
+        pytest.fail('no metadata length gave a header size whose low byte is 0x80')
+    assert torch.equal(load_checkpoint_file(path)['a'], tensors['a'])
+
+
 def _truncated_copy(src: Path, dst: Path) -> Path:
     data = src.read_bytes()
     dst.write_bytes(data[: len(data) // 2])
