@@ -1,0 +1,106 @@
+"""Transfer really happens: fine-tuning from weights against training from scratch, at the same number of steps.
+
+The embedded model (boat_swin_nano_32, recipe ``digits``) is trained on digit classes 0-4; then, per seed, a few
+labelled images of each of the classes 5-9 are drawn and a model is trained on them with ``boatvit train`` twice:
+fine-tuned from the 0-4 run (``--weights``, the ``finetune-swin`` preset), and from scratch (the ``digits``
+recipe's settings, which are tuned for this model from scratch), with the same epochs and batch size, so the same
+optimizer steps. Both are scored on the held-out digits 5-9 (the validation split, never trained on). Accuracy
+only: no timing::
+
+    python -m benchmarks.bench_transfer                      # 3 seeds, 10 images per class
+    python -m benchmarks.bench_transfer --seeds 5 --shots 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks.common import environment, positive_int, print_table, write_json
+from boatvit.data import DigitsDataset
+from boatvit.training import config_from_values, train
+
+SOURCE_CLASSES, TARGET_CLASSES = range(5), range(5, 10)
+
+
+def write_folder(root: Path, splits: Dict[str, DigitsDataset], classes: range, shots: int, seed: int) -> Path:
+    """An image folder of the digits ``classes``: every validation image, and ``shots`` training images per class
+    drawn with ``seed`` (all of them when ``shots`` is 0)."""
+    rng = np.random.default_rng(seed)
+    for split, ds in splits.items():
+        for digit in classes:
+            indices = [i for i, t in enumerate(ds.targets) if t == digit]
+            if split == 'train' and shots:
+                indices = sorted(rng.choice(indices, size=shots, replace=False).tolist())
+            folder = root / split / str(digit)
+            folder.mkdir(parents=True)
+            for i in indices:
+                Image.fromarray(ds.images[i]).save(folder / f'{i}.png')
+    return root
+
+
+def run(values: dict, recipe: str, output: Path, name: str) -> Dict[str, float]:
+    config, recipe = config_from_values(values, recipe)
+    result = train(config, recipe, output=output, name=name, device='cpu', workers=0, progress=False)
+    return {'final_top1': result.history[-1]['eval_top1'], 'best_top1': max(r['eval_top1'] for r in result.history)}
+
+
+def main_benchmark() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--seeds', type=positive_int, default=3, help='few-shot draws and initialisations')
+    parser.add_argument('--shots', type=positive_int, default=10, help='labelled images per new class')
+    parser.add_argument('--source-epochs', type=positive_int, default=15, help='epochs on digits 0-4')
+    parser.add_argument('--epochs', type=positive_int, default=30, help='epochs on the few images of 5-9')
+    parser.add_argument('--batch-size', type=positive_int, default=10, help='batch of both runs on 5-9')
+    parser.add_argument('--threads', type=positive_int, default=2, help='CPU threads (torch.set_num_threads)')
+    parser.add_argument('--json', type=Path, default=None, help='where to write the results (default: results/)')
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.device, args.compile, args.repeats, args.warmup = 'cpu', False, args.seeds, 0  # for environment()
+    env = environment(args)
+    splits = {'train': DigitsDataset('train'), 'val': DigitsDataset('val')}
+
+    rows: List[Dict[str, float]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        source_data = write_folder(tmp / 'digits0-4', splits, SOURCE_CLASSES, shots=0, seed=0)
+        digits = dict(data=str(source_data), model='boat_swin_nano_32', img_size=32)
+        source = run(dict(digits, epochs=args.source_epochs), 'digits', tmp, 'source')
+        print(f'digits 0-4, {args.source_epochs} epochs: held-out top-1 {source["final_top1"]:.2f} %', flush=True)
+        for seed in range(args.seeds):
+            data = str(write_folder(tmp / f'digits5-9-seed{seed}', splits, TARGET_CLASSES, args.shots, seed))
+            same = dict(data=data, epochs=args.epochs, batch_size=args.batch_size, seed=seed)
+            finetuned = run(dict(same, weights=str(tmp / 'source')), None, tmp, f'finetune{seed}')
+            scratch = run(dict(same, model='boat_swin_nano_32', img_size=32), 'digits', tmp, f'scratch{seed}')
+            rows.append(
+                {
+                    'seed': seed,
+                    'finetune_top1': finetuned['final_top1'],
+                    'scratch_top1': scratch['final_top1'],
+                    'finetune_best': finetuned['best_top1'],
+                    'scratch_best': scratch['best_top1'],
+                }
+            )
+    mean = {k: statistics.mean(r[k] for r in rows) for k in ('finetune_top1', 'scratch_top1')}
+    print_table(
+        f'digits 5-9, {args.shots} images per class, {args.epochs} epochs of batch {args.batch_size}: held-out top-1 %',
+        rows,
+        ['seed', 'finetune_top1', 'scratch_top1', 'finetune_best', 'scratch_best'],
+    )
+    print(f'mean: fine-tuned {mean["finetune_top1"]:.2f} %, from scratch {mean["scratch_top1"]:.2f} %')
+    write_json(
+        args,
+        'bench_transfer',
+        {'environment': env, 'source_top1': source['final_top1'], 'runs': rows, 'mean': mean},
+    )
+
+
+if __name__ == '__main__':
+    main_benchmark()
