@@ -449,7 +449,8 @@ def build_loaders(
         raise UsageError(
             f'a global batch of {global_batch_size(config, world_size)} images ({config.batch_size} per process x'
             f' {config.grad_accum} accumulation x {world_size} processes) is more than the {len(train_ds)} training'
-            ' images; lower --batch-size or --grad-accum'
+            f' images; lower --batch-size (to {max(1, len(train_ds) // (config.grad_accum * world_size))} or less'
+            ' here) or --grad-accum'
         )
     if config.limit_batches:
         # the same images whatever the number of processes
@@ -607,17 +608,24 @@ def _weights_metadata(
     }
 
 
-def _start_from_weights(model: torch.nn.Module, weights: Weights, say: bool) -> None:
-    """Load the backbone (and the classifier when it fits) of ``weights`` into ``model``, saying what was dropped."""
-    dropped = load_backbone(model, weights)
+def _start_from_weights(model: torch.nn.Module, weights: Weights, classes: List[str], say: bool) -> None:
+    """Load the backbone (and the classifier when it classifies ``classes``) of ``weights`` into ``model``, saying
+    what was dropped."""
+    dropped = load_backbone(model, weights, classes)
     if say:
+        recorded = weights.metadata.get('classes')
+        named = f' {_names(recorded)}' if recorded else ''
         head = (
-            f'; its classifier ({", ".join(dropped)}: {weights.num_classes} classes) was dropped for a new one of'
-            f' {model.num_classes} classes'
+            f'; its classifier ({", ".join(dropped)}: {weights.num_classes} classes{named}) was dropped for a new one'
+            f' of {model.num_classes} classes {_names(classes)}'
             if dropped
             else ''
         )
         report(f'fine-tuning from {weights.path} ({weights.entry}){head}')
+
+
+def _names(classes: List[str], shown: int = 5) -> str:
+    return '(' + ', '.join(classes[:shown]) + (', ...' if len(classes) > shown else '') + ')'
 
 
 def fit(
@@ -648,7 +656,7 @@ def fit(
         img_size=config.img_size,
     )
     if config.weights and resume_state is None:  # a resumed run has its own trained weights in resume_state
-        _start_from_weights(model, initial_weights or read_weights(config.weights), rank == 0)
+        _start_from_weights(model, initial_weights or read_weights(config.weights), classes, rank == 0)
     if config.freeze_backbone:
         for param in model.parameters():
             param.requires_grad = False

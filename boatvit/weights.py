@@ -481,8 +481,9 @@ def input_size_kwargs(
     name: str, model_kwargs: Mapping[str, Any], img_size: int, built_for: Optional[int] = None
 ) -> Dict[str, Any]:
     """Constructor arguments that build ``name`` (with ``model_kwargs``) for ``img_size`` as ``set_input_size`` would
-    adapt the model built for ``built_for`` (default: the model's own size): for BOAT-Swin the per-stage windows scaled with the patch grid (timm's rule, so which blocks shift and
-    carry FSLA stays the same); {} for BOAT-CSWin, whose weights fit any size.
+    adapt the model built for ``built_for`` (default: the model's own size): for BOAT-Swin the per-stage windows
+    scaled with the patch grid (timm's rule, so which blocks shift and carry FSLA stays the same); {} for
+    BOAT-CSWin, whose weights fit any size.
 
     Loading weights of the original size into the model built with these arguments resizes the relative-position
     tables (the family's ``checkpoint_filter_fn``).
@@ -510,9 +511,10 @@ def check_backbone(weights: Weights, name: str, model_kwargs: Mapping[str, Any],
         load_backbone(model, weights)
 
 
-def load_backbone(model: BoatTransformer, weights: Weights) -> List[str]:
-    """Start fine-tuning ``model`` from ``weights``: every tensor must fit, the classifier too when it has as many
-    classes; otherwise the model keeps its new classifier.
+def load_backbone(model: BoatTransformer, weights: Weights, classes: Optional[List[str]] = None) -> List[str]:
+    """Start fine-tuning ``model`` from ``weights``: every tensor must fit, the classifier too when it classifies
+    the same classes (as many, and the same names when both ``classes`` and the weights' metadata name them);
+    otherwise the model keeps its new classifier.
 
     Returns:
         the names of the weights' classifier tensors left out (``['head.fc.bias', 'head.fc.weight']``), [] when
@@ -521,7 +523,8 @@ def load_backbone(model: BoatTransformer, weights: Weights) -> List[str]:
     Raises:
         UsageError: naming the file and the tensors that do not fit.
     """
-    same_head = weights.num_classes == model.num_classes
+    recorded = weights.metadata.get('classes')
+    same_head = weights.num_classes == model.num_classes and (not classes or not recorded or classes == recorded)
     try:
         load_reference_weights(model, weights, load_classifier=same_head)
     except ValueError as e:

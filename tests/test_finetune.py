@@ -26,13 +26,14 @@ ARCH = {'swin': ('boat_swin_tiny_224', SWIN), 'cswin': ('boat_cswin_tiny_224', C
 CLASSES = ['cat', 'dog', 'eel']
 
 
-def arch_flags(family: str) -> list:
+def arch_flags(family: str, **changes) -> list:
     name, kwargs = ARCH[family]
-    return ['--model', name, '--model-kwargs', *(f'{k}={v}' for k, v in kwargs.items())]
+    return ['--model', name, '--model-kwargs', *(f'{k}={v}' for k, v in dict(kwargs, **changes).items())]
 
 
 def quick(tmp_path: Path, name: str) -> list:
-    return ['--epochs', '1', '--batch-size', '6', '--workers', '0', '--quiet', '--output', str(tmp_path), '--name', name]
+    """One epoch of batches of 6, into ``tmp_path/name``."""
+    return [*'--epochs 1 --batch-size 6 --workers 0 --quiet'.split(), '--output', str(tmp_path), '--name', name]
 
 
 def to_reference_swin(state_dict: dict) -> dict:
@@ -94,7 +95,7 @@ def test_the_message_names_the_dropped_head_and_the_recipe(tmp_path, checkpoints
     out = capsys.readouterr().out
     assert 'recipe finetune-swin: fine-tuning boat_swin_tiny_224 from --weights' in out
     assert f'fine-tuning from {checkpoints["swin"][0]} (model)' in out
-    assert 'head.fc.bias, head.fc.weight: 7 classes) was dropped for a new one of 3 classes' in out
+    assert 'head.fc.bias, head.fc.weight: 7 classes) was dropped for a new one of 3 classes (cat, dog, eel)' in out
     config = json.loads((tmp_path / 'run' / 'config.json').read_text())
     assert config['recipe'] == 'finetune-swin' and config['config']['weight_decay'] == 1e-8
     assert config['config']['weights'] == str(checkpoints['swin'][0]) and config['classes'] == CLASSES
@@ -188,9 +189,10 @@ def test_resume_continues_and_does_not_reload_the_source(tmp_path, checkpoints, 
 
 
 @pytest.mark.parametrize('other', ['cswin', 'width'])
-def test_weights_of_another_family_or_width_are_refused_without_a_run_directory(tmp_path, checkpoints, data, other,
-                                                                                   capsys):
-    flags = arch_flags('swin') if other == 'cswin' else [*arch_flags('swin')[:-3], 'embed_dim=32', *arch_flags('swin')[-2:]]
+def test_weights_of_another_family_or_width_are_refused_without_a_run_directory(
+    tmp_path, checkpoints, data, other, capsys
+):
+    flags = arch_flags('swin') if other == 'cswin' else arch_flags('swin', embed_dim=32)
     source = checkpoints['cswin' if other == 'cswin' else 'swin'][0]
     out = tmp_path / 'runs'
     assert main(['train', '--data', str(data), '--weights', str(source), *flags, '--output', str(out)]) == 2
@@ -207,7 +209,25 @@ def test_defaults_follow_what_the_user_gives(checkpoints, capsys):
     config, recipe = config_from_args(parse_train('--data', 'DIR'))
     assert recipe == 'small-data' and config.epochs == 50 and config.batch_size == 16
     assert 'recipe small-data: --data DIR without --recipe or --weights' in capsys.readouterr().out
-    config, recipe = config_from_args(parse_train('--data', 'DIR', '--weights', str(checkpoints['cswin'][0]),
-                                                  *arch_flags('cswin'), '--epochs', '3'))
+    config, recipe = config_from_args(
+        parse_train('--data', 'DIR', '--weights', str(checkpoints['cswin'][0]), *arch_flags('cswin'), '--epochs', '3')
+    )
     assert recipe == 'finetune-cswin' and config.epochs == 3 and config.clip_grad is None
     assert config.model == 'boat_cswin_tiny_224' and config.layer_decay == 0.75
+
+
+def test_the_head_is_kept_for_the_same_classes_only(tmp_path, zero_lr_run, capsys):
+    """A run's weights name their classes: the same names keep the head, other names of as many classes drop it."""
+    kept, other = (
+        make_image_folder(tmp_path / name, {'train': {c: 2 for c in classes}, 'val': {c: 1 for c in classes}})
+        for name, classes in (('same', CLASSES), ('other', ['ant', 'bee', 'fly']))
+    )
+    lr0 = ['--lr', '0', '--warmup-lr', '0', '--min-lr', '0', '--limit-batches', '1', '--batch-size', '2']
+    assert main(['train', '--data', str(kept), '--weights', str(zero_lr_run), *quick(tmp_path, 'kept'), *lr0]) == 0
+    assert 'dropped' not in capsys.readouterr().out
+    source = load_file(zero_lr_run / 'best.safetensors')
+    assert torch.equal(load_file(tmp_path / 'kept' / 'best.safetensors')['head.fc.weight'], source['head.fc.weight'])
+    assert main(['train', '--data', str(other), '--weights', str(zero_lr_run), *quick(tmp_path, 'new'), *lr0]) == 0
+    assert (
+        '3 classes (cat, dog, eel)) was dropped for a new one of 3 classes (ant, bee, fly)' in capsys.readouterr().out
+    )
