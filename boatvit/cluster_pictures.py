@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .clustering import balanced_hierarchical_clustering, cluster_layout
+from .clustering import cluster_layout
 from .data import eval_data_config, eval_transform, open_image, require_extra
 from .errors import UsageError
 from .fsla import FeatureSpaceAttention
@@ -64,9 +64,8 @@ def cluster_labels(model: torch.nn.Module, images: torch.Tensor, layers: Sequenc
     def capture(name: str):
         def hook(module: FeatureSpaceAttention, args) -> None:
             x, (H, W) = args
-            B, N, C = x.shape
-            q = module.qkv(x)[..., :C].reshape(B, N, module.num_heads, C // module.num_heads).transpose(1, 2)
-            order = balanced_hierarchical_clustering(q, module.cluster_size, module.iterations, module.temperature)
+            B, N, _ = x.shape
+            order = module.cluster_order(x, (H, W))
             sizes = torch.tensor(cluster_layout(N, module.cluster_size).cluster_sizes(), device=order.device)
             cluster_of_slot = torch.repeat_interleave(torch.arange(len(sizes), device=order.device), sizes)
             token_cluster = torch.empty_like(order).scatter_(-1, order, cluster_of_slot.expand_as(order))

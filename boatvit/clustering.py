@@ -15,11 +15,13 @@ equal halves, then each half into two, ``K`` times, until 2^K clusters of 49 tok
 
 Everything about the ghosts depends only on ``(N, cluster_size)``: it is the :class:`ClusterLayout`.
 
-Two implementations compute the clustering: the PyTorch ops here (every device, torch.compile, export) and, for
-eager CPU tensors, the compiled kernel of ``csrc/clustering_cpu.cpp`` (``boatvit.kernels``), which fuses each
-level's ~20 small ops per (image, head). They sum in different orders: in float64 the rounding (about 1e-16) is far
-below the gaps between keys and the permutations are equal (tested); in float32 a token within rounding of a cut
-can fall on the other side.
+Two implementations compute the clustering, chosen by the ``backend`` argument: the PyTorch ops here (every device,
+tracing, export) and, for CPU tensors, eager or in a ``torch.compile`` graph, the compiled kernel of
+``csrc/clustering_cpu.cpp`` (``boatvit.kernels``), which fuses each level's ~20 small ops per (image, head). The
+kernel is reached through the operator ``torch.ops.boatvit.fused_clustering``, registered here at import: its
+fake implementation lets compiled graphs hold it, and its CPU implementation builds the kernel on first use. The
+two sum in different orders: in float64 the rounding (about 1e-16) is far below the gaps between keys and the
+permutations are equal (tested); in float32 a token within rounding of a cut can fall on the other side.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ from typing import Callable, List, Optional, Tuple, TypeVar
 import torch
 import torch.nn.functional as F
 
-from .kernels import clustering_kernel
+from .kernels import clustering_kernel, resolve_backend
 
-__all__ = ['ClusterLayout', 'cluster_layout', 'balanced_hierarchical_clustering', 'clustering_levels']
+__all__ = ['ClusterLayout', 'cluster_layout', 'balanced_hierarchical_clustering', 'clustering_levels', 'static_shape']
 
 _F = TypeVar('_F', bound=Callable)
 
@@ -46,15 +48,23 @@ def trace_safe_cache(fn: _F) -> _F:
 
     While ``torch.export`` (and with it the ONNX exporter) traces a model, every new tensor is a fake tensor: a
     cached one would be handed to all later eager calls, which then fail. Under tracing the helper runs uncached,
-    so its tensors become constants of the graph; torch.compile, which ignores lru_cache anyway, stops warning.
+    so its tensors become constants of the graph; torch.compile, which ignores lru_cache anyway, stops warning, and
+    a TorchScript trace records the same graph at every invocation (its sanity check traces twice).
     """
     cached = functools.lru_cache(maxsize=256)(fn)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        return fn(*args, **kwargs) if torch.compiler.is_compiling() else cached(*args, **kwargs)
+        tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        return fn(*args, **kwargs) if tracing else cached(*args, **kwargs)
 
     return wrapper
+
+
+def static_shape(t: torch.Tensor) -> Tuple[int, ...]:
+    """``t.shape``, as Python ints also while TorchScript traces (which makes sizes 0-dim tensors): the clustering
+    tree is built from the sizes, so a trace is specialised to its example's token count, as a compiled graph is."""
+    return tuple(int(size) for size in t.shape) if torch.jit.is_tracing() else tuple(t.shape)
 
 
 def clustering_levels(num_tokens: int, cluster_size: int) -> int:
@@ -107,7 +117,12 @@ def cluster_layout(num_tokens: int, cluster_size: int = 49) -> ClusterLayout:
         raise ValueError(f'num_tokens must be a positive int, got {num_tokens!r}.')
     if not isinstance(cluster_size, int) or cluster_size < 1:
         raise ValueError(f'cluster_size must be a positive int, got {cluster_size!r}.')
-    levels = clustering_levels(num_tokens, cluster_size)
+    return _layout_of_levels(num_tokens, clustering_levels(num_tokens, cluster_size))
+
+
+@trace_safe_cache
+def _layout_of_levels(num_tokens: int, levels: int) -> ClusterLayout:
+    """The layout of ``num_tokens`` tokens split ``levels`` times (what the kernel's operator is given)."""
     size = math.ceil(num_tokens / 2**levels)
     ghosts = [size * 2**levels - num_tokens]
     per_level = []
@@ -145,7 +160,8 @@ def _check_queries(q: torch.Tensor) -> None:
         raise TypeError(f'q must be a torch.Tensor of shape (B, heads, N, head_dim), got {type(q).__name__}.')
     if q.ndim != 4:
         raise ValueError(
-            f'q must have shape (B, heads, N, head_dim), got a {q.ndim}-D tensor of shape {tuple(q.shape)}.')
+            f'q must have shape (B, heads, N, head_dim), got a {q.ndim}-D tensor of shape {tuple(q.shape)}.'
+        )
     if not q.is_floating_point():
         raise ValueError(f'q must be a floating-point tensor, got dtype {q.dtype}.')
     if q.shape[2] < 1 or q.shape[3] < 1:
@@ -169,10 +185,10 @@ def _sort_keys(key: torch.Tensor, ghost_keys: Optional[torch.Tensor]) -> torch.T
     clusters and a ghost in them.
 
     Eager and compiled: integers whose order is the float order, which torch.sort puts in the same permutation,
-    ties included, a quarter faster (no NaN test per comparison). ONNX has no bitcast: an exported graph sorts
-    the floats, NaN and +inf keys clamped to the largest finite float so that the ghosts can come after them.
+    ties included, and faster (no NaN test per comparison). ONNX and TorchScript traces have no bitcast: they
+    sort the floats, NaN and +inf keys clamped to the largest finite float so that the ghosts can come after them.
     """
-    if torch.onnx.is_in_onnx_export():
+    if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
         big = torch.finfo(key.dtype).max
         key = key.nan_to_num(big, big)
         return key if ghost_keys is None else key.masked_fill(ghost_keys, float('inf'))
@@ -184,18 +200,17 @@ def _sort_keys(key: torch.Tensor, ghost_keys: Optional[torch.Tensor]) -> torch.T
     return codes if ghost_keys is None else codes.masked_fill_(ghost_keys, info.max)
 
 
-def _argsort_rows(key: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def _argsort_rows(key: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Ascending order of every row of ``key`` ``(rows, n)``, equal keys in the order of their ``tokens``
-    ``(rows, n)`` (input indices, distinct in a row), as indices into the flattened ``key``.
+    ``(rows, n)`` (input indices, distinct in a row), as indices into the flattened ``key``: ``offsets`` ``(rows, 1)``
+    holds where each row starts (``0, n, 2n, ...``).
 
     Equal keys come from equal queries, which tie at every level. ``torch.sort`` would order them in a way of its own
     that differs between devices; breaking ties by the token index gives one clustering everywhere, the compiled
-    CPU kernel's too. A per-row sort: a 1-D radix sort of 64-bit (row, float bits) codes was tried, 2-3 times faster
-    on one thread, no faster on two idle ones, and several times slower on a busy machine (it synchronises its
-    threads at every pass).
+    CPU kernel's too. A per-row sort: a 1-D radix sort of 64-bit (row, float bits) codes was tried, faster on one
+    thread but slower on a busy machine (it synchronises its threads at every pass).
     """
-    rows, n = key.shape
-    offsets = torch.arange(0, rows * n, n, device=key.device)[:, None]
+    n = static_shape(key)[1]
     if torch.onnx.is_in_onnx_export():
         # an exported graph sorts the rows as a full-length TopK with a constant K: TensorRT needs K when it builds
         # the engine, and an exported sort reads K from the runtime shape (dynamic batch). Ties are TopK's own.
@@ -204,81 +219,136 @@ def _argsort_rows(key: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         # the 32-bit code above the 31-bit token: one sort of int64
         order = torch.sort((key.long() << 32) | tokens, dim=-1).indices
     else:
-        # 64-bit codes leave no room for the token: a stable sort of the rows put in token order
+        # 64-bit codes (or a traced graph's float keys) leave no room for the token: a stable sort of the rows put in
+        # token order
         by_token = torch.sort(tokens, dim=-1).indices
         order = by_token.gather(-1, torch.sort(key.gather(-1, by_token), dim=-1, stable=True).indices)
     return (order + offsets).view(-1)
 
 
-def _kernel_applies(q: torch.Tensor) -> bool:
-    """Whether the compiled CPU clustering runs: on plain CPU tensors in eager mode. Traced graphs (torch.compile,
-    torch.export, ONNX, TorchScript) and tensor subclasses (fake tensors) keep the eager ops, which every backend
-    understands."""
-    return (q.device.type == 'cpu' and type(q) is torch.Tensor and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export())
+def _use_kernel(q: torch.Tensor, backend: str) -> bool:
+    """Whether ``backend`` (resolved) clusters ``q`` with the compiled CPU kernel.
+
+    ``'auto'`` takes it for CPU tensors in eager mode and in ``torch.compile`` graphs (where the operator's fake
+    implementation stands in for it), and keeps the PyTorch ops for tensor subclasses outside compilation, for
+    ``torch.export``, TorchScript traces (FLOP counters read their matmuls) and ONNX, which every consumer
+    understands. ``'kernel'`` takes it wherever the operator can run, and refuses the rest by name.
+    """
+    if backend == 'torch':
+        return False
+    if backend == 'kernel':
+        if q.device.type != 'cpu' or torch.onnx.is_in_onnx_export():
+            where = 'an ONNX export' if q.device.type == 'cpu' else f'a {q.device.type} tensor'
+            raise ValueError(
+                f"the clustering backend 'kernel' runs on CPU tensors only and cannot be exported to "
+                f"ONNX, got {where}: pass backend='auto' or 'torch'."
+            )
+        return True
+    traced = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+    return q.device.type == 'cpu' and not traced and (torch.compiler.is_compiling() or type(q) is torch.Tensor)
+
+
+@torch.library.custom_op('boatvit::fused_clustering', mutates_args=(), device_types='cpu')
+def _fused_clustering(
+    q: torch.Tensor,
+    num_tokens_padded: int,
+    levels: int,
+    iterations: int,
+    temperature: float,
+    required: bool,
+) -> torch.Tensor:
+    """The compiled CPU kernel's padded clustered order ``(B, heads, num_tokens_padded)`` int64 of ``q``
+    ``(B, heads, N, d)`` float32/float64, built on first use; where it cannot be built, the PyTorch ops' (after one
+    warning) or, if ``required``, a RuntimeError. No gradient: the queries come detached."""
+    kernel = clustering_kernel(required)
+    if kernel is None:
+        return _torch_clustered_order(q, _layout_of_levels(q.shape[2], levels), iterations, temperature)
+    return kernel(q if q.stride(-1) == 1 else q.contiguous(), num_tokens_padded, levels, iterations, temperature)
+
+
+@_fused_clustering.register_fake
+def _(q, num_tokens_padded, levels, iterations, temperature, required):
+    return q.new_empty((q.shape[0], q.shape[1], num_tokens_padded), dtype=torch.long)
 
 
 def _clustered_order(
-        q: torch.Tensor,
-        layout: ClusterLayout,
-        iterations: int,
-        temperature: float,
+    q: torch.Tensor,
+    layout: ClusterLayout,
+    iterations: int,
+    temperature: float,
+    backend: str,
 ) -> torch.Tensor:
     """Padded clustered order ``(B, heads, layout.padded_tokens)``; ghosts are the indices >= N."""
-    B, heads, N, d = q.shape
+    B, heads, N, d = static_shape(q)
     n_pad = layout.padded_tokens
-    rows = B * heads
     if layout.levels == 0:
         return torch.arange(n_pad, device=q.device).expand(B, heads, n_pad)
-
     # the assignment is discrete (a sort): nothing differentiable flows through it
     q = q.detach()
     if q.dtype in (torch.float16, torch.bfloat16):
-        q = q.float()  # a split decided in half precision moves many tokens (see REFERENCE.md, bug 5)
-    kernel = clustering_kernel() if _kernel_applies(q) else None
-    if kernel is not None:
-        q = q if q.stride(-1) == 1 else q.contiguous()
-        return kernel(q, n_pad, layout.levels, iterations, float(temperature))
+        q = q.float()  # a split decided in half precision moves many tokens
+    if _use_kernel(q, backend):
+        return torch.ops.boatvit.fused_clustering(
+            q, n_pad, layout.levels, iterations, float(temperature), backend == 'kernel'
+        )
+    return _torch_clustered_order(q, layout, iterations, temperature)
+
+
+def _torch_clustered_order(
+    q: torch.Tensor,
+    layout: ClusterLayout,
+    iterations: int,
+    temperature: float,
+) -> torch.Tensor:
+    """:func:`_clustered_order` by PyTorch ops, for ``q`` detached float32/float64 and ``layout.levels >= 1``."""
+    B, heads, N, d = static_shape(q)
+    n_pad = layout.padded_tokens
+    rows = B * heads
     # the only copy of the queries, zero-padded with the ghosts; every level moves it once, to its new order
     raw = q.new_zeros(rows * n_pad, d)
     raw.view(B, heads, n_pad, d)[:, :, :N] = q
     # cosines are (q . c) / max(|q|, eps), F.normalize's convention; the norms travel with the tokens
     inv_norm = raw.norm(dim=-1).clamp_min(1e-12).reciprocal()
+    # the inverse norms, and times the temperature for the soft assignment: one tensor, moved by one index_select
+    inv_norms = torch.stack([inv_norm, inv_norm * temperature])
     order = torch.arange(n_pad, device=q.device).repeat(rows)  # every slot's token, rows after rows
+    # every slot's flat index: a group of n slots starts at a multiple of n, at every level
+    slots = torch.arange(rows * n_pad, device=q.device)
 
     for level in range(layout.levels):
         groups = rows * 2**level
         n = n_pad >> level
         x = raw.view(groups, n, d)
-        inv = inv_norm.view(groups, 1, n)
-        inv_temperature = inv * temperature
+        x_t = x.transpose(1, 2)
+        inv, inv_temperature = inv_norms.view(2, groups, 1, n).unbind(0)
         # initial centroids: the two halves of the group in its current order (ghosts add zeros)
         centroids = F.normalize(x.view(groups, 2, n // 2, d).mean(2), dim=-1)  # (groups, 2, d)
         # (groups, 2, n) layout: the softmax over the two centroids runs along a strided axis, vectorised over n
         for _ in range(iterations):
-            assign = torch.softmax(torch.bmm(centroids, x.transpose(1, 2)).mul_(inv_temperature), dim=1)
+            assign = torch.softmax(torch.bmm(centroids, x_t).mul_(inv_temperature), dim=1)
             centroids = F.normalize(torch.bmm(assign, x), dim=-1)
-        cos_plus_1 = torch.bmm(centroids, x.transpose(1, 2)).mul_(inv).add_(1)
+        cos_plus_1 = torch.bmm(centroids, x_t).mul_(inv).add_(1)
         key = cos_plus_1[:, 0] / cos_plus_1[:, 1]  # (groups, n)
         ghosts = layout.ghosts_per_level[level]
         sort_keys = _sort_keys(key.view(rows, 2**level, n), _ghost_keys(n, ghosts, q.device))
-        flat = _argsort_rows(sort_keys.view(groups, n), order.view(groups, n))
+        flat = _argsort_rows(sort_keys.view(groups, n), order.view(groups, n), slots.view(groups, n)[:, :1])
         split = _split_index(n, ghosts, q.device)
         if split is not None:
             flat = flat.view(rows, 2**level, n).gather(-1, split.expand(rows, -1, -1)).view(-1)
         order = order.index_select(0, flat)
         if level + 1 < layout.levels:
             raw = raw.index_select(0, flat)
-            inv_norm = inv_norm.index_select(0, flat)
+            inv_norms = inv_norms.index_select(1, flat)
     return order.view(B, heads, n_pad)
 
 
 def balanced_hierarchical_clustering(
-        q: torch.Tensor,
-        cluster_size: int = 49,
-        iterations: int = 2,
-        temperature: float = 100.0,
-        return_padded: bool = False,
+    q: torch.Tensor,
+    cluster_size: int = 49,
+    iterations: int = 2,
+    temperature: float = 100.0,
+    return_padded: bool = False,
+    backend: Optional[str] = None,
 ) -> torch.Tensor:
     """Group the tokens of every (image, head) into equal-size clusters by their query features.
 
@@ -290,8 +360,8 @@ def balanced_hierarchical_clustering(
     sorted list is cut in half. The sorted order is carried into the next level. See the module docstring for N that
     is not ``cluster_size * 2^K``.
 
-    On the CPU, outside traced graphs, a compiled kernel (``boatvit.kernels``) computes the same clustering; it is
-    built on first use, and where it cannot be built these PyTorch ops run instead.
+    On the CPU a compiled kernel (``boatvit.kernels``) computes the same clustering, in eager mode and inside
+    ``torch.compile`` graphs (the operator ``torch.ops.boatvit.fused_clustering``); it is built on first use.
 
     Args:
         q: query features, ``(B, heads, N, head_dim)``, any floating dtype. float16/bfloat16 are clustered in
@@ -302,6 +372,12 @@ def balanced_hierarchical_clustering(
         temperature: softmax temperature multiplier of the soft assignment (100 in BOAT).
         return_padded: return the padded order ``(B, heads, c * 2^K)`` with ghost indices >= N in the slots
             ``cluster_layout(N, cluster_size).ghost_slots``, instead of the real tokens only.
+        backend: ``'auto'``: the compiled kernel for CPU tensors, eager or in ``torch.compile`` graphs, and the
+            PyTorch ops elsewhere (other devices, ``torch.export``, ONNX, TorchScript traces) or, after one warning,
+            where the kernel cannot be built; ``'kernel'``: the compiled kernel, an error where it cannot be built
+            or run; ``'torch'``: the PyTorch ops. None: the default set by ``BOATVIT_CPU_KERNEL`` (``auto``,
+            ``on`` for ``'kernel'``, ``off`` for ``'torch'``; unset is ``auto``). In float64 all give the same
+            permutation; in float32 a token within rounding of a cut may fall on the other side.
 
     Returns:
         ``(B, heads, N)`` int64: token indices (raster order over the input's N tokens) in clustered order;
@@ -314,13 +390,17 @@ def balanced_hierarchical_clustering(
         raise ValueError(f'iterations must be a non-negative int, got {iterations!r}.')
     if not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f'temperature must be a positive finite number, got {temperature!r}.')
-    layout = cluster_layout(q.shape[2], cluster_size)
-    # autocast would run the centroid matmuls in half precision even on float32 queries (see bug 5); a device type
+    backend = resolve_backend(backend)
+    layout = cluster_layout(static_shape(q)[2], cluster_size)
+    # autocast would run the centroid matmuls in half precision even on float32 queries; a device type
     # without autocast (meta, for shape inference) has nothing to switch off
-    no_autocast = (torch.autocast(q.device.type, enabled=False) if torch.amp.is_autocast_available(q.device.type)
-                   else contextlib.nullcontext())
+    no_autocast = (
+        torch.autocast(q.device.type, enabled=False)
+        if torch.amp.is_autocast_available(q.device.type)
+        else contextlib.nullcontext()
+    )
     with torch.no_grad(), no_autocast:
-        order = _clustered_order(q, layout, iterations, temperature)
+        order = _clustered_order(q, layout, iterations, temperature, backend)
     if return_padded or not layout.ghost_slots:
         return order
     keep = torch.ones(layout.padded_tokens, dtype=torch.bool)

@@ -9,7 +9,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
-from .clustering import ClusterLayout, balanced_hierarchical_clustering, cluster_layout, trace_safe_cache
+from .clustering import (
+    ClusterLayout,
+    balanced_hierarchical_clustering,
+    cluster_layout,
+    static_shape,
+    trace_safe_cache,
+)
+from .kernels import resolve_backend
 
 __all__ = ['feature_space_attention', 'FeatureSpaceAttention']
 
@@ -32,12 +39,12 @@ def _window_key_mask(layout: ClusterLayout, overlap: int, device: torch.device) 
 
 
 def _cluster_attention(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        attn_mask: Optional[torch.Tensor],
-        scale: Optional[float],
-        dropout_p: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    scale: Optional[float],
+    dropout_p: float,
 ) -> torch.Tensor:
     """Attention of the queries ``(..., c, d)`` of every cluster over its keys and values ``(..., m, d)``;
     ``attn_mask`` (True: attend) broadcasts to ``(..., c, m)``.
@@ -45,7 +52,7 @@ def _cluster_attention(
     ``F.scaled_dot_product_attention`` whenever autograd records (its kernels keep only the log-sum-exp for
     backward, not the ``c x m`` probabilities) and on every accelerator. CPU inference runs the same product as
     matmul, softmax, matmul instead: the CPU flash kernel cuts 49 queries into tiles of 32 and 17 rows, and on
-    clusters this small it is 1.6 to 1.8 times slower than one batched matmul over all of them.
+    clusters this small it is slower than one batched matmul over all of them.
     """
     if q.device.type != 'cpu' or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
@@ -64,17 +71,20 @@ def _cluster_attention(
 
 
 def _packed_feature_space_attention(
-        qkv: torch.Tensor,
-        scale: Optional[float],
-        cluster_size: int,
-        overlap: int,
-        iterations: int,
-        temperature: float,
-        dropout_p: float,
+    qkv: torch.Tensor,
+    scale: Optional[float],
+    cluster_size: int,
+    overlap: int,
+    iterations: int,
+    temperature: float,
+    dropout_p: float,
+    backend: Optional[str],
+    cluster_queries: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """:func:`feature_space_attention` on ``qkv`` packed as ``(B, N, 3, heads, head_dim)``, the layout of a qkv
     Linear's output; returns the attention output ``(B, N, heads * head_dim)`` in token order, the layout the output
-    projection takes.
+    projection takes. The clustering reads ``cluster_queries`` ``(B, heads, N, head_dim)`` when given (the queries
+    at a higher precision than ``qkv``'s), else the queries of ``qkv``.
 
     q, k and v are put in clustered order by one row gather (``index_select`` of whole ``head_dim`` rows) straight
     from that layout, so backward scatters into ``qkv`` once; the output goes back to token order by a second one.
@@ -84,10 +94,13 @@ def _packed_feature_space_attention(
     view of the clustered keys and values (its backward adds the windows back, no scatter), and the even and odd
     clusters attend in two calls.
     """
-    B, N, _, heads, d = qkv.shape
+    B, N, _, heads, d = static_shape(qkv)
     layout = cluster_layout(N, cluster_size)
+    if cluster_queries is None:
+        cluster_queries = qkv[:, :, 0].transpose(1, 2)
     order = balanced_hierarchical_clustering(
-        qkv[:, :, 0].transpose(1, 2), cluster_size, iterations, temperature, return_padded=True)
+        cluster_queries, cluster_size, iterations, temperature, return_padded=True, backend=backend
+    )
     c, num, n_pad = layout.cluster_size, layout.num_clusters, layout.padded_tokens
     device = qkv.device
 
@@ -103,12 +116,21 @@ def _packed_feature_space_attention(
     else:
         # the key windows of clusters 2j (start 2jc) and 2j+1 (start 2jc + c - overlap) are every 2c slots
         q = q.view(B * heads, num // 2, 2, c, d)
-        windows = [(k[:, start:].unfold(1, c + overlap, 2 * c).transpose(-1, -2),
-                    v[:, start:].unfold(1, c + overlap, 2 * c).transpose(-1, -2)) for start in (0, c - overlap)]
+        windows = [
+            (
+                k[:, start:].unfold(1, c + overlap, 2 * c).transpose(-1, -2),
+                v[:, start:].unfold(1, c + overlap, 2 * c).transpose(-1, -2),
+            )
+            for start in (0, c - overlap)
+        ]
         masks = _window_key_mask(layout, overlap, device)
-        out = torch.stack([
-            _cluster_attention(q[:, :, i], k_i, v_i, None if masks is None else masks[i], scale, dropout_p)
-            for i, (k_i, v_i) in enumerate(windows)], dim=2)
+        out = torch.stack(
+            [
+                _cluster_attention(q[:, :, i], k_i, v_i, None if masks is None else masks[i], scale, dropout_p)
+                for i, (k_i, v_i) in enumerate(windows)
+            ],
+            dim=2,
+        )
 
     # out holds the clustered slots of every (b, h); token t of (b, h) sits in the slot where order[b, h] is t
     slot_of = torch.empty_like(order).scatter_(-1, order, torch.arange(n_pad, device=device).expand_as(order))
@@ -125,15 +147,16 @@ def _check_cluster_args(cluster_size: int, overlap: int) -> None:
 
 
 def feature_space_attention(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        scale: Optional[float] = None,
-        cluster_size: int = 49,
-        overlap: int = 20,
-        iterations: int = 2,
-        temperature: float = 100.0,
-        dropout_p: float = 0.0,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: Optional[float] = None,
+    cluster_size: int = 49,
+    overlap: int = 20,
+    iterations: int = 2,
+    temperature: float = 100.0,
+    dropout_p: float = 0.0,
+    backend: Optional[str] = None,
 ) -> torch.Tensor:
     """Attention inside the balanced hierarchical clusters of the queries.
 
@@ -147,6 +170,7 @@ def feature_space_attention(
         cluster_size, iterations, temperature: clustering parameters, see ``balanced_hierarchical_clustering``.
         overlap: sibling keys and values added to each cluster (20 in BOAT); must be < ``cluster_size``.
         dropout_p: attention dropout probability.
+        backend: the clustering's, see ``balanced_hierarchical_clustering``.
 
     Returns:
         ``(B, heads, N, head_dim)``, tokens in their input order.
@@ -155,12 +179,16 @@ def feature_space_attention(
         if not isinstance(t, torch.Tensor):
             raise TypeError(f'{name} must be a torch.Tensor of shape (B, heads, N, head_dim), got {type(t).__name__}.')
     if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f'q, k and v must have the same shape (B, heads, N, head_dim), got {tuple(q.shape)}, '
-                         f'{tuple(k.shape)}, {tuple(v.shape)}.')
+        raise ValueError(
+            f'q, k and v must have the same shape (B, heads, N, head_dim), got {tuple(q.shape)}, '
+            f'{tuple(k.shape)}, {tuple(v.shape)}.'
+        )
     _check_cluster_args(cluster_size, overlap)
-    B, heads, N, d = q.shape
+    B, heads, N, d = static_shape(q)
     qkv = torch.stack([t.transpose(1, 2) for t in (q, k, v)], dim=2)
-    out = _packed_feature_space_attention(qkv, scale, cluster_size, overlap, iterations, temperature, dropout_p)
+    out = _packed_feature_space_attention(
+        qkv, scale, cluster_size, overlap, iterations, temperature, dropout_p, backend
+    )
     return out.view(B, N, heads, d).transpose(1, 2)
 
 
@@ -176,17 +204,21 @@ class FeatureSpaceAttention(nn.Module):
     """
 
     def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            qkv_bias: bool = True,
-            scale: Optional[float] = None,
-            cluster_size: int = 49,
-            overlap: int = 20,
-            iterations: int = 2,
-            temperature: float = 100.0,
-            attn_drop: float = 0.0,
-            proj_drop: float = 0.0,
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        scale: Optional[float] = None,
+        cluster_size: int = 49,
+        overlap: int = 20,
+        iterations: int = 2,
+        temperature: float = 100.0,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        clustering_backend: Optional[str] = None,
+        float32_clustering: bool = True,
+        device=None,
+        dtype=None,
     ):
         """
         Args:
@@ -200,12 +232,23 @@ class FeatureSpaceAttention(nn.Module):
             temperature: soft-assignment temperature multiplier (100).
             attn_drop: attention dropout.
             proj_drop: output dropout.
+            clustering_backend: how the queries are clustered, see ``balanced_hierarchical_clustering``'s
+                ``backend``; None follows ``BOATVIT_CPU_KERNEL``.
+            float32_clustering: under autocast, a float32 input's queries are computed in float32 by their own
+                matmul for the clustering, which then clusters as without autocast; False clusters the
+                half-precision queries of the qkv Linear (no extra matmul, but most tokens change cluster).
+            device, dtype: factory arguments of every parameter (timm's convention).
         """
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
         if not all(isinstance(n, int) and n > 0 for n in (dim, num_heads)) or dim % num_heads:
-            raise ValueError(f'dim and num_heads must be positive ints, dim divisible by num_heads; got dim={dim!r}, '
-                             f'num_heads={num_heads!r}.')
+            raise ValueError(
+                f'dim and num_heads must be positive ints, dim divisible by num_heads; got dim={dim!r}, '
+                f'num_heads={num_heads!r}.'
+            )
         _check_cluster_args(cluster_size, overlap)
+        if clustering_backend is not None:
+            resolve_backend(clustering_backend)  # a bad name is refused when the model is built
         self.dim = dim
         self.num_heads = num_heads
         self.scale = scale
@@ -213,15 +256,69 @@ class FeatureSpaceAttention(nn.Module):
         self.overlap = overlap
         self.iterations = iterations
         self.temperature = temperature
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.clustering_backend = clustering_backend
+        self.float32_clustering = float32_clustering
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         self.attn_drop = attn_drop
-        self.lepe = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
-        self.proj = nn.Linear(dim, dim)
+        self.lepe = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, **dd)
+        # the conv takes channels-last input (see forward), so its weight gradient comes channels-last: strides
+        # (9, 1, 3, 1) where a weight made NCHW has (9, 9, 3, 1). The values are laid out the same (the second axis
+        # has size 1), but DDP compares strides and warns at every step; a channels-last weight matches its gradient
+        weight = self.lepe.weight.detach()
+        self.lepe.weight = nn.Parameter(torch.empty_like(weight, memory_format=torch.channels_last).copy_(weight))
+        self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def extra_repr(self) -> str:
-        return (f'dim={self.dim}, num_heads={self.num_heads}, scale={self.scale}, cluster_size={self.cluster_size}, '
-                f'overlap={self.overlap}')
+        return (
+            f'dim={self.dim}, num_heads={self.num_heads}, scale={self.scale}, cluster_size={self.cluster_size}, '
+            f'overlap={self.overlap}'
+        )
+
+    def _check_input(self, x: torch.Tensor, size: Tuple[int, int]) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f'x must be a torch.Tensor of shape (B, N, {self.dim}), got {type(x).__name__}.')
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f'FeatureSpaceAttention expects (B, N, {self.dim}) tokens, got shape {tuple(x.shape)}.')
+        if not isinstance(size, (tuple, list)) or len(size) != 2:
+            raise TypeError(f'size must be the token grid (H, W), got {size!r}.')
+        if size[0] * size[1] != static_shape(x)[1]:
+            raise ValueError(f'size {tuple(size)} has {size[0] * size[1]} positions but x has N={x.shape[1]} tokens.')
+
+    def _cluster_queries(self, x: torch.Tensor, qkv: torch.Tensor) -> Optional[torch.Tensor]:
+        """The queries the clustering reads when autocast rounded those of ``qkv`` (``self.qkv(x)``) below the
+        precision of ``x``: ``(B, heads, N, d)`` at the precision of ``x``, or None to read those of ``qkv``.
+
+        Under autocast the qkv Linear rounds the queries to bfloat16/float16, and a split decided on rounded
+        queries moves many tokens (on random weights, 14-25 % of the tokens of a 56 x 56 or 112 x 112 grid stay in
+        their float32 cluster under bf16). With ``float32_clustering`` the clustering gets its own queries from a
+        matmul of the q rows of the weight at the precision of ``x``: one more ``C x C`` product per token, a third
+        of the qkv Linear's. A ``x`` already rounded to half precision (CPU autocast's LayerNorm output) moves as
+        many tokens as rounded queries do, so it is clustered as the qkv Linear gives it, at no extra cost.
+        """
+        B, N, C = static_shape(x)
+        if not (self.float32_clustering and qkv.dtype != x.dtype and cluster_layout(N, self.cluster_size).levels):
+            return None
+        weight, bias = self.qkv.weight[:C], None if self.qkv.bias is None else self.qkv.bias[:C]
+        with torch.autocast(x.device.type, enabled=False):
+            q = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return q.view(B, N, self.num_heads, C // self.num_heads).transpose(1, 2)
+
+    def cluster_order(self, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+        """The clustered order of the queries of ``x`` ``(B, N, C)`` on the ``size`` ``(H, W)`` grid, as
+        :meth:`forward` clusters them: ``(B, heads, N)`` int64 token indices, consecutive runs of
+        ``cluster_layout(N, cluster_size).cluster_sizes()`` forming the clusters."""
+        self._check_input(x, size)
+        B, N, C = static_shape(x)
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads)
+        q = self._cluster_queries(x, qkv)
+        return balanced_hierarchical_clustering(
+            qkv[:, :, 0].transpose(1, 2) if q is None else q,
+            self.cluster_size,
+            self.iterations,
+            self.temperature,
+            backend=self.clustering_backend,
+        )
 
     def forward(self, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
         """
@@ -232,16 +329,9 @@ class FeatureSpaceAttention(nn.Module):
         Returns:
             ``(B, N, C)``.
         """
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f'x must be a torch.Tensor of shape (B, N, {self.dim}), got {type(x).__name__}.')
-        if x.ndim != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f'FeatureSpaceAttention expects (B, N, {self.dim}) tokens, got shape {tuple(x.shape)}.')
-        if not isinstance(size, (tuple, list)) or len(size) != 2:
-            raise TypeError(f'size must be the token grid (H, W), got {size!r}.')
-        B, N, C = x.shape
+        self._check_input(x, size)
+        B, N, C = static_shape(x)
         H, W = size
-        if H * W != N:
-            raise ValueError(f'size {tuple(size)} has {H * W} positions but x has N={N} tokens.')
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads)
         out = _packed_feature_space_attention(
             qkv,
@@ -251,6 +341,8 @@ class FeatureSpaceAttention(nn.Module):
             iterations=self.iterations,
             temperature=self.temperature,
             dropout_p=self.attn_drop if self.training else 0.0,
+            backend=self.clustering_backend,
+            cluster_queries=self._cluster_queries(x, qkv),
         )
         # V in token order is an NHWC image; the depthwise conv takes it channels-last. It is copied out of qkv since
         # the conv keeps its input for backward, and a view would keep all of q, k and v alive

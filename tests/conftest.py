@@ -1,4 +1,4 @@
-"""Shared test helpers: the reference fixtures in ../shared/fixtures/reference, loaded into boatvit models."""
+"""Shared test helpers: the reference fixtures in tests/fixtures/reference, loaded into boatvit models."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 import boatvit
-from boatvit.kernels import KERNEL_ENV
 
-# ../shared sits beside the checkout, here and in CI
-FIXTURES = Path(__file__).resolve().parents[2] / 'shared' / 'fixtures' / 'reference'
+# made with the reference code, see tests/fixtures/README.md
+FIXTURES = Path(__file__).resolve().parent / 'fixtures' / 'reference'
+CLOSE = dict(rtol=1e-10, atol=1e-10)
 
 
 @dataclass
@@ -27,7 +27,7 @@ class ReferenceFixture:
     @property
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """Reference-named weights, float16 storage of exact values."""
-        return {k[len('state_dict.'):]: v for k, v in self.tensors.items() if k.startswith('state_dict.')}
+        return {k[len('state_dict.') :]: v for k, v in self.tensors.items() if k.startswith('state_dict.')}
 
     def model_kwargs(self) -> dict:
         """The reference constructor arguments as boatvit constructor arguments."""
@@ -46,27 +46,37 @@ class ReferenceFixture:
         boatvit.load_reference_weights(model, self.state_dict)
         return model
 
+    def assert_matches(self, name: str, ours: torch.Tensor) -> None:
+        """Checks a (B, N, C) float64 output against the fixture's summary of it (``name`` is ``'stages.<i>'`` or
+        ``'fsla.output'``) at 1e-10: its sums over channels and over tokens, and its full rows at the sampled tokens."""
+        t = self.tensors
+        torch.testing.assert_close(ours.sum(-1), t[f'{name}.token_sum'], **CLOSE)
+        torch.testing.assert_close(ours.sum(1), t[f'{name}.channel_sum'], **CLOSE)
+        torch.testing.assert_close(ours[:, t[f'{name}.sample_idx']], t[f'{name}.sample'], **CLOSE)
+
     def first_fsla_weights(self) -> Dict[str, torch.Tensor]:
         prefix = 'state_dict.' + self.meta['first_fsla']['module'] + '.'
-        return {k[len(prefix):].replace('get_v', 'lepe'): v.double() for k, v in self.tensors.items()
-                if k.startswith(prefix)}
+        return {
+            k[len(prefix) :].replace('get_v', 'lepe'): v.double()
+            for k, v in self.tensors.items()
+            if k.startswith(prefix)
+        }
 
 
 def _load(name: str) -> ReferenceFixture:
-    if not FIXTURES.is_dir():
-        pytest.fail(f'reference fixtures not found at {FIXTURES}; ../shared must sit beside the checkout')
-    return ReferenceFixture(name, json.loads((FIXTURES / f'{name}.json').read_text()),
-                            load_file(FIXTURES / f'{name}.safetensors'))
+    return ReferenceFixture(
+        name, json.loads((FIXTURES / f'{name}.json').read_text()), load_file(FIXTURES / f'{name}.safetensors')
+    )
 
 
 @pytest.fixture(scope='session')
 def swin_fixture() -> ReferenceFixture:
-    return _load('boat_swin_w32_224')
+    return _load('boat_swin_w16_224')
 
 
 @pytest.fixture(scope='session')
 def cswin_fixture() -> ReferenceFixture:
-    return _load('boat_cswin_w32_224')
+    return _load('boat_cswin_w16_224')
 
 
 @pytest.fixture(params=['swin', 'cswin'], scope='session')
@@ -74,9 +84,8 @@ def reference_fixture(request, swin_fixture, cswin_fixture) -> ReferenceFixture:
     return swin_fixture if request.param == 'swin' else cswin_fixture
 
 
-@pytest.fixture(params=['kernel', 'eager'])
-def clustering_route(request, monkeypatch) -> str:
-    """Runs a test once with the compiled CPU clustering kernel (required: a failed build fails the test) and once
-    with the eager PyTorch clustering."""
-    monkeypatch.setenv(KERNEL_ENV, 'on' if request.param == 'kernel' else 'off')
+@pytest.fixture(params=['kernel', 'torch'])
+def backend(request) -> str:
+    """Runs a test with the compiled CPU clustering kernel (required: a failed build fails the test) and with the
+    PyTorch ops, chosen by the ``backend`` argument."""
     return request.param

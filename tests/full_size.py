@@ -1,6 +1,8 @@
 """The six full-size models, each built once per test session (the base ones take seconds)."""
 
+import json
 from functools import lru_cache
+from pathlib import Path
 
 import timm
 
@@ -14,9 +16,13 @@ REFERENCE_PARAMS = {
     'boat_cswin_small_224': 40_112_488,
     'boat_cswin_base_224': 89_628_712,
 }
-# our names -> the manifest's (../shared/reference_state_dict_manifest.json)
-MANIFEST_NAMES = {name: name.replace('_224', '').replace('_tiny', '_t').replace('_small', '_s').replace('_base', '_b')
-                  for name in REFERENCE_PARAMS}
+# every key and shape of the six reference state dicts, in order (the converter's ground truth)
+MANIFEST = json.loads((Path(__file__).parent / 'fixtures' / 'reference_state_dict_manifest.json').read_text())['models']
+# our names -> the manifest's
+MANIFEST_NAMES = {
+    name: name.replace('_224', '').replace('_tiny', '_t').replace('_small', '_s').replace('_base', '_b')
+    for name in REFERENCE_PARAMS
+}
 
 
 @lru_cache(maxsize=None)

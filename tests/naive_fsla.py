@@ -1,5 +1,6 @@
 """A deliberately naive FSLA: plain Python loops over images, heads, groups and clusters, written from the
-description in ../shared/REFERENCE.md and the ghost rule in boatvit/clustering.py's docstring, for clarity only.
+reference algorithm (mahaoyuHKU/pytorch-boat, ``ContentAttention``) and the ghost rule in boatvit/clustering.py's
+docstring, for clarity only.
 
 It is the oracle the vectorised ``boatvit.feature_space_attention`` is tested against. It shares no code with it.
 """
@@ -17,8 +18,9 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / norm if norm > 1e-12 else x * 0
 
 
-def naive_clusters(q: torch.Tensor, cluster_size: int = 49, iterations: int = 2, temperature: float = 100.0
-                   ) -> List[List[int]]:
+def naive_clusters(
+    q: torch.Tensor, cluster_size: int = 49, iterations: int = 2, temperature: float = 100.0
+) -> List[List[int]]:
     """Clusters of one (image, head): ``q`` is ``(N, d)``. Each cluster is a list of padded slots: a token index,
     or -1 for a ghost."""
     N, d = q.shape
@@ -35,7 +37,7 @@ def naive_clusters(q: torch.Tensor, cluster_size: int = 49, iterations: int = 2,
             rows = [q[t] for t in reals] + [zero] * g
             n = len(rows)
             first = torch.stack(rows[: n // 2]).mean(0)
-            second = torch.stack(rows[n // 2:]).mean(0)
+            second = torch.stack(rows[n // 2 :]).mean(0)
             centroids = [_unit(first), _unit(second)]
             for _ in range(iterations):
                 new = [zero.clone(), zero.clone()]
@@ -71,7 +73,7 @@ def naive_feature_space_attention(q, k, v, scale=None, cluster_size=49, overlap=
                 elif j % 2 == 0:
                     extra = clusters[j + 1][:overlap]
                 else:
-                    extra = clusters[j - 1][len(clusters[j - 1]) - overlap:]
+                    extra = clusters[j - 1][len(clusters[j - 1]) - overlap :]
                 keys = [t for t in own + extra if t >= 0]
                 for t in own:
                     if t < 0:
@@ -85,5 +87,9 @@ def naive_feature_space_attention(q, k, v, scale=None, cluster_size=49, overlap=
 def naive_permutation(q: torch.Tensor, cluster_size: int = 49) -> torch.Tensor:
     """``(B, heads, N, d)`` to the ``(B, heads, N)`` real-token clustered order."""
     B, heads = q.shape[:2]
-    return torch.tensor([[[t for c in naive_clusters(q[b, h], cluster_size) for t in c if t >= 0]
-                          for h in range(heads)] for b in range(B)])
+    return torch.tensor(
+        [
+            [[t for c in naive_clusters(q[b, h], cluster_size) for t in c if t >= 0] for h in range(heads)]
+            for b in range(B)
+        ]
+    )

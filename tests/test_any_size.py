@@ -43,7 +43,7 @@ def test_each_image_is_independent_of_its_batch(family, size):
     model = small(family).double().eval()
     x = torch.randn(3, 3, *size, dtype=torch.float64)
     with torch.no_grad():
-        alone = torch.cat([model(x[i:i + 1]) for i in range(3)])
+        alone = torch.cat([model(x[i : i + 1]) for i in range(3)])
         for batch in (2, 3):
             torch.testing.assert_close(model(x[:batch]), alone[:batch], rtol=1e-12, atol=1e-12)
 
@@ -55,7 +55,8 @@ def test_features_only_matches_forward_intermediates_and_features(family):
     name, args = SMALL[family]
     backbone = timm.create_model(name, features_only=True, out_indices=(1, 2, 3), dynamic_img_size=True, **args)
     missing, unexpected = backbone.model.load_state_dict(
-        {k: v for k, v in model.state_dict().items() if k.startswith(('patch_embed', 'layers'))}, strict=False)
+        {k: v for k, v in model.state_dict().items() if k.startswith(('patch_embed', 'layers'))}, strict=False
+    )
     assert not missing and not unexpected
     backbone.eval()
     x = torch.randn(1, 3, 96, 160)
@@ -68,6 +69,27 @@ def test_features_only_matches_forward_intermediates_and_features(family):
     for f, i, r in zip(feats, inter[1:], [8, 16, 32]):
         torch.testing.assert_close(f, i)
         assert f.shape[2:] == (math.ceil(96 / r), math.ceil(160 / r))  # NCHW
+
+
+@pytest.mark.parametrize('family', ['swin', 'cswin'])
+def test_feature_maps_are_nchw_with_the_stated_channels_and_strides(family):
+    """What detection and segmentation libraries are handed, at a size that is no multiple of 32: every map NCHW
+    (the NHWC stage output, permuted), with the channels feature_info states and ceil(size / reduction) cells."""
+    torch.manual_seed(3)
+    name, args = SMALL[family]
+    backbone = timm.create_model(name, features_only=True, dynamic_img_size=True, **args).eval()
+    x = torch.randn(2, 3, 200, 260)
+    with torch.no_grad():
+        feats = backbone(x)
+        nchw = backbone.model.forward_intermediates(x, intermediates_only=True)
+        nhwc = backbone.model.forward_intermediates(x, intermediates_only=True, output_fmt='NHWC')
+    info = backbone.feature_info
+    assert len(feats) == len(nchw) == len(nhwc) == 4
+    for f, a, b, c, r in zip(feats, nchw, nhwc, info.channels(), info.reduction()):
+        assert f.shape == (2, c, math.ceil(200 / r), math.ceil(260 / r))
+        assert f.is_contiguous()
+        torch.testing.assert_close(f, a, rtol=0, atol=0)
+        torch.testing.assert_close(f, b.permute(0, 3, 1, 2), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize('family', ['swin', 'cswin'])
@@ -148,8 +170,14 @@ def test_stripe_attention_pads_and_masks_like_narrower_stripes():
 def test_boat_swin_without_fsla_is_timm_swin(size):
     """With no FSLA branch BOAT-Swin is exactly Swin: timm's model is the oracle, weights shared."""
     torch.manual_seed(3)
-    args = dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), num_classes=4, drop_path_rate=0.0,
-                dynamic_img_size=size != (224, 224))
+    args = dict(
+        embed_dim=16,
+        depths=(2, 2, 2, 2),
+        num_heads=(1, 2, 2, 4),
+        num_classes=4,
+        drop_path_rate=0.0,
+        dynamic_img_size=size != (224, 224),
+    )
     swin = timm.create_model('swin_tiny_patch4_window7_224', **args).double().eval()
     boat = timm.create_model('boat_swin_tiny_224', fsla_blocks='none', **args).double().eval()
     boat.load_state_dict(swin.state_dict())

@@ -1,5 +1,3 @@
-import json
-
 import pytest
 import torch
 
@@ -7,10 +5,7 @@ import boatvit
 from boatvit.checkpoint import detect_family, select_state_dict
 from boatvit.weights import convert_state_dict
 
-from conftest import FIXTURES
-from full_size import MANIFEST_NAMES, REFERENCE_PARAMS, full_size_model
-
-MANIFEST = json.loads((FIXTURES.parents[1] / 'reference_state_dict_manifest.json').read_text())['models']
+from full_size import MANIFEST, MANIFEST_NAMES, REFERENCE_PARAMS, full_size_model
 
 
 @pytest.mark.parametrize('name', REFERENCE_PARAMS)

@@ -20,24 +20,26 @@ def _fixture_queries(fixture):
         return module.qkv(x).view(B, N, 3, info['num_heads'], -1)[:, :, 0].transpose(1, 2)
 
 
-def test_fixture_permutation_is_exact(reference_fixture, clustering_route):
-    perm = balanced_hierarchical_clustering(_fixture_queries(reference_fixture))
+def test_fixture_permutation_is_exact(reference_fixture, backend):
+    perm = balanced_hierarchical_clustering(_fixture_queries(reference_fixture), backend=backend)
     assert torch.equal(perm, reference_fixture.tensors['fsla.perm'])
 
 
 @pytest.mark.parametrize('n', [49 * 4, 49 * 8, 100, 150, 250, 60, 30, 1, 2])
-def test_matches_naive_clustering(n, clustering_route):
+def test_matches_naive_clustering(n, backend):
     g = torch.Generator().manual_seed(n)
     q = torch.randn(2, 2, n, 8, generator=g, dtype=torch.float64)
-    assert torch.equal(balanced_hierarchical_clustering(q), naive_permutation(q))
+    assert torch.equal(balanced_hierarchical_clustering(q, backend=backend), naive_permutation(q))
 
 
-def test_small_cluster_size_matches_naive(clustering_route):
+def test_small_cluster_size_matches_naive(backend):
     q = torch.randn(1, 3, 77, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(balanced_hierarchical_clustering(q, cluster_size=5), naive_permutation(q, cluster_size=5))
+    assert torch.equal(
+        balanced_hierarchical_clustering(q, cluster_size=5, backend=backend), naive_permutation(q, cluster_size=5)
+    )
 
 
-# the route fixture only sets an environment variable, the same for every example
+# the backend fixture is a plain string, the same for every example
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     n=st.integers(1, 700),
@@ -47,9 +49,9 @@ def test_small_cluster_size_matches_naive(clustering_route):
     factor=st.floats(1e-3, 1e3),
     seed=st.integers(0, 2**16),
 )
-def test_permutation_properties(n, batch, heads, cluster_size, factor, seed, clustering_route):
+def test_permutation_properties(n, batch, heads, cluster_size, factor, seed, backend):
     q = torch.randn(batch, heads, n, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    perm = balanced_hierarchical_clustering(q, cluster_size)
+    perm = balanced_hierarchical_clustering(q, cluster_size, backend=backend)
     assert perm.shape == (batch, heads, n)
     expected = torch.arange(n).expand(batch, heads, n)
     assert torch.equal(perm.sort(-1).values, expected)
@@ -82,11 +84,14 @@ def test_no_gradient_through_assignment():
     assert not perm.requires_grad and perm.dtype == torch.int64
 
 
-@pytest.mark.parametrize('bad, message', [
-    (torch.randn(4, 8), '2-D tensor'),
-    (torch.randint(0, 3, (1, 1, 10, 4)), 'floating'),
-    (torch.randn(1, 1, 0, 4), 'at least one token'),
-])
+@pytest.mark.parametrize(
+    'bad, message',
+    [
+        (torch.randn(4, 8), '2-D tensor'),
+        (torch.randint(0, 3, (1, 1, 10, 4)), 'floating'),
+        (torch.randn(1, 1, 0, 4), 'at least one token'),
+    ],
+)
 def test_bad_queries(bad, message):
     with pytest.raises(ValueError, match=message):
         balanced_hierarchical_clustering(bad)

@@ -8,9 +8,8 @@ from boatvit import balanced_hierarchical_clustering, cluster_layout, feature_sp
 from boatvit.kernels import KERNEL_ENV, clustering_kernel
 
 
-def _clustered(q, monkeypatch, route, **kwargs):
-    monkeypatch.setenv(KERNEL_ENV, 'on' if route == 'kernel' else 'off')
-    return balanced_hierarchical_clustering(q, return_padded=True, **kwargs)
+def _clustered(q, route, **kwargs):
+    return balanced_hierarchical_clustering(q, return_padded=True, backend=route, **kwargs)
 
 
 def _without_ghost_ids(order, n):
@@ -26,134 +25,156 @@ def _queries_with_ties(dtype):
     return q
 
 
-def test_kernel_builds_here(monkeypatch):
-    monkeypatch.setenv(KERNEL_ENV, 'on')
-    assert clustering_kernel() is not None, 'the CPU clustering kernel did not build: a C++ compiler is needed'
+def test_kernel_builds_here():
+    assert clustering_kernel(required=True) is not None, (
+        'the CPU clustering kernel did not build: a C++ compiler is needed'
+    )
 
 
-@pytest.mark.parametrize('shape, cluster_size', [
-    ((2, 2, 3136, 32), 49),   # BOAT stage 1: 6 levels, the d = 32 specialisation
-    ((3, 4, 196, 32), 49),    # stage 3: 2 levels
-    ((2, 3, 1000, 16), 49),   # 8 ghosts over 16 clusters, another head size
-    ((1, 2, 999, 6), 7),      # 7 levels, 25 ghosts
-    ((2, 1, 77, 5), 5),
-    ((1, 1, 3, 2), 1),        # one level, one ghost
-    ((0, 2, 300, 8), 49),     # no images
-])
+@pytest.mark.parametrize(
+    'shape, cluster_size',
+    [
+        ((2, 2, 3136, 32), 49),  # BOAT stage 1: 6 levels, the d = 32 specialisation
+        ((3, 4, 196, 32), 49),  # stage 3: 2 levels
+        ((2, 3, 1000, 16), 49),  # 8 ghosts over 16 clusters, another head size
+        ((1, 2, 999, 6), 7),  # 7 levels, 25 ghosts
+        ((2, 1, 77, 5), 5),
+        ((1, 1, 3, 2), 1),  # one level, one ghost
+        ((0, 2, 300, 8), 49),  # no images
+    ],
+)
 @pytest.mark.parametrize('iterations', [0, 2, 3])
-def test_kernel_matches_eager_exactly_in_float64(shape, cluster_size, iterations, monkeypatch):
+def test_kernel_matches_eager_exactly_in_float64(shape, cluster_size, iterations):
     q = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(shape[2]))
     kwargs = dict(cluster_size=cluster_size, iterations=iterations, temperature=30.0)
-    fused = _clustered(q, monkeypatch, 'kernel', **kwargs)
-    eager = _clustered(q, monkeypatch, 'eager', **kwargs)
+    fused = _clustered(q, 'kernel', **kwargs)
+    eager = _clustered(q, 'torch', **kwargs)
     assert torch.equal(_without_ghost_ids(fused, shape[2]), _without_ghost_ids(eager, shape[2]))
     assert torch.equal(fused.sort(-1).values, torch.arange(fused.shape[-1]).expand_as(fused))
 
 
-def test_kernel_reads_strided_queries(monkeypatch):
+def test_kernel_reads_strided_queries():
     """q as FSLA hands it over: a view into the packed qkv projection, (B, N, 3, heads, d) transposed."""
     qkv = torch.randn(2, 392, 3, 4, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     q = qkv[:, :, 0].transpose(1, 2)
     assert not q.is_contiguous()
-    assert torch.equal(_clustered(q, monkeypatch, 'kernel'), _clustered(q.contiguous(), monkeypatch, 'eager'))
+    assert torch.equal(_clustered(q, 'kernel'), _clustered(q.contiguous(), 'torch'))
 
 
-def test_float32_clusters_agree_with_eager(monkeypatch):
+def test_float32_clusters_agree_with_eager():
     """In float32 the kernel sums in another order than the eager matmuls, so a token whose key is within
     rounding of a cut may land on the other side; nearly all must not."""
     q = torch.randn(4, 2, 3136, 32, generator=torch.Generator().manual_seed(0))
     layout = cluster_layout(3136)
     cluster_of = []
-    for route in ('kernel', 'eager'):
-        order = _clustered(q, monkeypatch, route)
+    for route in ('kernel', 'torch'):
+        order = _clustered(q, route)
         slots = torch.arange(layout.padded_tokens).expand_as(order)
         cluster_of.append(torch.empty_like(order).scatter_(-1, order, slots // layout.cluster_size))
     assert (cluster_of[0] == cluster_of[1]).float().mean() > 0.99
 
 
-def test_same_result_on_any_thread_count(monkeypatch):
+def test_same_result_on_any_thread_count():
     q = torch.randn(8, 2, 784, 32, generator=torch.Generator().manual_seed(2))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = _clustered(q, monkeypatch, 'kernel')
+        one = _clustered(q, 'kernel')
         torch.set_num_threads(2)
-        two = _clustered(q, monkeypatch, 'kernel')
+        two = _clustered(q, 'kernel')
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
 
 
-@pytest.mark.parametrize('route', ['kernel', 'eager'])
-def test_ties_are_broken_by_token_index(route, monkeypatch):
+@pytest.mark.parametrize('route', ['kernel', 'torch'])
+def test_ties_are_broken_by_token_index(route):
     """Equal queries give equal keys at every level: both routes keep them in token order."""
     q = torch.ones(1, 2, 196, 8, dtype=torch.float64)
-    assert torch.equal(_clustered(q, monkeypatch, route), torch.arange(196).expand(1, 2, 196))
+    assert torch.equal(_clustered(q, route), torch.arange(196).expand(1, 2, 196))
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
-@pytest.mark.parametrize('route', ['kernel', 'eager'])
-def test_copies_of_a_token_stay_in_index_order(route, dtype, monkeypatch):
-    order = _clustered(_queries_with_ties(dtype), monkeypatch, route)
+@pytest.mark.parametrize('route', ['kernel', 'torch'])
+def test_copies_of_a_token_stay_in_index_order(route, dtype):
+    order = _clustered(_queries_with_ties(dtype), route)
     for copies in ((order == 0) | ((order >= 100) & (order < 148)), (order >= 299) & (order < 310)):
         positions = order[copies].view(2 * 3, -1)  # every (image, head) holds all the copies
         assert torch.equal(positions, positions.sort(-1).values)
 
 
-def test_tied_tokens_are_clustered_as_in_eager(monkeypatch):
+def test_tied_tokens_are_clustered_as_in_eager():
     """Which copy of a repeated token falls on which side of a cut changes the attention output at its index:
     both routes put the copies in the same places."""
     q = _queries_with_ties(torch.float64)
-    fused, eager = (_clustered(q, monkeypatch, route) for route in ('kernel', 'eager'))
+    fused, eager = (_clustered(q, route) for route in ('kernel', 'torch'))
     assert torch.equal(fused, eager)
     k, v = torch.randn_like(q), torch.randn_like(q)
     outputs = []
-    for route in ('kernel', 'eager'):
-        monkeypatch.setenv(KERNEL_ENV, 'on' if route == 'kernel' else 'off')
-        outputs.append(feature_space_attention(q, k, v))
+    for route in ('kernel', 'torch'):
+        outputs.append(feature_space_attention(q, k, v, backend=route))
     assert torch.equal(outputs[0], outputs[1])
 
 
-def test_non_finite_queries_still_give_a_permutation(monkeypatch):
+def test_non_finite_queries_still_give_a_permutation():
     q = torch.randn(1, 2, 200, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     q[0, 0, 3] = float('nan')
     q[0, 1, 7] = float('inf')
-    order = _clustered(q, monkeypatch, 'kernel')
+    order = _clustered(q, 'kernel')
     layout = cluster_layout(200)
     assert torch.equal(order.sort(-1).values, torch.arange(layout.padded_tokens).expand_as(order))
     assert (order[..., list(layout.ghost_slots)] >= 200).all()
 
 
-def test_off_runs_the_eager_clustering(monkeypatch):
+def test_environment_variable_sets_the_default_backend(monkeypatch):
     def forbidden(*args):
-        raise AssertionError('the kernel ran although BOATVIT_CPU_KERNEL=off')
+        raise AssertionError('the kernel ran')
 
     monkeypatch.setattr(kernels, '_loaded', forbidden)
     monkeypatch.setenv(KERNEL_ENV, 'off')
     balanced_hierarchical_clustering(torch.randn(1, 1, 196, 4))
-    monkeypatch.setenv(KERNEL_ENV, 'auto')
+    for setting in ('auto', 'on'):
+        monkeypatch.setenv(KERNEL_ENV, setting)
+        with pytest.raises(AssertionError, match='kernel ran'):
+            balanced_hierarchical_clustering(torch.randn(1, 1, 196, 4))
+    # an argument overrides the variable
+    balanced_hierarchical_clustering(torch.randn(1, 1, 196, 4), backend='torch')
+
+
+def test_torch_backend_never_runs_the_kernel(monkeypatch):
+    def forbidden(*args):
+        raise AssertionError('the kernel ran')
+
+    monkeypatch.setattr(kernels, '_loaded', forbidden)
+    q = torch.randn(1, 1, 196, 4)
+    balanced_hierarchical_clustering(q, backend='torch')
     with pytest.raises(AssertionError, match='kernel ran'):
-        balanced_hierarchical_clustering(torch.randn(1, 1, 196, 4))
+        balanced_hierarchical_clustering(q, backend='auto')
 
 
 def test_kernel_is_left_out_of_traced_graphs(monkeypatch):
-    """Fake tensors (torch.compile, torch.export) and devices other than the CPU keep the eager ops."""
+    """'auto' keeps the PyTorch ops for fake tensors outside torch.compile and for devices other than the CPU."""
+
     def forbidden(*args):
         raise AssertionError('the kernel ran on a traced or non-CPU tensor')
 
     monkeypatch.setattr(kernels, '_loaded', forbidden)
-    monkeypatch.setenv(KERNEL_ENV, 'auto')
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
-        assert balanced_hierarchical_clustering(torch.randn(1, 1, 196, 4)).shape == (1, 1, 196)
-    assert balanced_hierarchical_clustering(torch.randn(1, 1, 196, 4, device='meta')).shape == (1, 1, 196)
+        assert balanced_hierarchical_clustering(torch.randn(1, 1, 196, 4), backend='auto').shape == (1, 1, 196)
+    meta = torch.randn(1, 1, 196, 4, device='meta')
+    assert balanced_hierarchical_clustering(meta, backend='auto').shape == (1, 1, 196)
+    with pytest.raises(ValueError, match="backend 'kernel' runs on CPU tensors only.*a meta tensor.*'auto' or 'torch'"):
+        balanced_hierarchical_clustering(meta, backend='kernel')
 
 
 def test_bad_setting_is_refused_by_name(monkeypatch):
     monkeypatch.setenv(KERNEL_ENV, 'fast')
     with pytest.raises(ValueError, match="BOATVIT_CPU_KERNEL='fast'.*'auto', 'on', 'off'"):
         balanced_hierarchical_clustering(torch.randn(1, 1, 196, 4))
+    with pytest.raises(ValueError, match="backend must be one of \\('auto', 'kernel', 'torch'\\).*'fast'"):
+        balanced_hierarchical_clustering(torch.randn(1, 1, 196, 4), backend='fast')
 
 
 def test_failed_build_warns_once_then_runs_eager_or_raises_when_required(monkeypatch):
@@ -163,22 +184,18 @@ def test_failed_build_warns_once_then_runs_eager_or_raises_when_required(monkeyp
     monkeypatch.setattr(kernels, '_loaded', None)
     monkeypatch.setattr(kernels, '_failure', None)
     monkeypatch.setattr(kernels, '_build', no_compiler)
-    monkeypatch.setenv(KERNEL_ENV, 'auto')
     q = torch.randn(1, 2, 196, 4, dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match='could not build its CPU clustering kernel.*no C\\+\\+ compiler'):
-        fallback = balanced_hierarchical_clustering(q)
-    monkeypatch.setenv(KERNEL_ENV, 'off')
-    assert torch.equal(fallback, balanced_hierarchical_clustering(q))
-    monkeypatch.setenv(KERNEL_ENV, 'on')
-    with pytest.raises(RuntimeError, match='BOATVIT_CPU_KERNEL=on but.*no C\\+\\+ compiler'):
-        balanced_hierarchical_clustering(q)
+        fallback = balanced_hierarchical_clustering(q, backend='auto')
+    assert torch.equal(fallback, balanced_hierarchical_clustering(q, backend='torch'))
+    with pytest.raises(RuntimeError, match="backend 'kernel'.*could not be built.*no C\\+\\+ compiler"):
+        balanced_hierarchical_clustering(q, backend='kernel')
 
 
-def test_op_checks_its_arguments(monkeypatch):
+def test_op_checks_its_arguments():
     """The op is reachable as torch.ops.boatvit.clustered_order: arguments that are not a cluster layout of the
     tokens are refused before anything is read or written."""
-    monkeypatch.setenv(KERNEL_ENV, 'on')
-    op = clustering_kernel()
+    op = clustering_kernel(required=True)
     q = torch.randn(1, 1, 250, 4)
     layout = cluster_layout(250)  # 2 levels, 4 clusters of 63 slots, 2 ghosts
     assert (layout.levels, layout.padded_tokens) == (2, 252)
@@ -192,3 +209,62 @@ def test_op_checks_its_arguments(monkeypatch):
         op(q, 252, 2, -1, 100.0)
     with pytest.raises(RuntimeError, match='unit stride'):
         op(q.transpose(2, 3), 252, 2, 2, 100.0)
+
+
+def _graph_targets(fn, *args):
+    """Runs ``fn`` compiled with fullgraph=True by a backend that records the FX graph; returns the graph's call
+    targets and the result."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        out = torch.compile(fn, fullgraph=True, backend=record)(*args)
+    finally:
+        torch._dynamo.reset()
+    return {str(node.target) for gm in graphs for node in gm.graph.nodes}, out
+
+
+@pytest.mark.parametrize('backend, in_graph', [('kernel', True), ('auto', True), ('torch', False)])
+def test_compiled_graph_holds_the_kernel_operator(backend, in_graph):
+    """torch.compile keeps the compiled kernel as one operator in the graph (its fake implementation gives the
+    shape), with the permutation of the eager PyTorch ops in float64."""
+    q = torch.randn(2, 3, 1000, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    targets, order = _graph_targets(lambda q: balanced_hierarchical_clustering(q, backend=backend), q)
+    assert any(t.startswith('boatvit.fused_clustering') for t in targets) == in_graph, targets
+    assert torch.equal(order, balanced_hierarchical_clustering(q, backend='torch'))
+
+
+def test_fake_implementation_gives_the_padded_shape():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    layout = cluster_layout(1000)
+    with FakeTensorMode():
+        out = torch.ops.boatvit.fused_clustering(
+            torch.randn(2, 3, 1000, 16), layout.padded_tokens, layout.levels, 2, 100.0, True
+        )
+    assert (tuple(out.shape), out.dtype) == ((2, 3, layout.padded_tokens), torch.int64)
+
+
+@pytest.mark.slow  # about 20 s on 2 cores
+def test_inductor_graph_with_the_kernel_equals_torch_ops_in_float64():
+    """Inductor runs the operator inside its compiled graph: a FeatureSpaceAttention call with backend='kernel'
+    equals the eager one with the PyTorch ops."""
+    from boatvit import FeatureSpaceAttention
+
+    torch._dynamo.reset()
+    layer = FeatureSpaceAttention(32, 2, clustering_backend='kernel').double().eval()
+    reference = FeatureSpaceAttention(32, 2, clustering_backend='torch').double().eval()
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 900, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        compiled = torch.compile(layer, fullgraph=True)(x, (30, 30))
+        expected = reference(x, (30, 30))
+        assert torch.equal(
+            torch.compile(layer.cluster_order, fullgraph=True)(x, (30, 30)), reference.cluster_order(x, (30, 30))
+        )
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled, expected, rtol=1e-10, atol=1e-10)

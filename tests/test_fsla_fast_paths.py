@@ -50,8 +50,11 @@ def test_attention_route_sdpa_only_while_autograd_records(monkeypatch):
     store no attention probabilities for backward."""
     sdpa = torch.nn.functional.scaled_dot_product_attention
     calls = []
-    monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention',
-                        lambda *args, **kwargs: calls.append(1) or sdpa(*args, **kwargs))
+    monkeypatch.setattr(
+        torch.nn.functional,
+        'scaled_dot_product_attention',
+        lambda *args, **kwargs: calls.append(1) or sdpa(*args, **kwargs),
+    )
     q, k, v = torch.randn(3, 1, 2, 196, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
     with torch.inference_mode():
         feature_space_attention(q, k, v)

@@ -2,8 +2,10 @@
 fp16 autocast (and with half-precision weights) for both families, and bf16 stays within a stated tolerance of
 float32.
 
-The tolerance is loose on purpose: the clustering is discontinuous (REFERENCE.md, bug 5), and under autocast the
-qkv Linear computes the queries in half precision, so some tokens land in other clusters than in float32. Measured
+The tolerance is loose on purpose: the clustering is discontinuous, and under CPU autocast the block's LayerNorm
+hands FSLA a bfloat16/float16 input, whose rounding alone moves most tokens of a random-weight model to other
+clusters than in float32 (FSLA clusters float32 queries of a float32 input, see
+``test_fsla_clusters_float32_queries_under_autocast``, but cannot undo an input's rounding). Measured
 on these reduced models at 224x224 (5 seeds), the relative L2 error of ``forward_features`` against float32 is
 0.017-0.020 (BOAT-Swin) and 0.009 (BOAT-CSWin) under bf16, 0.010-0.016 and 0.002 under fp16.
 """
@@ -15,7 +17,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from boatvit import balanced_hierarchical_clustering
+from boatvit import FeatureSpaceAttention, balanced_hierarchical_clustering, cluster_layout
 
 AMP = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 # relative L2 error of a half-precision forward against float32 (features and logits), about 2.5x the worst measured
@@ -92,3 +94,47 @@ def test_half_precision_weights(family, dtype):
         logits = model.to(dtype)(x.to(dtype))
     assert logits.dtype == dtype
     assert relative_error(logits, expected) < HALF_RTOL
+
+
+def cluster_ids(order: torch.Tensor, cluster_size: int) -> torch.Tensor:
+    """``(B, heads, N)``: the cluster of every token, from a clustered order."""
+    layout = cluster_layout(order.shape[-1], cluster_size)
+    ids = torch.repeat_interleave(torch.arange(layout.num_clusters), torch.tensor(layout.cluster_sizes()))
+    return torch.empty_like(order).scatter_(-1, order, ids.expand_as(order))
+
+
+@pytest.mark.parametrize('amp', ['bf16', 'fp16'])
+def test_fsla_clusters_float32_queries_under_autocast(amp):
+    """A 56 x 56 grid (BOAT-Swin-T stage 1, 6 levels) on random weights: the queries the qkv Linear rounds to half
+    precision put most tokens in other clusters (24 % stay under bf16, 73 % under fp16); the layer's own float32
+    queries keep >= 99.9 % (measured: all) where float32 put them."""
+    layer = FeatureSpaceAttention(96, 3).eval()
+    x = F.layer_norm(torch.randn(2, 3136, 96, generator=torch.Generator().manual_seed(0)), (96,))
+    with torch.no_grad():
+        expected = cluster_ids(layer.cluster_order(x, (56, 56)), 49)
+        with torch.autocast('cpu', dtype=AMP[amp]):
+            kept = cluster_ids(layer.cluster_order(x, (56, 56)), 49)
+            layer.float32_clustering = False
+            rounded = cluster_ids(layer.cluster_order(x, (56, 56)), 49)
+    assert (kept == expected).float().mean() >= 0.999
+    assert (rounded == expected).float().mean() < 0.9
+
+
+def test_cluster_order_is_what_forward_clusters(monkeypatch):
+    """Under autocast too, ``cluster_order`` returns the clustering the forward attends in (400 tokens: no ghosts)."""
+    import boatvit.fsla as fsla
+
+    layer = FeatureSpaceAttention(32, 2).eval()
+    x = torch.randn(1, 400, 32, generator=torch.Generator().manual_seed(1))
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(balanced_hierarchical_clustering(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(fsla, 'balanced_hierarchical_clustering', spy)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        layer(x, (20, 20))
+        order = layer.cluster_order(x, (20, 20))
+    assert not cluster_layout(400).ghost_slots
+    assert len(seen) == 2 and torch.equal(seen[0], order)

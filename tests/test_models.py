@@ -7,6 +7,7 @@ import torch
 import boatvit
 
 from full_size import REFERENCE_PARAMS
+
 CLOSE = dict(rtol=1e-10, atol=1e-10)
 SMALL = {
     'swin': dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), num_classes=5),
@@ -36,7 +37,7 @@ def test_fixture_logits_and_stages(reference_fixture):
         stages = model.forward_intermediates(x, intermediates_only=True)
     assert len(stages) == 4
     for i, stage in enumerate(stages):
-        torch.testing.assert_close(stage.flatten(2).transpose(1, 2), t[f'stages.{i}'], **CLOSE)
+        reference_fixture.assert_matches(f'stages.{i}', stage.flatten(2).transpose(1, 2))
 
 
 @pytest.mark.slow
@@ -46,7 +47,7 @@ def test_fixture_batch_independence(reference_fixture):
     x = reference_fixture.tensors['input'].double()
     x3 = torch.cat([x, x[:1].flip(-1)])
     with torch.no_grad():
-        alone = torch.cat([model(x3[i:i + 1]) for i in range(3)])
+        alone = torch.cat([model(x3[i : i + 1]) for i in range(3)])
         torch.testing.assert_close(model(x3[:2]), alone[:2], rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(model(x3), alone, rtol=1e-12, atol=1e-12)
 
@@ -91,7 +92,8 @@ def test_forward_features_head_and_intermediates(family):
         final, inter = model.forward_intermediates(x)
         torch.testing.assert_close(final, feats)
         assert [t.shape[1:] for t in inter] == [
-            (info['num_chs'], 224 // info['reduction'], 224 // info['reduction']) for info in model.feature_info]
+            (info['num_chs'], 224 // info['reduction'], 224 // info['reduction']) for info in model.feature_info
+        ]
         torch.testing.assert_close(model.norm(inter[-1].permute(0, 2, 3, 1)), feats)
         assert len(model.forward_intermediates(x, indices=2, intermediates_only=True)) == 2
 
@@ -112,14 +114,26 @@ def test_reset_classifier_and_prune(family):
 def test_create_model_overrides(name):
     swin = name.startswith('boat_swin')
     extra = dict(window_size=4) if swin else dict(split_size=(1, 2, 4, 4))
-    model = timm.create_model(name, embed_dim=16, depths=(1, 2, 1, 1), num_heads=(2, 2, 4, 4), num_classes=3,
-                              drop_path_rate=0.2, img_size=128, **extra)
+    model = timm.create_model(
+        name,
+        embed_dim=16,
+        depths=(1, 2, 1, 1),
+        num_heads=(2, 2, 4, 4),
+        num_classes=3,
+        drop_path_rate=0.2,
+        img_size=128,
+        **extra,
+    )
     assert model.layers[0].blocks[0].norm1.normalized_shape == (16,)
     assert [len(stage.blocks) for stage in model.layers] == [1, 2, 1, 1]
     assert model.layers[1].blocks[1].attn.num_heads == 2
     assert model.head.fc.out_features == 3
     block = model.layers[3].blocks[0]
-    assert block.drop_path1.drop_prob == pytest.approx(0.2) if swin else block.drop_path.drop_prob == pytest.approx(0.2)
+    assert block.drop_path1.drop_prob == block.drop_path2.drop_prob == pytest.approx(0.2)
+    # the reference applies drop-path to BOAT-CSWin's FSLA branch, not to BOAT-Swin's
+    fsla_block = model.layers[1].blocks[1] if swin else block
+    assert fsla_block.fsla is not None
+    assert isinstance(fsla_block.drop_path_fsla, torch.nn.Identity) == swin
     if swin:
         assert model.layers[0].blocks[0].attn.window_size == (4, 4)
     else:

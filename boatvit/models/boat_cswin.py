@@ -20,23 +20,23 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, calculate_drop_path_rates, register_notrace_module
+from timm.layers import DropPath, Mlp, register_notrace_module
 from timm.models import generate_default_cfgs, register_model
+from timm.models._input import update_model_input_size
 
-from ..fsla import FeatureSpaceAttention
-from .base import BoatStage, BoatTransformer, boat_cfg, build_boat_model, fsla_in_block, init_weights
+from .base import BilateralBlock, BoatTransformer, FslaOptions, boat_cfg, build_boat_model, fsla_in_block, init_weights
 
 __all__ = ['stripe_attention', 'CrossShapedWindowAttention', 'BilateralCSWinBlock', 'BoatCSWinTransformer']
 
 
 def stripe_attention(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        stripe: Tuple[int, int],
-        num_heads: int,
-        lepe: nn.Module,
-        dropout_p: float = 0.0,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    stripe: Tuple[int, int],
+    num_heads: int,
+    lepe: nn.Module,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Multi-head attention inside non-overlapping ``stripe`` windows, plus LePE on V inside each window.
 
@@ -75,8 +75,10 @@ def stripe_attention(
         real = torch.zeros(1, Hp, Wp, 1, dtype=torch.bool, device=q.device)
         real[:, :H, :W] = True
         mask = to_windows(real.expand(B, -1, -1, -1)).view(-1, 1, 1, area)
-    out = F.scaled_dot_product_attention(to_heads(qw), to_heads(kw), to_heads(vw), attn_mask=mask,
-                                         dropout_p=dropout_p) + pos
+    out = (
+        F.scaled_dot_product_attention(to_heads(qw), to_heads(kw), to_heads(vw), attn_mask=mask, dropout_p=dropout_p)
+        + pos
+    )
     out = out.transpose(1, 2).reshape(B, Hp // sh, Wp // sw, sh, sw, C).permute(0, 1, 3, 2, 4, 5)
     return out.reshape(B, Hp, Wp, C)[:, :H, :W]
 
@@ -92,15 +94,18 @@ class CrossShapedWindowAttention(nn.Module):
     """
 
     def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            split_size: int,
-            global_attention: bool = False,
-            qkv_bias: bool = True,
-            attn_drop: float = 0.0,
-            proj_drop: float = 0.0,
+        self,
+        dim: int,
+        num_heads: int,
+        split_size: int,
+        global_attention: bool = False,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ):
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
         branches = 1 if global_attention else 2
         if dim % num_heads or num_heads % branches:
@@ -108,12 +113,13 @@ class CrossShapedWindowAttention(nn.Module):
         self.num_heads = num_heads
         self.split_size = split_size
         self.global_attention = global_attention
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         branch_dim = dim // branches
         self.lepe = nn.ModuleList(
-            [nn.Conv2d(branch_dim, branch_dim, 3, padding=1, groups=branch_dim) for _ in range(branches)])
+            [nn.Conv2d(branch_dim, branch_dim, 3, padding=1, groups=branch_dim, **dd) for _ in range(branches)]
+        )
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,69 +131,78 @@ class CrossShapedWindowAttention(nn.Module):
             out = stripe_attention(q, k, v, (H, W), self.num_heads, self.lepe[0], dropout_p)
         else:
             half, heads, s = C // 2, self.num_heads // 2, self.split_size
-            out = torch.cat([
-                stripe_attention(q[..., :half], k[..., :half], v[..., :half], (H, s), heads, self.lepe[0], dropout_p),
-                stripe_attention(q[..., half:], k[..., half:], v[..., half:], (s, W), heads, self.lepe[1], dropout_p),
-            ], dim=-1)
+            out = torch.cat(
+                [
+                    stripe_attention(
+                        q[..., :half], k[..., :half], v[..., :half], (H, s), heads, self.lepe[0], dropout_p
+                    ),
+                    stripe_attention(
+                        q[..., half:], k[..., half:], v[..., half:], (s, W), heads, self.lepe[1], dropout_p
+                    ),
+                ],
+                dim=-1,
+            )
         return self.proj_drop(self.proj(out))
 
 
-class BilateralCSWinBlock(nn.Module):
-    """``x + CSWin-attn(norm1(x))``, then ``+ FSLA(norm_fsla(x))`` when ``fsla`` is set, then ``+ MLP(norm2(x))``,
-    every branch with the block's drop-path (the FSLA one only when ``fsla_drop_path``)."""
+class BilateralCSWinBlock(BilateralBlock):
+    """``x + CSWin-attn(norm1(x))``, then ``+ FSLA(norm_fsla(x))`` when ``fsla`` is given, then ``+ MLP(norm2(x))``
+    (``BilateralBlock.forward``), every branch with the block's drop-path (the FSLA one only when
+    ``fsla.drop_path``)."""
 
     def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            split_size: int,
-            global_attention: bool,
-            fsla: bool,
-            fsla_drop_path: bool,
-            fsla_scale: Optional[float],
-            fsla_cluster_size: int,
-            fsla_overlap: int,
-            mlp_ratio: float,
-            qkv_bias: bool,
-            proj_drop: float,
-            attn_drop: float,
-            drop_path: float,
+        self,
+        dim: int,
+        num_heads: int,
+        split_size: int,
+        global_attention: bool,
+        fsla: Optional[FslaOptions],
+        mlp_ratio: float,
+        qkv_bias: bool,
+        proj_drop: float,
+        attn_drop: float,
+        drop_path: float,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ):
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, **dd)
         self.attn = CrossShapedWindowAttention(
-            dim, num_heads, split_size, global_attention, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        if fsla:
-            self.norm_fsla = nn.LayerNorm(dim)
-            # the reference passes attn_drop as the FSLA's output dropout too
-            self.fsla = FeatureSpaceAttention(
-                dim, num_heads, qkv_bias=qkv_bias, scale=fsla_scale, cluster_size=fsla_cluster_size,
-                overlap=fsla_overlap, attn_drop=attn_drop, proj_drop=attn_drop)
-        else:
-            self.norm_fsla = self.fsla = None
-        self.drop_path_fsla = self.drop_path if fsla_drop_path else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+            dim,
+            num_heads,
+            split_size,
+            global_attention,
+            qkv_bias=qkv_bias,
+            attn_drop=attn_drop,
+            proj_drop=proj_drop,
+            **dd,
+        )
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        # the reference passes attn_drop as the FSLA's output dropout too
+        self.init_fsla_branch(dim, num_heads, fsla, drop_path, qkv_bias, attn_drop, attn_drop, **dd)
+        self.norm2 = nn.LayerNorm(dim, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop, **dd)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, H, W, C)`` to ``(B, H, W, C)``."""
-        B, H, W, C = x.shape
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        x = x.reshape(B, H * W, C)
-        if self.fsla is not None:
-            x = x + self.drop_path_fsla(self.fsla(self.norm_fsla(x), (H, W)))
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x.reshape(B, H, W, C)
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+        """The image-space branch ``BilateralBlock.forward`` calls (timm's Swin block names its own ``_attn``)."""
+        return self.attn(x)
 
 
 class ConvStem(nn.Module):
     """CSWin's stem: 7x7 stride-4 conv (padding 2), then LayerNorm; NCHW image to NHWC tokens."""
 
-    def __init__(self, in_chans: int, embed_dim: int):
+    def __init__(
+        self,
+        in_chans: int,
+        embed_dim: int,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ):
         super().__init__()
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=7, stride=4, padding=2)
-        self.norm = nn.LayerNorm(embed_dim)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=7, stride=4, padding=2, device=device, dtype=dtype)
+        self.norm = nn.LayerNorm(embed_dim, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
@@ -196,10 +211,16 @@ class ConvStem(nn.Module):
 class ConvMerging(nn.Module):
     """CSWin's patch merging: 3x3 stride-2 conv (padding 1), then LayerNorm; NHWC in and out."""
 
-    def __init__(self, dim: int, out_dim: int):
+    def __init__(
+        self,
+        dim: int,
+        out_dim: int,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ):
         super().__init__()
-        self.conv = nn.Conv2d(dim, out_dim, kernel_size=3, stride=2, padding=1)
-        self.norm = nn.LayerNorm(out_dim)
+        self.conv = nn.Conv2d(dim, out_dim, kernel_size=3, stride=2, padding=1, device=device, dtype=dtype)
+        self.norm = nn.LayerNorm(out_dim, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
@@ -211,27 +232,31 @@ class BoatCSWinTransformer(BoatTransformer):
     family = 'cswin'
 
     def __init__(
-            self,
-            img_size: Union[int, Tuple[int, int]] = 224,
-            in_chans: int = 3,
-            num_classes: int = 1000,
-            global_pool: str = 'avg',
-            embed_dim: int = 64,
-            depths: Tuple[int, ...] = (1, 2, 21, 1),
-            num_heads: Tuple[int, ...] = (2, 4, 8, 16),
-            split_size: Tuple[int, ...] = (1, 2, 7, 7),
-            mlp_ratio: float = 4.0,
-            qkv_bias: bool = True,
-            drop_rate: float = 0.0,
-            proj_drop_rate: float = 0.0,
-            attn_drop_rate: float = 0.0,
-            drop_path_rate: float = 0.1,
-            dynamic_img_size: bool = False,
-            fsla_blocks: str = 'even',
-            fsla_drop_path: bool = True,
-            fsla_scale: Optional[float] = 1.0,
-            fsla_cluster_size: int = 49,
-            fsla_overlap: int = 20,
+        self,
+        img_size: Union[int, Tuple[int, int]] = 224,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = 'avg',
+        embed_dim: int = 64,
+        depths: Tuple[int, ...] = (1, 2, 21, 1),
+        num_heads: Tuple[int, ...] = (2, 4, 8, 16),
+        split_size: Tuple[int, ...] = (1, 2, 7, 7),
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        dynamic_img_size: bool = False,
+        fsla_blocks: str = 'even',
+        fsla_drop_path: bool = True,
+        fsla_scale: Optional[float] = 1.0,
+        fsla_cluster_size: int = 49,
+        fsla_overlap: int = 20,
+        fsla_backend: Optional[str] = None,
+        output_stride: Optional[int] = None,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ):
         """
         Args:
@@ -258,56 +283,70 @@ class BoatCSWinTransformer(BoatTransformer):
                 depend on); None means head_dim^-0.5, as the paper's attention.
             fsla_cluster_size: tokens per FSLA cluster (49).
             fsla_overlap: sibling tokens each cluster also attends to (20).
+            fsla_backend: the FSLA's clustering backend (``FeatureSpaceAttention``'s ``clustering_backend``);
+                None follows the ``BOATVIT_CPU_KERNEL`` default.
+            output_stride: timm's feature stride argument; only 32 (or None): BOAT has no dilated variant.
+            device, dtype: where and in which dtype every parameter is created (timm's factory arguments;
+                ``device='meta'`` builds without memory, then ``to_empty`` and load a state dict).
         """
         num_stages = len(depths)
-        super().__init__(img_size, in_chans, num_classes, global_pool, dynamic_img_size,
-                         min_img_size=4 * 2 ** (num_stages - 1))
+        super().__init__(
+            img_size,
+            in_chans,
+            num_classes,
+            global_pool,
+            dynamic_img_size,
+            min_img_size=4 * 2 ** (num_stages - 1),
+            output_stride=output_stride,
+        )
+        dd = {'device': device, 'dtype': dtype}
         if not len(num_heads) == len(split_size) == num_stages:
-            raise ValueError(f'depths {tuple(depths)}, num_heads {tuple(num_heads)} and split_size '
-                             f'{tuple(split_size)} must have the same length.')
+            raise ValueError(
+                f'depths {tuple(depths)}, num_heads {tuple(num_heads)} and split_size '
+                f'{tuple(split_size)} must have the same length.'
+            )
         if not all(isinstance(s, int) and s > 0 for s in split_size):
             raise ValueError(f'split_size must be positive ints (stripe widths), got {tuple(split_size)}.')
         if fsla_blocks == 'shifted':
-            raise ValueError("fsla_blocks='shifted' is BOAT-Swin's placement; BOAT-CSWin takes 'even', 'odd', "
-                             "'all' or 'none'.")
+            raise ValueError(
+                "fsla_blocks='shifted' is BOAT-Swin's placement; BOAT-CSWin takes 'even', 'odd', 'all' or 'none'."
+            )
         fsla_in_block(fsla_blocks, 0)  # validates the name
-        self.patch_embed = ConvStem(in_chans, embed_dim)
-        dpr = calculate_drop_path_rates(drop_path_rate, sum(depths))
-        stages = []
-        dim = embed_dim
-        for i in range(num_stages):
-            out_dim = embed_dim * 2**i
-            blocks = [
-                BilateralCSWinBlock(
-                    dim=out_dim,
-                    num_heads=num_heads[i],
-                    split_size=split_size[i],
-                    global_attention=i == num_stages - 1,
-                    fsla=fsla_in_block(fsla_blocks, j),
-                    fsla_drop_path=fsla_drop_path,
-                    fsla_scale=fsla_scale,
-                    fsla_cluster_size=fsla_cluster_size,
-                    fsla_overlap=fsla_overlap,
-                    mlp_ratio=mlp_ratio,
-                    qkv_bias=qkv_bias,
-                    proj_drop=proj_drop_rate,
-                    attn_drop=attn_drop_rate,
-                    drop_path=dpr[sum(depths[:i]) + j],
-                )
-                for j in range(depths[i])
-            ]
-            downsample = ConvMerging(dim, out_dim) if i > 0 else nn.Identity()
-            stages.append(BoatStage(downsample, blocks))
-            self.feature_info.append(dict(num_chs=out_dim, reduction=4 * 2**i, module=f'layers.{i}'))
-            dim = out_dim
-        self.layers = nn.Sequential(*stages)
-        self._build_head(dim, drop_rate)
+        self.patch_embed = ConvStem(in_chans, embed_dim, **dd)
+        fsla = FslaOptions(fsla_drop_path, fsla_scale, fsla_cluster_size, fsla_overlap, fsla_backend)
+
+        def make_block(i: int, j: int, dim: int, drop_path: float) -> BilateralCSWinBlock:
+            return BilateralCSWinBlock(
+                dim=dim,
+                num_heads=num_heads[i],
+                split_size=split_size[i],
+                global_attention=i == num_stages - 1,
+                fsla=fsla if fsla_in_block(fsla_blocks, j) else None,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                proj_drop=proj_drop_rate,
+                attn_drop=attn_drop_rate,
+                drop_path=drop_path,
+                **dd,
+            )
+
+        self._build_stages(
+            embed_dim,
+            depths,
+            4,
+            drop_path_rate,
+            drop_rate,
+            make_block,
+            lambda dim, out_dim: ConvMerging(dim, out_dim, **dd),
+            **dd,
+        )
         self.apply(init_weights)
 
     def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None) -> None:
         """Set the nominal input size (checked when ``dynamic_img_size`` is off); no weights change."""
         if img_size is not None:
             self.img_size = self._check_img_size(img_size)
+            update_model_input_size(self, self.img_size)  # what timm's save_for_hf writes as model_args
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: BoatCSWinTransformer) -> Dict[str, torch.Tensor]:
@@ -344,15 +383,20 @@ def _cfg(crop_pct: float = 0.9, **kwargs: Any) -> Dict[str, Any]:
     return boat_cfg(crop_pct, **kwargs)
 
 
-default_cfgs = generate_default_cfgs({
-    # released EMA weights; load them as the BOAT-Swin comment says
-    'boat_cswin_tiny_224.in1k': _cfg(
-        notes=('released file: https://www.dropbox.com/s/rsmtu6r0v2lt0y5/cswin_tiny.pth.tar',)),
-    'boat_cswin_small_224.in1k': _cfg(
-        notes=('released file: https://www.dropbox.com/s/cnl00d1faxxoi19/cswin_small.pth.tar',)),
-    'boat_cswin_base_224.in1k': _cfg(
-        notes=('released file: https://www.dropbox.com/s/92sr8r8zhng1mqg/cswin_base.pth.tar',)),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        # released EMA weights; load them as the BOAT-Swin comment says
+        'boat_cswin_tiny_224.in1k': _cfg(
+            notes=('released file: https://www.dropbox.com/s/rsmtu6r0v2lt0y5/cswin_tiny.pth.tar',)
+        ),
+        'boat_cswin_small_224.in1k': _cfg(
+            notes=('released file: https://www.dropbox.com/s/cnl00d1faxxoi19/cswin_small.pth.tar',)
+        ),
+        'boat_cswin_base_224.in1k': _cfg(
+            notes=('released file: https://www.dropbox.com/s/92sr8r8zhng1mqg/cswin_base.pth.tar',)
+        ),
+    }
+)
 
 
 @register_model

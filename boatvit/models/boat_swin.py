@@ -15,43 +15,46 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, PatchEmbed, calculate_drop_path_rates, resize_rel_pos_bias_table
+from timm.layers import PatchEmbed, resize_rel_pos_bias_table
 from timm.models import generate_default_cfgs, register_model
-from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, calc_stage_window_sizes, \
-    resolve_stage_window_sizes
+from timm.models._input import update_model_input_size
+from timm.models.swin_transformer import (
+    PatchMerging,
+    SwinTransformerBlock,
+    calc_stage_window_sizes,
+    resolve_stage_window_sizes,
+)
 
-from ..fsla import FeatureSpaceAttention
-from .base import BoatStage, BoatTransformer, boat_cfg, build_boat_model, fsla_in_block, init_weights
+from .base import BilateralBlock, BoatTransformer, FslaOptions, boat_cfg, build_boat_model, fsla_in_block, init_weights
 
 __all__ = ['BilateralSwinBlock', 'BoatSwinTransformer']
 
 _int_or_tuple_2_t = Union[int, Tuple[int, int]]
 
 
-class BilateralSwinBlock(SwinTransformerBlock):
+class BilateralSwinBlock(BilateralBlock, SwinTransformerBlock):
     """timm's Swin block plus an optional feature-space attention branch before the MLP.
 
-    ``x + W-MSA(norm1(x))``, then ``+ FSLA(norm_fsla(x))`` when ``fsla`` is set, then ``+ MLP(norm2(x))``.
+    ``x + W-MSA(norm1(x))``, then ``+ FSLA(norm_fsla(x))`` when ``fsla`` is given, then ``+ MLP(norm2(x))``
+    (``BilateralBlock.forward``).
     """
 
     def __init__(
-            self,
-            dim: int,
-            input_resolution: Tuple[int, int],
-            num_heads: int,
-            window_size: Tuple[int, int],
-            shift_size: int | Tuple[int, int],
-            fsla: bool,
-            fsla_drop_path: bool,
-            fsla_scale: Optional[float],
-            fsla_cluster_size: int,
-            fsla_overlap: int,
-            dynamic_mask: bool,
-            mlp_ratio: float,
-            qkv_bias: bool,
-            proj_drop: float,
-            attn_drop: float,
-            drop_path: float,
+        self,
+        dim: int,
+        input_resolution: Tuple[int, int],
+        num_heads: int,
+        window_size: Tuple[int, int],
+        shift_size: int | Tuple[int, int],
+        fsla: Optional[FslaOptions],
+        dynamic_mask: bool,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        proj_drop: float,
+        attn_drop: float,
+        drop_path: float,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ):
         super().__init__(
             dim=dim,
@@ -65,25 +68,10 @@ class BilateralSwinBlock(SwinTransformerBlock):
             proj_drop=proj_drop,
             attn_drop=attn_drop,
             drop_path=drop_path,
+            device=device,
+            dtype=dtype,
         )
-        if fsla:
-            self.norm_fsla = nn.LayerNorm(dim)
-            self.fsla = FeatureSpaceAttention(
-                dim, num_heads, qkv_bias=qkv_bias, scale=fsla_scale, cluster_size=fsla_cluster_size,
-                overlap=fsla_overlap, attn_drop=attn_drop, proj_drop=proj_drop)
-        else:
-            self.norm_fsla = self.fsla = None
-        self.drop_path_fsla = DropPath(drop_path) if fsla and fsla_drop_path and drop_path > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, H, W, C)`` to ``(B, H, W, C)``."""
-        B, H, W, C = x.shape
-        x = x + self.drop_path1(self._attn(self.norm1(x)))
-        x = x.reshape(B, H * W, C)
-        if self.fsla is not None:
-            x = x + self.drop_path_fsla(self.fsla(self.norm_fsla(x), (H, W)))
-        x = x + self.drop_path2(self.mlp(self.norm2(x)))
-        return x.reshape(B, H, W, C)
+        self.init_fsla_branch(dim, num_heads, fsla, drop_path, qkv_bias, attn_drop, proj_drop, device, dtype)
 
 
 class BoatSwinTransformer(BoatTransformer):
@@ -92,28 +80,32 @@ class BoatSwinTransformer(BoatTransformer):
     family = 'swin'
 
     def __init__(
-            self,
-            img_size: _int_or_tuple_2_t = 224,
-            patch_size: int = 4,
-            in_chans: int = 3,
-            num_classes: int = 1000,
-            global_pool: str = 'avg',
-            embed_dim: int = 96,
-            depths: Tuple[int, ...] = (2, 2, 6, 2),
-            num_heads: Tuple[int, ...] = (3, 6, 12, 24),
-            window_size: Union[_int_or_tuple_2_t, Sequence[_int_or_tuple_2_t]] = 7,
-            mlp_ratio: float = 4.0,
-            qkv_bias: bool = True,
-            drop_rate: float = 0.0,
-            proj_drop_rate: float = 0.0,
-            attn_drop_rate: float = 0.0,
-            drop_path_rate: float = 0.1,
-            dynamic_img_size: bool = False,
-            fsla_blocks: str = 'shifted',
-            fsla_drop_path: bool = False,
-            fsla_scale: Optional[float] = None,
-            fsla_cluster_size: int = 49,
-            fsla_overlap: int = 20,
+        self,
+        img_size: _int_or_tuple_2_t = 224,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = 'avg',
+        embed_dim: int = 96,
+        depths: Tuple[int, ...] = (2, 2, 6, 2),
+        num_heads: Tuple[int, ...] = (3, 6, 12, 24),
+        window_size: Union[_int_or_tuple_2_t, Sequence[_int_or_tuple_2_t]] = 7,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        dynamic_img_size: bool = False,
+        fsla_blocks: str = 'shifted',
+        fsla_drop_path: bool = False,
+        fsla_scale: Optional[float] = None,
+        fsla_cluster_size: int = 49,
+        fsla_overlap: int = 20,
+        fsla_backend: Optional[str] = None,
+        output_stride: Optional[int] = None,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ):
         """
         Args:
@@ -140,13 +132,29 @@ class BoatSwinTransformer(BoatTransformer):
             fsla_scale: FSLA attention scale; None means head_dim^-0.5 (reference).
             fsla_cluster_size: tokens per FSLA cluster (49).
             fsla_overlap: sibling tokens each cluster also attends to (20).
+            fsla_backend: the FSLA's clustering backend (``FeatureSpaceAttention``'s ``clustering_backend``);
+                None follows the ``BOATVIT_CPU_KERNEL`` default.
+            output_stride: timm's feature stride argument; only 32 (or None): BOAT has no dilated variant.
+            device, dtype: where and in which dtype every parameter and buffer is created (timm's factory
+                arguments; ``device='meta'`` builds without memory, then ``to_empty`` and load a state dict).
         """
         num_stages = len(depths)
-        super().__init__(img_size, in_chans, num_classes, global_pool, dynamic_img_size,
-                         min_img_size=patch_size * 2 ** (num_stages - 1))
+        super().__init__(
+            img_size,
+            in_chans,
+            num_classes,
+            global_pool,
+            dynamic_img_size,
+            min_img_size=patch_size * 2 ** (num_stages - 1),
+            output_stride=output_stride,
+        )
+        dd = {'device': device, 'dtype': dtype}
         if len(num_heads) != num_stages:
             raise ValueError(f'depths {tuple(depths)} and num_heads {tuple(num_heads)} must have the same length.')
         fsla_in_block(fsla_blocks, 0)  # validates the name
+        for i, heads in enumerate(num_heads):
+            if embed_dim * 2**i % heads:
+                raise ValueError(f'stage {i} has {embed_dim * 2**i} channels, not divisible by num_heads[{i}]={heads}.')
         self.patch_size = patch_size
         self.patch_embed = PatchEmbed(
             img_size=self.img_size,
@@ -154,56 +162,53 @@ class BoatSwinTransformer(BoatTransformer):
             in_chans=in_chans,
             embed_dim=embed_dim,
             norm_layer=nn.LayerNorm,
-            strict_img_size=False,  # check_input enforces the size with a clearer message
+            # what timm reads as fixed_input_size; check_input has already refused other sizes with a clearer message
+            strict_img_size=not dynamic_img_size,
             dynamic_img_pad=True,
             output_fmt='NHWC',
+            **dd,
         )
         grid = self.patch_embed.grid_size
+        fsla = FslaOptions(fsla_drop_path, fsla_scale, fsla_cluster_size, fsla_overlap, fsla_backend)
         windows = resolve_stage_window_sizes(window_size, num_stages)
         self._ref_window_sizes = windows
         self._ref_grid_size = tuple(grid)
-        dpr = calculate_drop_path_rates(drop_path_rate, sum(depths))
-        stages = []
-        dim = embed_dim
-        for i in range(num_stages):
-            out_dim = embed_dim * 2**i
-            if out_dim % num_heads[i]:
-                raise ValueError(f'stage {i} has {out_dim} channels, not divisible by num_heads[{i}]={num_heads[i]}.')
+
+        def make_block(i: int, j: int, dim: int, drop_path: float) -> BilateralSwinBlock:
             resolution = tuple((g + 2**i - 1) // 2**i for g in grid)
-            shifted = any(r > w for r, w in zip(resolution, windows[i]))
-            blocks = [
-                BilateralSwinBlock(
-                    dim=out_dim,
-                    input_resolution=resolution,
-                    num_heads=num_heads[i],
-                    window_size=windows[i],
-                    shift_size=0 if j % 2 == 0 else tuple(w // 2 for w in windows[i]),
-                    fsla=fsla_in_block(fsla_blocks, j, shifted),
-                    fsla_drop_path=fsla_drop_path,
-                    fsla_scale=fsla_scale,
-                    fsla_cluster_size=fsla_cluster_size,
-                    fsla_overlap=fsla_overlap,
-                    dynamic_mask=dynamic_img_size,
-                    mlp_ratio=mlp_ratio,
-                    qkv_bias=qkv_bias,
-                    proj_drop=proj_drop_rate,
-                    attn_drop=attn_drop_rate,
-                    drop_path=dpr[sum(depths[:i]) + j],
-                )
-                for j in range(depths[i])
-            ]
-            downsample = PatchMerging(dim=dim, out_dim=out_dim) if i > 0 else nn.Identity()
-            stages.append(BoatStage(downsample, blocks))
-            self.feature_info.append(dict(num_chs=out_dim, reduction=patch_size * 2**i, module=f'layers.{i}'))
-            dim = out_dim
-        self.layers = nn.Sequential(*stages)
-        self._build_head(dim, drop_rate)
+            shifted = any(r > w for r, w in zip(resolution, windows[i]))  # Swin shifts only stages above the window
+            return BilateralSwinBlock(
+                dim=dim,
+                input_resolution=resolution,
+                num_heads=num_heads[i],
+                window_size=windows[i],
+                shift_size=0 if j % 2 == 0 else tuple(w // 2 for w in windows[i]),
+                fsla=fsla if fsla_in_block(fsla_blocks, j, shifted) else None,
+                dynamic_mask=dynamic_img_size,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                proj_drop=proj_drop_rate,
+                attn_drop=attn_drop_rate,
+                drop_path=drop_path,
+                **dd,
+            )
+
+        self._build_stages(
+            embed_dim,
+            depths,
+            patch_size,
+            drop_path_rate,
+            drop_rate,
+            make_block,
+            lambda dim, out_dim: PatchMerging(dim=dim, out_dim=out_dim, **dd),
+            **dd,
+        )
         self.apply(init_weights)
 
     def set_input_size(
-            self,
-            img_size: Optional[_int_or_tuple_2_t] = None,
-            window_size: Optional[Union[_int_or_tuple_2_t, Sequence[_int_or_tuple_2_t]]] = None,
+        self,
+        img_size: Optional[_int_or_tuple_2_t] = None,
+        window_size: Optional[Union[_int_or_tuple_2_t, Sequence[_int_or_tuple_2_t]]] = None,
     ) -> None:
         """Rebuild masks, windows and relative position tables for a new input size.
 
@@ -221,6 +226,8 @@ class BoatSwinTransformer(BoatTransformer):
             resolution = tuple((g + 2**i - 1) // 2**i for g in grid)
             for block in stage.blocks:
                 block.set_input_size(feat_size=resolution, window_size=windows[i])
+        # what timm's save_for_hf writes as model_args, so a reloaded model is built at this size with these windows
+        update_model_input_size(self, self.img_size, window_size=windows)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: BoatSwinTransformer) -> Dict[str, torch.Tensor]:
@@ -243,7 +250,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: BoatSwinTra
             attn = model.get_submodule(k[: -len('.relative_position_bias_table')])
             if v.shape != attn.relative_position_bias_table.shape:
                 v = resize_rel_pos_bias_table(
-                    v, new_window_size=attn.window_size, new_bias_shape=attn.relative_position_bias_table.shape)
+                    v, new_window_size=attn.window_size, new_bias_shape=attn.relative_position_bias_table.shape
+                )
         out[k] = v
     return out
 
@@ -257,17 +265,27 @@ def _cfg(crop_pct: float = 0.875, **kwargs: Any) -> Dict[str, Any]:
     return boat_cfg(crop_pct, **kwargs)
 
 
-default_cfgs = generate_default_cfgs({
-    # released weights cannot be fetched automatically: pass pretrained_cfg_overlay=dict(file=PATH) with a
-    # `boatvit convert` output, or dict(file=PATH, custom_load=True) with the downloaded file itself
-    'boat_swin_tiny_224.in1k': _cfg(notes=('released file: https://www.dropbox.com/s/xa94uewsrvjglnn/tiny.pth',)),
-    'boat_swin_small_224.in1k': _cfg(notes=('released file: https://www.dropbox.com/s/7ih1zvii3bvdcgd/small.pth',)),
-    'boat_swin_base_224.in1k': _cfg(notes=('released file: https://www.dropbox.com/s/70hr7h0smcr0gr9/base.pth',)),
-    # boatvit's own small model for small images (the embedded digits demo); no released weights
-    'boat_swin_nano_32.untrained': _cfg(
-        input_size=(3, 32, 32), pool_size=(2, 2), num_classes=10, crop_pct=1.0, interpolation='bilinear',
-        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), origin_url='', notes=('no released weights',)),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        # released weights cannot be fetched automatically: pass pretrained_cfg_overlay=dict(file=PATH) with a
+        # `boatvit convert` output, or dict(file=PATH, custom_load=True) with the downloaded file itself
+        'boat_swin_tiny_224.in1k': _cfg(notes=('released file: https://www.dropbox.com/s/xa94uewsrvjglnn/tiny.pth',)),
+        'boat_swin_small_224.in1k': _cfg(notes=('released file: https://www.dropbox.com/s/7ih1zvii3bvdcgd/small.pth',)),
+        'boat_swin_base_224.in1k': _cfg(notes=('released file: https://www.dropbox.com/s/70hr7h0smcr0gr9/base.pth',)),
+        # boatvit's own small model for small images (the embedded digits demo); no released weights
+        'boat_swin_nano_32.untrained': _cfg(
+            input_size=(3, 32, 32),
+            pool_size=(2, 2),
+            num_classes=10,
+            crop_pct=1.0,
+            interpolation='bilinear',
+            mean=(0.5, 0.5, 0.5),
+            std=(0.5, 0.5, 0.5),
+            origin_url='',
+            notes=('no released weights',),
+        ),
+    }
+)
 
 
 @register_model
@@ -295,6 +313,13 @@ def boat_swin_base_224(pretrained: bool = False, **kwargs: Any) -> BoatSwinTrans
 def boat_swin_nano_32(pretrained: bool = False, **kwargs: Any) -> BoatSwinTransformer:
     """A 2.3 M-parameter BOAT-Swin for 32x32 images: patch 2, window 4, FSLA in stages 1 and 2."""
     model_args = dict(
-        img_size=32, patch_size=2, window_size=4, embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
-        num_classes=10, drop_path_rate=0.0)
+        img_size=32,
+        patch_size=2,
+        window_size=4,
+        embed_dim=32,
+        depths=(2, 2, 2, 2),
+        num_heads=(1, 2, 4, 8),
+        num_classes=10,
+        drop_path_rate=0.0,
+    )
     return _create_boat_swin('boat_swin_nano_32', pretrained=pretrained, **dict(model_args, **kwargs))
