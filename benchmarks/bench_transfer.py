@@ -3,9 +3,9 @@
 The embedded model (boat_swin_nano_32, recipe ``digits``) is trained on digit classes 0-4; then, per seed, a few
 labelled images of each of the classes 5-9 are drawn and a model is trained on them with ``boatvit train`` twice:
 fine-tuned from the 0-4 run (``--weights``, the ``finetune-swin`` preset), and from scratch (the ``digits``
-recipe's settings, which are tuned for this model from scratch), with the same epochs and batch size, so the same
-optimizer steps. Both are scored on the held-out digits 5-9 (the validation split, never trained on). Accuracy
-only: no timing::
+recipe's settings, which are tuned for this model from scratch), with the same epochs, batch size and augmentation
+(the digits recipe's), so the same optimizer steps on the same images. Both are scored on the held-out digits 5-9
+(the validation split, never trained on). Accuracy only: no timing::
 
     python -m benchmarks.bench_transfer                      # 3 seeds, 10 images per class
     python -m benchmarks.bench_transfer --seeds 5 --shots 5
@@ -26,7 +26,14 @@ from PIL import Image
 from benchmarks.common import environment, positive_int, print_table, write_json
 from boatvit.data import DigitsDataset
 from boatvit.evaluation import evaluate_weights
+from boatvit.recipes import RECIPES
 from boatvit.training import config_from_values, train
+
+# the augmentation the digits need (no flips, colour or large crops: digits are small, grey and not symmetric),
+# the same in every run so that only the starting weights and the optimiser settings differ
+DIGITS_AUG = dict(
+    {k: RECIPES['digits'][k] for k in ('hflip', 'color_jitter', 'scale', 'ratio', 'reprob', 'crop_pct')}, aa='none'
+)
 
 SOURCE_CLASSES, TARGET_CLASSES = range(5), range(5, 10)
 
@@ -67,6 +74,7 @@ def main_benchmark() -> None:
     parser.add_argument('--lr', type=float, default=None, help="fine-tuning lr; default: the preset's")
     parser.add_argument('--batch-size', type=positive_int, default=10, help='batch of both runs on 5-9')
     parser.add_argument('--threads', type=positive_int, default=2, help='CPU threads (torch.set_num_threads)')
+    parser.add_argument('--output', type=Path, default=None, help='keep the runs here (default: temporary)')
     parser.add_argument('--json', type=Path, default=None, help='where to write the results (default: results/)')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -76,14 +84,14 @@ def main_benchmark() -> None:
 
     rows: List[Dict[str, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+        tmp = args.output or Path(tmp)
         source_data = write_folder(tmp / 'digits0-4', splits, SOURCE_CLASSES, shots=0, seed=0)
         digits = dict(data=str(source_data), model='boat_swin_nano_32', img_size=32)
         source = run(dict(digits, epochs=args.source_epochs), 'digits', tmp, 'source')
         print(f'digits 0-4, {args.source_epochs} epochs: held-out top-1 {source:.2f} %', flush=True)
         for seed in range(args.seeds):
             data = str(write_folder(tmp / f'digits5-9-seed{seed}', splits, TARGET_CLASSES, args.shots, seed))
-            same = dict(data=data, epochs=args.epochs, batch_size=args.batch_size, seed=seed)
+            same = dict(DIGITS_AUG, data=data, epochs=args.epochs, batch_size=args.batch_size, seed=seed)
             finetuned = run(dict(same, weights=str(tmp / 'source'), lr=args.lr), None, tmp, f'finetune{seed}')
             scratch = run(dict(same, model='boat_swin_nano_32', img_size=32), 'digits', tmp, f'scratch{seed}')
             rows.append({'seed': seed, 'finetune_top1': finetuned, 'scratch_top1': scratch})
