@@ -20,14 +20,16 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
+import timm
 import torch
 from PIL import Image
 
 from benchmarks.common import environment, positive_int, print_table, write_json
-from boatvit.data import DigitsDataset
+from boatvit.data import DigitsDataset, eval_transform
 from boatvit.evaluation import evaluate_weights
 from boatvit.recipes import RECIPES
 from boatvit.training import config_from_values, learning_rate, train
+from boatvit.weights import load_model
 
 # the augmentation the digits need (no flips, colour or large crops: digits are small, grey and not symmetric),
 # the same in every run so that only the starting weights and the optimiser settings differ
@@ -65,6 +67,35 @@ def run(values: dict, recipe: Optional[str], output: Path, name: str) -> float:
     return result['top1']
 
 
+def linear_probes(source: Path, data: str) -> Dict[str, float]:
+    """Held-out top-1 % of a logistic regression on the few training images of ``data``, fitted to three
+    representations: the pooled features of the ``source`` model, those of a randomly initialised one, and the
+    pixels. Tells whether the source's features carry more about the new classes than no training at all."""
+    from sklearn.linear_model import LogisticRegression
+    from torchvision.datasets import ImageFolder
+
+    loaded = load_model(source)
+    torch.manual_seed(0)
+    models = {'source': loaded.model, 'random_init': timm.create_model(loaded.name, num_classes=5).eval()}
+    transform = eval_transform(loaded.model, loaded.metadata)
+    inputs = {}
+    for split in ('train', 'val'):
+        ds = ImageFolder(str(Path(data) / split), transform=transform)
+        inputs[split] = (torch.stack([image for image, _ in ds]), np.array(ds.targets))
+    scores = {}
+    for name, model in [*models.items(), ('pixels', None)]:
+        with torch.no_grad():
+            x = {
+                split: (
+                    images.flatten(1) if model is None else model.forward_head(model.forward_features(images), True)
+                )
+                for split, (images, _) in inputs.items()
+            }
+        clf = LogisticRegression(max_iter=5000).fit(x['train'].numpy(), inputs['train'][1])
+        scores[f'probe_{name}'] = 100 * clf.score(x['val'].numpy(), inputs['val'][1])
+    return scores
+
+
 def main_benchmark() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--seeds', type=positive_int, default=3, help='few-shot draws and initialisations')
@@ -100,12 +131,13 @@ def main_benchmark() -> None:
             finetuned = run(dict(same, weights=str(tmp / 'source'), lr=lr), None, tmp, f'finetune{seed}')
             scratch = run(scratch_values, 'digits', tmp, f'scratch{seed}')
             rows.append({'seed': seed, 'finetune_top1': finetuned, 'scratch_top1': scratch})
+            rows[-1].update(linear_probes(tmp / 'source', data))
             print(f'seed {seed}: fine-tuned {finetuned:.2f} %, from scratch {scratch:.2f} %', flush=True)
-    mean = {k: statistics.mean(r[k] for r in rows) for k in ('finetune_top1', 'scratch_top1')}
+    mean = {k: statistics.mean(r[k] for r in rows) for k in rows[0] if k != 'seed'}
     print_table(
         f'digits 5-9, {args.shots} images per class, {args.epochs} epochs of batch {args.batch_size}: held-out top-1 %',
         rows,
-        ['seed', 'finetune_top1', 'scratch_top1'],
+        ['seed', 'finetune_top1', 'scratch_top1', 'probe_source', 'probe_random_init', 'probe_pixels'],
     )
     print(f'mean: fine-tuned {mean["finetune_top1"]:.2f} %, from scratch {mean["scratch_top1"]:.2f} %')
     write_json(
