@@ -16,9 +16,7 @@ attention) over 2, so ``time ratio / mac ratio`` is the FSLA's cost per multiply
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
-import os
 import subprocess
 import sys
 import tempfile
@@ -32,10 +30,19 @@ from timm.models.swin_transformer import SwinTransformerBlock
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import (add_device_args, autocast, environment, median, positive_int, print_table, setup,
-                               summary, time_interleaved, write_json)
+from benchmarks.common import (
+    add_device_args,
+    autocast,
+    environment,
+    median,
+    positive_int,
+    print_table,
+    setup,
+    summary,
+    time_interleaved,
+    write_json,
+)
 from boatvit import FeatureSpaceAttention, balanced_hierarchical_clustering
-from boatvit.kernels import KERNEL_ENV
 from boatvit.models.boat_cswin import CrossShapedWindowAttention
 
 # name: (family, side, dim, heads, FSLA scale, CSWin stripe width); Tiny models at 224
@@ -67,8 +74,10 @@ def _fsla_at(rev: str) -> ModuleType:
             raise SystemExit(f'--before {rev}: boatvit/{name} is not in that revision (git show failed)')
         if name.startswith('csrc/') and source is not None and source != (root / 'boatvit' / name).read_text():
             # both builds would register the torch.ops.boatvit namespace, which one process allows once
-            raise SystemExit(f'--before {rev}: its CPU kernel differs from the current one and two cannot load in '
-                             f'one process; compare with BOATVIT_CPU_KERNEL=off, or check that revision out')
+            raise SystemExit(
+                f'--before {rev}: its CPU kernel differs from the current one and two cannot load in '
+                f'one process; compare with BOATVIT_CPU_KERNEL=off, or check that revision out'
+            )
         if source is not None:
             (package / name).write_text(source)
     sys.path.insert(0, str(package.parent))
@@ -85,32 +94,22 @@ def _window_branch(family: str, side: int, dim: int, heads: int, stripe: int) ->
     return attn, attn
 
 
-@contextlib.contextmanager
-def _pytorch_clustering():
-    """The clustering as PyTorch ops: the FLOP counter cannot see inside the compiled CPU kernel."""
-    before = os.environ.get(KERNEL_ENV)
-    os.environ[KERNEL_ENV] = 'off'
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[KERNEL_ENV]
-        else:
-            os.environ[KERNEL_ENV] = before
-
-
 def _macs(shape: tuple, batch: int) -> Dict[str, float]:
     """Multiply-adds of one inference call of each, counted on eager CPU modules, the clustering's included. The math
     SDPA backend is forced because the counter has no formula for the CPU flash kernel."""
     family, side, dim, heads, scale, stripe = shape
-    fsla = FeatureSpaceAttention(dim, heads, scale=scale).eval()
+    # the clustering as PyTorch ops: the FLOP counter cannot see inside the compiled CPU kernel
+    fsla = FeatureSpaceAttention(dim, heads, scale=scale, clustering_backend='torch').eval()
     _, window_fn = _window_branch(family, side, dim, heads, stripe)
     x = torch.randn(batch, side, side, dim)
     calls = {'fsla': lambda: fsla(x.view(batch, side * side, dim), (side, side)), 'window': lambda: window_fn(x)}
     macs = {}
     for name, call in calls.items():
-        with _pytorch_clustering(), torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), \
-                FlopCounterMode(display=False) as counter:
+        with (
+            torch.inference_mode(),
+            sdpa_kernel(SDPBackend.MATH),
+            FlopCounterMode(display=False) as counter,
+        ):
             call()
         macs[name] = counter.get_total_flops() / 2
     return macs
@@ -140,6 +139,7 @@ def _steps(args: argparse.Namespace, shape: tuple, mode: str) -> Dict[str, Calla
             def step() -> None:
                 with torch.inference_mode(), autocast(args.device):
                     fn()
+
             return step
         module.train()
 
@@ -149,6 +149,7 @@ def _steps(args: argparse.Namespace, shape: tuple, mode: str) -> Dict[str, Calla
             out.float().square().mean().backward()
             module.zero_grad(set_to_none=True)
             x.grad = None
+
         return step
 
     steps = {
@@ -175,8 +176,12 @@ def main() -> None:
     args.before_module = _fsla_at(args.before) if args.before else None
     args.batch = args.batch or (64 if args.device == 'cuda' else 8)
 
-    results: Dict[str, Any] = {'environment': environment(args), 'batch': args.batch, 'before': args.before,
-                               'shapes': {}}
+    results: Dict[str, Any] = {
+        'environment': environment(args),
+        'batch': args.batch,
+        'before': args.before,
+        'shapes': {},
+    }
     print(results['environment'])
     rows: List[Dict[str, Any]] = []
     for name in args.shapes.split(','):
@@ -186,19 +191,30 @@ def main() -> None:
             steps = _steps(args, shape, mode)
             times = time_interleaved(steps, args.device, args.repeats, args.warmup)
             medians = {k: median(t) for k, t in times.items()}
-            entry[mode] = {k: {**summary(t), 'ratio_to_window': medians[k] / medians['window']}
-                           for k, t in times.items()}
+            entry[mode] = {
+                k: {**summary(t), 'ratio_to_window': medians[k] / medians['window']} for k, t in times.items()
+            }
             if mode == 'inference':
                 macs = _macs(shape, args.batch)
                 entry['macs'] = macs
                 entry['mac_ratio'] = macs['fsla'] / macs['window']
             for k, row in entry[mode].items():
-                rows.append({'shape': name, 'mode': mode, 'op': k, 'median_ms': row['median_ms'],
-                             'ratio_to_window': row['ratio_to_window'],
-                             'mac_ratio': entry['mac_ratio'] if k == 'fsla' else None})
+                rows.append(
+                    {
+                        'shape': name,
+                        'mode': mode,
+                        'op': k,
+                        'median_ms': row['median_ms'],
+                        'ratio_to_window': row['ratio_to_window'],
+                        'mac_ratio': entry['mac_ratio'] if k == 'fsla' else None,
+                    }
+                )
         results['shapes'][name] = entry
-    print_table(f'FSLA layer vs image-space attention: batch {args.batch}, median of {args.repeats} interleaved rounds',
-                rows, ['shape', 'mode', 'op', 'median_ms', 'ratio_to_window', 'mac_ratio'])
+    print_table(
+        f'FSLA layer vs image-space attention: batch {args.batch}, median of {args.repeats} interleaved rounds',
+        rows,
+        ['shape', 'mode', 'op', 'median_ms', 'ratio_to_window', 'mac_ratio'],
+    )
     write_json(args, 'bench_fsla', results)
 
 

@@ -18,14 +18,28 @@ Each group compares its models with its first one: timm's Swin-T for BOAT-Swin-T
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from typing import Any, Dict, List
 
 import torch
 
-from benchmarks.common import (add_device_args, autocast, build_model, environment, make_step, median, positive_int,
-                               print_table, run_in_fresh_process, setup, summary, sync, time_interleaved, write_json)
+from benchmarks.common import (
+    add_device_args,
+    autocast,
+    build_model,
+    environment,
+    make_step,
+    median,
+    positive_int,
+    print_table,
+    ratio,
+    run_in_fresh_process,
+    setup,
+    summary,
+    sync,
+    time_interleaved,
+    write_json,
+)
 from boatvit import FeatureSpaceAttention
 
 SWIN = 'swin_tiny_patch4_window7_224'
@@ -50,30 +64,37 @@ def _baseline_of(spec: str) -> str:
     return next(base for base, members in GROUPS.items() if spec in members)
 
 
-def _ratios(medians: Dict[str, float]) -> Dict[str, float]:
-    return {spec: medians[spec] / medians[_baseline_of(spec)] for spec in medians}
-
-
 def _timed_section(args: argparse.Namespace, mode: str, batch: int) -> Dict[str, Any]:
     models = [spec for members in GROUPS.values() for spec in members]
-    steps = {spec: make_step(build_model(spec, args.device, args.compile), mode, batch, 224, args.device)
-             for spec in models}
+    steps = {
+        spec: make_step(build_model(spec, args.device, args.compile), mode, batch, 224, args.device) for spec in models
+    }
     times = time_interleaved(steps, args.device, args.repeats, args.warmup)
-    medians = {spec: median(t) for spec, t in times.items()}
-    ratios = _ratios(medians)
-    rows = {}
-    for spec in models:
-        # the ratio of each round's two calls, made moments apart: its quartiles show how far the machine's noise
-        # moves the ratio of medians
-        per_round = [t / base for t, base in zip(times[spec], times[_baseline_of(spec)])]
-        q1, _, q3 = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
-        rows[spec] = {**summary(times[spec]), 'img_per_s': batch / medians[spec], 'baseline': _baseline_of(spec),
-                      'ratio': ratios[spec], 'round_ratio_q1': q1, 'round_ratio_q3': q3}
-    print_table(f'{mode}: batch {batch}, median of {args.repeats} interleaved rounds; round_ratio_q1/q3: quartiles '
-                'of the per-round ratios',
-                [{'model': s, **r} for s, r in rows.items()],
-                ['model', 'median_ms', 'min_ms', 'max_ms', 'img_per_s', 'ratio', 'round_ratio_q1', 'round_ratio_q3',
-                 'baseline'])
+    rows = {
+        spec: {
+            **summary(times[spec]),
+            'img_per_s': batch / median(times[spec]),
+            'baseline': _baseline_of(spec),
+            **ratio(times, spec, _baseline_of(spec)),
+        }
+        for spec in models
+    }
+    print_table(
+        f'{mode}: batch {batch}, median of {args.repeats} interleaved rounds; round_ratio_q1/q3: quartiles '
+        'of the per-round ratios',
+        [{'model': s, **r} for s, r in rows.items()],
+        [
+            'model',
+            'median_ms',
+            'min_ms',
+            'max_ms',
+            'img_per_s',
+            'ratio',
+            'round_ratio_q1',
+            'round_ratio_q3',
+            'baseline',
+        ],
+    )
     return {'batch': batch, 'models': rows}
 
 
@@ -109,11 +130,18 @@ def _fsla_share(args: argparse.Namespace, batch: int) -> Dict[str, Any]:
                 if i >= args.warmup:
                     shares.append(sum(spent) / total)
                     totals.append(total)
-        out[spec] = {'share': median(shares), 'share_min': min(shares), 'share_max': max(shares),
-                     'forward_median_ms': 1e3 * median(totals), 'fsla_layers': len(spent)}
-    print_table(f'FSLA share of the forward time: batch {batch}, median of {args.repeats} calls',
-                [{'model': s, **r} for s, r in out.items()],
-                ['model', 'share', 'share_min', 'share_max', 'forward_median_ms', 'fsla_layers'])
+        out[spec] = {
+            'share': median(shares),
+            'share_min': min(shares),
+            'share_max': max(shares),
+            'forward_median_ms': 1e3 * median(totals),
+            'fsla_layers': len(spent),
+        }
+    print_table(
+        f'FSLA share of the forward time: batch {batch}, median of {args.repeats} calls',
+        [{'model': s, **r} for s, r in out.items()],
+        ['model', 'share', 'share_min', 'share_max', 'forward_median_ms', 'fsla_layers'],
+    )
     return {'batch': batch, 'models': out}
 
 
@@ -122,18 +150,31 @@ def _memory(args: argparse.Namespace) -> Dict[str, Any]:
     for mode, batch in (('inference', args.batch), ('train', args.train_batch)):
         rows = {}
         for spec in (spec for members in GROUPS.values() for spec in members):
-            rows[spec] = run_in_fresh_process('benchmarks.peak_memory', [
-                '--model', spec, '--mode', mode, '--batch', str(batch), '--device', args.device,
-                '--threads', str(args.threads)])
+            rows[spec] = run_in_fresh_process(
+                'benchmarks.peak_memory',
+                [
+                    '--model',
+                    spec,
+                    '--mode',
+                    mode,
+                    '--batch',
+                    str(batch),
+                    '--device',
+                    args.device,
+                    '--threads',
+                    str(args.threads),
+                ],
+            )
         for spec, row in rows.items():
             base = rows[_baseline_of(spec)]
             row['ratio_peak_above_base'] = row['peak_above_base_mib'] / base['peak_above_base_mib']
             row['ratio_peak'] = row['peak_mib'] / base['peak_mib']
             row['baseline'] = _baseline_of(spec)
-        print_table(f'peak memory, {mode}: batch {batch}, one call in a fresh process (MiB)',
-                    [{'model': s, **r} for s, r in rows.items()],
-                    ['model', 'base_mib', 'peak_mib', 'peak_above_base_mib', 'ratio_peak_above_base', 'ratio_peak',
-                     'baseline'])
+        print_table(
+            f'peak memory, {mode}: batch {batch}, one call in a fresh process (MiB)',
+            [{'model': s, **r} for s, r in rows.items()],
+            ['model', 'base_mib', 'peak_mib', 'peak_above_base_mib', 'ratio_peak_above_base', 'ratio_peak', 'baseline'],
+        )
         out[mode] = {'batch': batch, 'models': rows}
     return out
 
@@ -143,9 +184,12 @@ def _scaling(args: argparse.Namespace) -> Dict[str, Any]:
     for size in args.sizes:
         # both built for the size: Swin's masks, BOAT's masks and its FSLA placement (stage 4 gets FSLA above 224)
         specs = {SWIN: f'{SWIN}:img_size={size}', BOAT_SWIN: f'{BOAT_SWIN}:img_size={size}'}
-        steps = {name: make_step(build_model(spec, args.device, args.compile), 'inference', args.scaling_batch, size,
-                                 args.device)
-                 for name, spec in specs.items()}
+        steps = {
+            name: make_step(
+                build_model(spec, args.device, args.compile), 'inference', args.scaling_batch, size, args.device
+            )
+            for name, spec in specs.items()
+        }
         times = time_interleaved(steps, args.device, args.scaling_repeats, 1)
         medians = {name: median(t) for name, t in times.items()}
         out[str(size)] = {name: {**summary(t), 'ratio': medians[name] / medians[SWIN]} for name, t in times.items()}
@@ -156,9 +200,12 @@ def _scaling(args: argparse.Namespace) -> Dict[str, Any]:
         for name, row in models.items():
             row['growth'] = row['median_ms'] / base[name]['median_ms']
             rows.append({'size': size, 'model': name, **row})
-    print_table(f'image size: batch {args.scaling_batch}, median of {args.scaling_repeats} interleaved rounds; '
-                f'growth = time over time at {args.sizes[0]}',
-                rows, ['size', 'model', 'median_ms', 'ratio', 'growth'])
+    print_table(
+        f'image size: batch {args.scaling_batch}, median of {args.scaling_repeats} interleaved rounds; '
+        f'growth = time over time at {args.sizes[0]}',
+        rows,
+        ['size', 'model', 'median_ms', 'ratio', 'growth'],
+    )
     return {'batch': args.scaling_batch, 'sizes': out}
 
 
@@ -173,8 +220,16 @@ def _targets(results: Dict[str, Any]) -> List[Dict[str, Any]]:
             value = results[figure]['models'][spec]['ratio']
         else:
             continue
-        checks.append({'figure': figure, 'model': spec, 'against': baseline, 'value': value, 'limit': limit,
-                       'met': value <= limit})
+        checks.append(
+            {
+                'figure': figure,
+                'model': spec,
+                'against': baseline,
+                'value': value,
+                'limit': limit,
+                'met': value <= limit,
+            }
+        )
     print_table('targets (issue 7)', checks, ['figure', 'model', 'against', 'value', 'limit', 'met'])
     return checks
 

@@ -1,7 +1,7 @@
 """What the benchmark scripts share: the device set-up, model specs, interleaved timing, peak memory measured in a
 fresh process, the environment record, a text table and the JSON file.
 
-Timing rules (see ``../shared/REFERENCE.md``, "CPU timing"): models are built once and timed in interleaved rounds,
+Timing rules: models are built once and timed in interleaved rounds,
 each round in a rotated order, so that a slow spell of a shared machine hits every model alike; every figure is the
 median over the rounds and the ratios compare medians taken side by side in one process.
 """
@@ -49,8 +49,12 @@ def non_negative_int(text: str) -> int:
 
 def add_device_args(parser: argparse.ArgumentParser) -> None:
     """The options every benchmark takes: device, threads, repeats, compile and the JSON path."""
-    parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda'),
-                        help='cpu: float32; cuda: bfloat16 autocast and larger batches')
+    parser.add_argument(
+        '--device',
+        default='cpu',
+        choices=('cpu', 'cuda'),
+        help='cpu: float32; cuda: bfloat16 autocast and larger batches',
+    )
     parser.add_argument('--threads', type=positive_int, default=2, help='CPU threads (torch.set_num_threads)')
     parser.add_argument('--repeats', type=positive_int, help='timed rounds per figure (default: cpu 9, cuda 30)')
     parser.add_argument('--warmup', type=non_negative_int, help='untimed rounds first (default: cpu 2, cuda 10)')
@@ -68,14 +72,15 @@ def setup(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     if cuda:
         # TF32 would run the clustering's float32 matmuls with 10-bit mantissas, which moves tokens between clusters
-        # as half precision does (REFERENCE.md, bug 5); torch's default is off, and so it stays
+        # as half precision does; torch's default is off, and so it stays
         torch.backends.cuda.matmul.allow_tf32 = False
 
 
-def autocast(device: str) -> ContextManager:
-    """bfloat16 autocast on CUDA, nothing on CPU (where the targets are float32). The FSLA clusters in float32 either
-    way."""
-    return torch.autocast('cuda', dtype=torch.bfloat16) if device == 'cuda' else nullcontext()
+def autocast(device: str, dtype: Optional[torch.dtype] = None) -> ContextManager:
+    """``dtype`` autocast on ``device``; by default bfloat16 on CUDA and nothing on CPU (where the targets are
+    float32). The FSLA clusters in float32 either way."""
+    dtype = dtype or (torch.bfloat16 if device == 'cuda' else None)
+    return torch.autocast(device, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def sync(device: str) -> None:
@@ -97,25 +102,42 @@ def parse_spec(spec: str) -> tuple:
     return name, kwargs
 
 
-def build_model(spec: str, device: str, compile: bool = False, **overrides: Any) -> nn.Module:
-    """A randomly initialised timm model from a spec (see ``parse_spec``), on ``device``."""
+def compile_model(model: nn.Module, backend: str = 'inductor') -> nn.Module:
+    """``torch.compile`` with ``fullgraph=True``: a graph break would run part of the model eagerly unnoticed."""
+    return torch.compile(model, fullgraph=True, backend=backend)
+
+
+def build_model(
+    spec: str, device: str, compile: bool = False, backend: str = 'inductor', **overrides: Any
+) -> nn.Module:
+    """A randomly initialised timm model from a spec (see ``parse_spec``), on ``device``; ``compile``: wrapped by
+    :func:`compile_model` with ``backend``."""
     name, kwargs = parse_spec(spec)
     torch.manual_seed(0)
     model = timm.create_model(name, **{**kwargs, **overrides}).to(device)
-    return torch.compile(model) if compile else model
+    return compile_model(model, backend) if compile else model
 
 
-def make_step(model: nn.Module, mode: str, batch: int, img_size: int, device: str) -> Callable[[], None]:
+def make_step(
+    model: nn.Module,
+    mode: str,
+    batch: int,
+    img_size: int,
+    device: str,
+    amp: Optional[torch.dtype] = None,
+) -> Callable[[], None]:
     """One inference forward (``mode='inference'``, eval mode, ``inference_mode``) or one training step
-    (``'train'``: forward, cross-entropy on fixed random labels, backward, AdamW step) on a fixed random batch."""
+    (``'train'``: forward, cross-entropy on fixed random labels, backward, AdamW step) on a fixed random batch; the
+    forward under ``autocast(device, amp)``."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, img_size, img_size, generator=g).to(device)
     if mode == 'inference':
         model.eval()
 
         def step() -> None:
-            with torch.inference_mode(), autocast(device):
+            with torch.inference_mode(), autocast(device, amp):
                 model(x)
+
         return step
 
     model.train()
@@ -124,19 +146,20 @@ def make_step(model: nn.Module, mode: str, batch: int, img_size: int, device: st
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
 
     def step() -> None:
-        with autocast(device):
+        with autocast(device, amp):
             loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
     return step
 
 
 def time_interleaved(
-        steps: Dict[str, Callable[[], Any]],
-        device: str,
-        repeats: int,
-        warmup: int,
+    steps: Dict[str, Callable[[], Any]],
+    device: str,
+    repeats: int,
+    warmup: int,
 ) -> Dict[str, List[float]]:
     """Seconds per call of every step, ``repeats`` rounds of one call each, the order rotated every round."""
     names = list(steps)
@@ -145,7 +168,7 @@ def time_interleaved(
             steps[name]()
     times = {name: [] for name in names}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             sync(device)
             start = time.perf_counter()
             steps[name]()
@@ -156,6 +179,14 @@ def time_interleaved(
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
+
+
+def ratio(times: Dict[str, List[float]], model: str, baseline: str) -> Dict[str, float]:
+    """``model``'s median time over ``baseline``'s, and the quartiles of the per-round ratios: each round's two calls
+    run moments apart, so the quartiles show how far the machine's noise moves the ratio of medians."""
+    per_round = [t / base for t, base in zip(times[model], times[baseline])]
+    q1, _, q3 = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
+    return {'ratio': median(times[model]) / median(times[baseline]), 'round_ratio_q1': q1, 'round_ratio_q3': q3}
 
 
 def summary(seconds: Sequence[float]) -> Dict[str, float]:
@@ -178,10 +209,24 @@ def _cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
+def git_commit() -> Optional[str]:
+    """The short hash of the checkout's HEAD, with ``+dirty`` when tracked files differ from it; None outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ['git', 'rev-parse', '--short', 'HEAD'], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(['git', 'diff', '--quiet', 'HEAD'], cwd=root).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ('+dirty' if dirty else '')
+
+
 def environment(args: argparse.Namespace) -> Dict[str, Any]:
-    """What the figures depend on: machine, versions, threads, date, and how busy the machine was."""
+    """What the figures depend on: machine, versions, commit, threads, date, and how busy the machine was."""
     env = {
         'date': datetime.date.today().isoformat(),
+        'commit': git_commit(),
         'machine': f'{_cpu_name()}, {os.cpu_count()} logical CPUs',
         'platform': platform.platform(),
         'python': platform.python_version(),
@@ -191,7 +236,7 @@ def environment(args: argparse.Namespace) -> Dict[str, Any]:
         'device': args.device,
         'threads': torch.get_num_threads(),
         'dtype': 'bfloat16 autocast' if args.device == 'cuda' else 'float32',
-        'compile': args.compile,
+        'compile': getattr(args, 'compile', None),
         'repeats': args.repeats,
         'warmup': args.warmup,
         'load_average_start': load_average(),
@@ -203,6 +248,7 @@ def environment(args: argparse.Namespace) -> Dict[str, Any]:
 
 def print_table(title: str, rows: List[Dict[str, Any]], columns: Sequence[str]) -> None:
     """A plain-text table of ``rows`` (dicts), floats with three significant decimals."""
+
     def fmt(value: Any) -> str:
         if isinstance(value, float):
             return f'{value:.3f}' if abs(value) < 10 else f'{value:.1f}'

@@ -45,8 +45,17 @@ def main() -> None:
         Path('/proc/self/clear_refs').write_text('5')  # resets VmHWM to the current RSS
         step()
         peak = resident_kib()['VmHWM'] * 1024
-    print(json.dumps({'model': args.model, 'mode': args.mode, 'base_mib': base / 2**20, 'peak_mib': peak / 2**20,
-                      'peak_above_base_mib': (peak - base) / 2**20}))
+    print(
+        json.dumps(
+            {
+                'model': args.model,
+                'mode': args.mode,
+                'base_mib': base / 2**20,
+                'peak_mib': peak / 2**20,
+                'peak_above_base_mib': (peak - base) / 2**20,
+            }
+        )
+    )
 
 
 if __name__ == '__main__':

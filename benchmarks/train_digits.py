@@ -35,8 +35,9 @@ def _cpu_seconds() -> float:
 def run_default(output: Path, seed: int, device: str) -> dict:
     """Train the default once; returns its accuracy and timing figures."""
     cpu_start, start = _cpu_seconds(), time.perf_counter()
-    status = main(['train', '--quiet', '--output', str(output), '--name', f'seed{seed}', '--seed', str(seed),
-                   '--device', device])
+    status = main(
+        ['train', '--quiet', '--output', str(output), '--name', f'seed{seed}', '--seed', str(seed), '--device', device]
+    )
     wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu_start
     if status != 0:
         raise SystemExit(f'boatvit train exited with {status}')
@@ -80,9 +81,19 @@ def main_benchmark() -> None:
         output = args.output or Path(tmp)
         rows = [run_default(output, seed, args.device) for seed in range(args.runs)]
     print_table(
-        'boatvit train (embedded default: boat_swin_nano_32 on digits)', rows,
-        ['seed', 'epochs', 'final_top1', 'best_top1', 'first_epoch_reaching_95', 'wall_s', 'cpu_s',
-         'median_epoch_s', 'wall_s_at_median_epoch'],
+        'boatvit train (embedded default: boat_swin_nano_32 on digits)',
+        rows,
+        [
+            'seed',
+            'epochs',
+            'final_top1',
+            'best_top1',
+            'first_epoch_reaching_95',
+            'wall_s',
+            'cpu_s',
+            'median_epoch_s',
+            'wall_s_at_median_epoch',
+        ],
     )
     write_json(args, 'train_digits', {'environment': env, 'runs': rows})
 

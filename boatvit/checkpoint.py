@@ -103,11 +103,20 @@ def state_dict_mismatch(
         for k, v in expected.items()
         if k in state and state[k].shape != v.shape
     ]
+    # load_state_dict would copy integers or booleans into float weights without a word: such a file is not weights
+    kinds = [
+        f'{k}: {source} {state[k].dtype} vs model {v.dtype}'
+        for k, v in expected.items()
+        if k in state
+        and (state[k].is_floating_point(), state[k].dtype == torch.bool)
+        != (v.is_floating_point(), v.dtype == torch.bool)
+    ]
     lines = []
     for keys, what in (
         (missing, f'missing (in the model, not in the {source})'),
         (unexpected, f'unexpected (in the {source}, not in the model)'),
         (shapes, 'with another shape'),
+        (kinds, 'with another kind of number (integer or boolean against floating point)'),
     ):
         if keys:
             lines.append(f'{len(keys)} {what}: {keys[:examples] if examples else keys}')

@@ -11,21 +11,30 @@ with the layer's own parameters, exactly as its forward does.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from .clustering import cluster_layout
 from .data import eval_data_config, eval_transform, open_image, require_extra
-from .errors import UsageError
+from .errors import UnreadableImageError, UsageError
 from .fsla import FeatureSpaceAttention
 from .runs import atomic_path
 from .weights import build_model, check_boat_name, load_model
 
-__all__ = ['fsla_layers', 'first_layer_per_stage', 'choose_layers', 'cluster_labels', 'plot_clusters', 'draw_clusters']
+__all__ = [
+    'fsla_layers',
+    'first_layer_per_stage',
+    'choose_layers',
+    'cluster_labels',
+    'plot_clusters',
+    'ClusterDrawings',
+    'draw_clusters',
+]
 
 DPI = 64
 MAX_DEFAULT_HEADS = 4
@@ -160,8 +169,19 @@ def choose_layers(available: Sequence[str], requested: Optional[Sequence[str]]) 
     return chosen
 
 
+@dataclasses.dataclass
+class ClusterDrawings:
+    """What `draw_clusters` did: the model name, the layers drawn, the PNGs written (one per readable image) and
+    the reasons the unreadable images were skipped."""
+
+    name: str
+    layers: List[str]
+    written: List[Path]
+    skipped: List[str]
+
+
 def draw_clusters(
-    image: Union[str, os.PathLike],
+    images: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
     out: Union[str, os.PathLike],
     weights: Optional[Union[str, os.PathLike]] = None,
     model: Optional[str] = None,
@@ -170,28 +190,37 @@ def draw_clusters(
     layers: Optional[Sequence[str]] = None,
     heads: Optional[Sequence[int]] = None,
     panel_px: int = 256,
-) -> Tuple[str, List[str]]:
-    """Draw the clusters of one image at chosen FSLA layers of a model into a PNG (see `plot_clusters`).
+) -> ClusterDrawings:
+    """Draw the clusters of images at chosen FSLA layers of a model into PNGs (see `plot_clusters`).
 
     Args:
-        image: the image file.
-        out: the ``.png`` to write.
+        images: an image file, or several.
+        out: the ``.png`` to write for one image; for several, the directory to write ``<image stem>.png`` into.
         weights: any weight source (`boatvit.weights.load_model`); None draws an untrained ``model``.
         model, model_kwargs, use_ema: see `boatvit.weights.load_model`.
         layers: see `choose_layers`.
         heads, panel_px: see `plot_clusters`.
 
     Returns:
-        The model name and the layers drawn.
+        `ClusterDrawings`; of several images, the unreadable ones are skipped with their reason.
 
     Raises:
-        UsageError: bad arguments, image or weights, named.
+        UsageError: bad arguments or weights, named; an unreadable image when it is the only one, or when none of
+            several could be read (`boatvit.errors.UnreadableImageError`).
     """
+    several = not isinstance(images, (str, os.PathLike))
+    paths = [Path(p) for p in images] if several else [Path(images)]
     out = Path(out)
-    if out.suffix.lower() != '.png':
-        raise UsageError(f'{out}: the output must be a .png file')
-    if not out.parent.is_dir():
-        raise UsageError(f'{out}: the directory {out.parent} does not exist; create it first')
+    if several:
+        if not out.is_dir():
+            raise UsageError(f'{out}: with several images, -o must be an existing directory for one PNG per image')
+        targets = _png_names(paths, out)
+    else:
+        if out.suffix.lower() != '.png':
+            raise UsageError(f'{out}: the output must be a .png file')
+        if not out.parent.is_dir():
+            raise UsageError(f'{out}: the directory {out.parent} does not exist; create it first')
+        targets = [out]
     if panel_px < 64:
         raise UsageError(f'--panel-size must be at least 64 pixels, got {panel_px}')
     metadata: Dict[str, Any] = {}
@@ -212,10 +241,32 @@ def draw_clusters(
     if bad:
         raise UsageError(f'--heads {bad}: the chosen layers have at most {max_heads} heads (0 to {max_heads - 1})')
 
-    pixels = eval_transform(built, metadata)(open_image(Path(image)))
-    labels = cluster_labels(built, pixels[None], chosen)
+    transform = eval_transform(built, metadata)
     config = eval_data_config(built, metadata)
     mean, std = torch.tensor(config['mean'])[:, None, None], torch.tensor(config['std'])[:, None, None]
-    plain = (pixels * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
-    plot_clusters(plain, {n: lab[0] for n, lab in labels.items()}, out, heads=heads, panel_px=panel_px)
-    return name, chosen
+    drawings = ClusterDrawings(name, chosen, [], [])
+    for path, target in zip(paths, targets):
+        try:
+            pixels = transform(open_image(path))
+        except UnreadableImageError as e:
+            if not several:
+                raise
+            drawings.skipped.append(str(e))
+            continue
+        labels = cluster_labels(built, pixels[None], chosen)
+        plain = (pixels * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+        plot_clusters(plain, {n: lab[0] for n, lab in labels.items()}, target, heads=heads, panel_px=panel_px)
+        drawings.written.append(target)
+    if not drawings.written:
+        raise UnreadableImageError(f'none of the {len(paths)} images could be read: {"; ".join(drawings.skipped[:3])}')
+    return drawings
+
+
+def _png_names(paths: Sequence[Path], out: Path) -> List[Path]:
+    """``out/<stem>.png`` for each image, ``<stem>-2.png`` ... when stems repeat."""
+    seen: Dict[str, int] = {}
+    names = []
+    for path in paths:
+        seen[path.stem] = seen.get(path.stem, 0) + 1
+        names.append(out / (f'{path.stem}.png' if seen[path.stem] == 1 else f'{path.stem}-{seen[path.stem]}.png'))
+    return names

@@ -18,8 +18,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from timm.data import create_dataset, create_transform, resolve_data_config
 from timm.data.readers.img_extensions import get_img_extensions
+from tqdm import tqdm
 
-from .errors import UsageError
+from .errors import UnreadableImageError, UsageError
 from .runtime import require_extra
 
 DIGITS = 'digits'
@@ -127,6 +128,7 @@ def _open_folder_split(root: Path, split: str) -> Tuple[torch.utils.data.Dataset
             f"{str(folder)!r} holds no images ({', '.join(sorted(extensions))}); put each class's images in"
             f' {folder}/<class>/'
         ) from e
+    check_images([Path(path) for path, _ in ds.reader.samples], str(folder))
     class_to_idx = ds.reader.class_to_idx
     return ds, sorted(class_to_idx, key=class_to_idx.get)
 
@@ -230,10 +232,64 @@ def find_images(paths: Sequence[str]) -> List[Path]:
     return images
 
 
-def open_image(path: Path) -> Image.Image:
-    """The image as RGB, or a `UsageError` naming the file."""
+# what decoding a broken file raises besides OSError: PIL's plugins report bad chunks and headers with these
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError)
+# integer modes of more than 8 bits per pixel, which ``convert('RGB')`` clips (a 16-bit PNG turns white)
+_WIDE_INT_MODES = ('I', 'I;16', 'I;16L', 'I;16B', 'I;16N')
+
+
+def image_problem(path: Path) -> Optional[str]:
+    """Why an image file cannot be trained on, from its header and PIL's ``verify`` (no pixel is decoded); None if
+    it looks fine. Cheap enough for every file of a data set: JPEG data errors are found only when decoded (timm's
+    data set skips such a file with a warning), PNG ones here."""
     try:
         with Image.open(path) as image:
+            if image.mode in _WIDE_INT_MODES or image.mode == 'F':
+                return (
+                    f'{image.mode} pixels (more than 8 bits) would be clipped by the training reader; save it as 8-bit'
+                )
+            image.verify()
+    except Image.DecompressionBombError as e:
+        return f'too large to open safely ({e})'
+    except _DECODE_ERRORS as e:
+        return f'not a readable image ({type(e).__name__}: {e})'
+    return None
+
+
+def check_images(paths: Sequence[Path], where: str) -> None:
+    """Raise an `UnreadableImageError` listing the files of ``paths`` that `image_problem` finds fault with.
+
+    Run on the image folders before training, so a bad file is reported at the start, not epochs later.
+    """
+    bad = [
+        (p, problem)
+        for p in tqdm(paths, desc='checking images', unit='image', disable=len(paths) < 5000, leave=False)
+        if (problem := image_problem(p))
+    ]
+    if bad:
+        listed = '; '.join(f'{p}: {problem}' for p, problem in bad[:10])
+        more = f' (and {len(bad) - 10} more)' if len(bad) > 10 else ''
+        raise UnreadableImageError(
+            f'{len(bad)} of the {len(paths)} images in {where} cannot be used: {listed}{more}; remove or replace them'
+        )
+
+
+def open_image(path: Path) -> Image.Image:
+    """The image as RGB, or an `UnreadableImageError` naming the file and why.
+
+    Integer images of more than 8 bits (16-bit greyscale PNGs) are scaled to 8 bits, not clipped; images larger
+    than PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) are refused.
+    """
+    try:
+        with Image.open(path) as image:
+            if image.mode == 'F':
+                raise UnreadableImageError(f'{path}: floating-point pixels have no fixed range; save it as 8-bit')
+            if image.mode in _WIDE_INT_MODES:
+                # 16-bit range to 8: 65535 / 255 = 257
+                pixels = np.asarray(image, dtype=np.float64) / 257
+                return Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8)).convert('RGB')
             return image.convert('RGB')
-    except (UnidentifiedImageError, OSError) as e:
-        raise UsageError(f'{path}: not a readable image ({e})') from e
+    except Image.DecompressionBombError as e:
+        raise UnreadableImageError(f'{path}: too large to open safely ({e})') from e
+    except _DECODE_ERRORS as e:
+        raise UnreadableImageError(f'{path}: not a readable image ({type(e).__name__}: {e})') from e

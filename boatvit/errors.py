@@ -6,7 +6,16 @@ They subclass ``ValueError`` so callers that catch ``ValueError`` for bad argume
 
 from __future__ import annotations
 
-__all__ = ['BoatvitError', 'UsageError', 'CheckpointFileError', 'UnsafeCheckpointError', 'WeightsMetadataError']
+__all__ = [
+    'BoatvitError',
+    'UsageError',
+    'CheckpointFileError',
+    'UnsafeCheckpointError',
+    'WeightsMetadataError',
+    'UnreadableImageError',
+    'OutputWriteError',
+    'TrainingDivergedError',
+]
 
 
 class BoatvitError(ValueError):
@@ -27,3 +36,16 @@ class UnsafeCheckpointError(CheckpointFileError):
 
 class WeightsMetadataError(CheckpointFileError):
     """Metadata of a weights file with unknown keys, or values of the wrong type or outside their range."""
+
+
+class UnreadableImageError(UsageError):
+    """An image file that cannot be decoded: not an image, truncated, too large to open safely, or a pixel format
+    that would be read wrongly."""
+
+
+class OutputWriteError(BoatvitError):
+    """A file could not be written (a full disk, no permission); the file it was to replace is left as it was."""
+
+
+class TrainingDivergedError(BoatvitError):
+    """The training loss or the weights became non-finite; the last finite checkpoint is kept."""

@@ -18,7 +18,7 @@ from .clustering import (
 )
 from .kernels import resolve_backend
 
-__all__ = ['feature_space_attention', 'FeatureSpaceAttention']
+__all__ = ['feature_space_attention', 'FeatureSpaceAttention', 'lepe_conv']
 
 
 @trace_safe_cache
@@ -194,6 +194,20 @@ def feature_space_attention(
 
 # a leaf for torch.fx (timm's FX feature extraction): the clustering builds its tree from the token count
 @register_notrace_module
+def lepe_conv(dim: int, device=None, dtype=None) -> nn.Conv2d:
+    """The depthwise 3x3 conv of a locally-enhanced positional term (LePE) on V, for inputs fed channels-last (FSLA's V
+    image, CSWin's V stripes).
+
+    A channels-last input gives a channels-last weight gradient: strides (9, 1, 3, 1) where a weight made NCHW has
+    (9, 9, 3, 1). The values are laid out the same (the second axis has size 1), but DDP compares strides and warns at
+    every step, so the weight is made channels-last like its gradient.
+    """
+    conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, device=device, dtype=dtype)
+    weight = conv.weight.detach()
+    conv.weight = nn.Parameter(torch.empty_like(weight, memory_format=torch.channels_last).copy_(weight))
+    return conv
+
+
 class FeatureSpaceAttention(nn.Module):
     """BOAT's feature-space local attention with its LePE positional term.
 
@@ -260,12 +274,7 @@ class FeatureSpaceAttention(nn.Module):
         self.float32_clustering = float32_clustering
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         self.attn_drop = attn_drop
-        self.lepe = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, **dd)
-        # the conv takes channels-last input (see forward), so its weight gradient comes channels-last: strides
-        # (9, 1, 3, 1) where a weight made NCHW has (9, 9, 3, 1). The values are laid out the same (the second axis
-        # has size 1), but DDP compares strides and warns at every step; a channels-last weight matches its gradient
-        weight = self.lepe.weight.detach()
-        self.lepe.weight = nn.Parameter(torch.empty_like(weight, memory_format=torch.channels_last).copy_(weight))
+        self.lepe = lepe_conv(dim, **dd)
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 

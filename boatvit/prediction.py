@@ -17,7 +17,7 @@ from timm.data import ImageNetInfo
 from tqdm import tqdm
 
 from .data import eval_transform, find_images, open_image
-from .errors import UsageError
+from .errors import UnreadableImageError, UsageError
 from .runtime import resolve_device
 from .weights import load_model
 
@@ -47,28 +47,41 @@ def predict(
 ) -> List[Dict[str, Any]]:
     """Top-``topk`` classes and softmax probabilities of every image, in batches, with a progress bar.
 
+    An image that cannot be read is skipped: its entry holds the reason instead of predictions.
+
     Returns:
-        One ``{'image': str, 'predictions': [{'rank', 'index', 'name', 'probability'}, ...]}`` per image.
+        One entry per image, in order: ``{'image': str, 'predictions': [{'rank', 'index', 'name', 'probability'},
+        ...]}``, or ``{'image': str, 'error': str}`` for an unreadable one.
+
+    Raises:
+        UnreadableImageError: none of the images could be read.
     """
     model.eval().to(device)
     k = min(topk, len(names))
-    results = []
+    results: List[Dict[str, Any]] = []
     batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
     with tqdm(total=len(images), unit='image', disable=len(images) < 2) as progress:
         for batch in batches:
-            x = torch.stack([transform(open_image(p)) for p in batch]).to(device)
-            probs, indices = model(x).float().softmax(dim=-1).topk(k, dim=-1)
-            for path, p, idx in zip(batch, probs.tolist(), indices.tolist()):
-                results.append(
-                    {
-                        'image': str(path),
-                        'predictions': [
-                            {'rank': r + 1, 'index': i, 'name': names[i], 'probability': prob}
-                            for r, (prob, i) in enumerate(zip(p, idx))
-                        ],
-                    }
-                )
+            entries, pixels = [], []
+            for path in batch:
+                try:
+                    pixels.append(transform(open_image(path)))
+                    entries.append({'image': str(path)})
+                except UnreadableImageError as e:
+                    entries.append({'image': str(path), 'error': str(e)})
+            if pixels:
+                probs, indices = model(torch.stack(pixels).to(device)).float().softmax(dim=-1).topk(k, dim=-1)
+                read = (entry for entry in entries if 'error' not in entry)
+                for entry, p, idx in zip(read, probs.tolist(), indices.tolist()):
+                    entry['predictions'] = [
+                        {'rank': r + 1, 'index': i, 'name': names[i], 'probability': prob}
+                        for r, (prob, i) in enumerate(zip(p, idx))
+                    ]
+            results.extend(entries)
             progress.update(len(batch))
+    if all('error' in entry for entry in results):
+        reasons = '; '.join(entry['error'] for entry in results[:3])
+        raise UnreadableImageError(f'none of the {len(results)} images could be read: {reasons}')
     return results
 
 

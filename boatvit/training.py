@@ -34,11 +34,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .data import DIGITS, check_same_classes, default_workers, eval_data_config, open_split, shard
-from .errors import UsageError
+from .errors import TrainingDivergedError, UsageError
 from .evaluation import evaluate
 from .recipes import DEFAULT_RECIPE, FINETUNE_RECIPES, RECIPES, SMALL_DATA_RECIPE
 from .runs import (
     CONFIG_FILE,
+    hold_run_dir,
     load_state,
     new_run_dir,
     plot_curves,
@@ -274,6 +275,17 @@ def _byte_tensor(data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
+def diverged(what: str, config: TrainConfig, lr: float) -> str:
+    """The message of a `TrainingDivergedError`: what became non-finite, and the fixes."""
+    clip = f'a smaller --clip-grad than {config.clip_grad}' if config.clip_grad else '--clip-grad 1'
+    amp = '--amp bf16 instead of fp16' if config.amp == 'fp16' else '--amp none' if config.amp == 'bf16' else ''
+    fixes = ', '.join(f for f in (f'a lower --lr (it was {lr:.2e} at that step)', clip, amp) if f)
+    return (
+        f'training diverged: {what}. Nothing non-finite was saved (the checkpoints of earlier epochs are kept);'
+        f' start a new run with {fixes}'
+    )
+
+
 def report(message: str) -> None:
     """A line for the user on stdout; callers print from rank 0 only."""
     print(message, flush=True)
@@ -362,7 +374,11 @@ class Trainer:
         self.num_updates = state['num_updates']
 
     def train_one_epoch(self, loader, epoch: int, progress: bool) -> Dict[str, float]:
-        """One pass over ``updates_per_epoch * grad_accum`` batches; returns mean loss, last lr and images/s."""
+        """One pass over ``updates_per_epoch * grad_accum`` batches; returns mean loss, last lr and images/s.
+
+        Stops with a `TrainingDivergedError` at the first non-finite loss. The optimizer steps that the fp16 loss
+        scaler skips for non-finite gradients (while it lowers its scale) are its normal working, not a divergence.
+        """
         config = self.config
         self.model.train()
         batches = self.updates_per_epoch * config.grad_accum
@@ -379,6 +395,13 @@ class Trainer:
             with self.model.no_sync() if defer_sync else contextlib.nullcontext():
                 with autocast(self.device, config.amp):
                     loss = self.loss_fn(self.model(images), targets)
+                # before the backward pass, so no non-finite gradient reaches the weights
+                if not torch.isfinite(loss):
+                    raise TrainingDivergedError(
+                        diverged(
+                            f'the loss became {loss.item()} at batch {i + 1} of epoch {epoch + 1}', config, self.lr
+                        )
+                    )
                 self.scaler.scale(loss / config.grad_accum).backward()
             loss_sum += loss.detach()
             if step_now:
@@ -572,15 +595,27 @@ def _save_epoch(
     state = {'epoch': row['epoch'], 'trainer': trainer.state_dict(), 'rng': ranks_rng, 'history': history}
     weights = (trainer.ema.module if trainer.ema is not None else unwrap_model(trainer.model)).state_dict()
     metadata = dict(weights_metadata, epoch=row['epoch'], top1=row['eval_top1'])
-    save_checkpoint(run_dir, weights, metadata, state, is_best)
+    # the metrics first: a crash between them and last.pt repeats the epoch on resume, which rewrites them; the
+    # other order would lose the final epoch's metrics for good (its resume finds the run finished)
     write_metrics(run_dir, history)
     plot_curves(run_dir / 'curves.png', history)
+    save_checkpoint(run_dir, weights, metadata, state, is_best)
     report(
         f'epoch {row["epoch"]}/{trainer.config.epochs}  train loss {row["train_loss"]:.4f}  val loss'
         f' {row["val_loss"]:.4f}  val top-1 {row["val_top1"]:.2f} %'
         + (f'  ema top-1 {row["val_top1_ema"]:.2f} %' if trainer.ema is not None else '')
         + f'  lr {row["lr"]:.2e}  {row["train_images_per_s"]:.0f} img/s'
     )
+
+
+def _check_finite_weights(trainer: Trainer, epoch: int) -> None:
+    """Raise a `TrainingDivergedError` if a weight is non-finite: the last step of an epoch can do that with a
+    finite loss. Every rank checks (DDP keeps the weights equal), so all stop together."""
+    for key, value in unwrap_model(trainer.model).state_dict().items():
+        if value.is_floating_point() and not value.isfinite().all():
+            raise TrainingDivergedError(
+                diverged(f'{key} became non-finite in epoch {epoch + 1}', trainer.config, trainer.lr)
+            )
 
 
 def _gather_rng(world_size: int) -> List[Any]:
@@ -689,6 +724,7 @@ def fit(
     for epoch in range(start_epoch, config.epochs):
         train_loader.sampler.set_epoch(epoch)
         row = _train_and_validate(trainer, train_loader, val_loader, epoch, progress)
+        _check_finite_weights(trainer, epoch)  # before it can count as the best or be saved
         history.append(row)
         is_best = best is None or row['eval_top1'] > best['eval_top1']
         if is_best:
@@ -782,18 +818,20 @@ def train(
         if workers is None:
             workers = default_workers(int(os.environ.get('LOCAL_WORLD_SIZE', '1')))
         start = time.perf_counter()
-        history = fit(
-            config,
-            run_dir,
-            run_on,
-            rank=rank,
-            world_size=world_size,
-            workers=workers,
-            progress=progress and rank == 0,
-            resume_state=resume_state,
-            recipe=recipe,
-            initial_weights=initial_weights,
-        )
+        # rank 0 holds the run directory: no second process trains it, a failed new run leaves no empty directory
+        with hold_run_dir(run_dir, created=resume is None) if rank == 0 else contextlib.nullcontext():
+            history = fit(
+                config,
+                run_dir,
+                run_on,
+                rank=rank,
+                world_size=world_size,
+                workers=workers,
+                progress=progress and rank == 0,
+                resume_state=resume_state,
+                recipe=recipe,
+                initial_weights=initial_weights,
+            )
         return TrainResult(run_dir, history, time.perf_counter() - start)
     finally:
         if world_size > 1 and dist.is_initialized():

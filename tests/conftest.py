@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List, Tuple
 
 import pytest
 import torch
@@ -15,6 +15,7 @@ import boatvit
 
 # made with the reference code, see tests/fixtures/README.md
 FIXTURES = Path(__file__).resolve().parent / 'fixtures' / 'reference'
+FIXTURE_NAMES = {'swin': 'boat_swin_w16_224', 'cswin': 'boat_cswin_w16_224'}
 CLOSE = dict(rtol=1e-10, atol=1e-10)
 
 
@@ -46,13 +47,22 @@ class ReferenceFixture:
         boatvit.load_reference_weights(model, self.state_dict)
         return model
 
-    def assert_matches(self, name: str, ours: torch.Tensor) -> None:
-        """Checks a (B, N, C) float64 output against the fixture's summary of it (``name`` is ``'stages.<i>'`` or
-        ``'fsla.output'``) at 1e-10: its sums over channels and over tokens, and its full rows at the sampled tokens."""
+    def summary_pairs(self, name: str, ours: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """(ours, expected) pairs that summarise a (B, N, C) output (``name`` is ``'stages.<i>'`` or
+        ``'fsla.output'``) as the fixture stores it: its sums over channels and over tokens, and its full rows at the
+        sampled tokens."""
         t = self.tensors
-        torch.testing.assert_close(ours.sum(-1), t[f'{name}.token_sum'], **CLOSE)
-        torch.testing.assert_close(ours.sum(1), t[f'{name}.channel_sum'], **CLOSE)
-        torch.testing.assert_close(ours[:, t[f'{name}.sample_idx']], t[f'{name}.sample'], **CLOSE)
+        ours = ours.double().cpu()
+        return [
+            (ours.sum(-1), t[f'{name}.token_sum']),
+            (ours.sum(1), t[f'{name}.channel_sum']),
+            (ours[:, t[f'{name}.sample_idx']], t[f'{name}.sample']),
+        ]
+
+    def assert_matches(self, name: str, ours: torch.Tensor) -> None:
+        """Checks a (B, N, C) float64 output against the fixture's summary of it at 1e-10 (see `summary_pairs`)."""
+        for actual, expected in self.summary_pairs(name, ours):
+            torch.testing.assert_close(actual, expected, **CLOSE)
 
     def first_fsla_weights(self) -> Dict[str, torch.Tensor]:
         prefix = 'state_dict.' + self.meta['first_fsla']['module'] + '.'
@@ -71,12 +81,12 @@ def _load(name: str) -> ReferenceFixture:
 
 @pytest.fixture(scope='session')
 def swin_fixture() -> ReferenceFixture:
-    return _load('boat_swin_w16_224')
+    return _load(FIXTURE_NAMES['swin'])
 
 
 @pytest.fixture(scope='session')
 def cswin_fixture() -> ReferenceFixture:
-    return _load('boat_cswin_w16_224')
+    return _load(FIXTURE_NAMES['cswin'])
 
 
 @pytest.fixture(params=['swin', 'cswin'], scope='session')

@@ -1,4 +1,5 @@
-"""Checkpoints in exactly the two reference training formats (REFERENCE.md, "Checkpoint formats"), built in tests.
+"""Checkpoints in exactly the two reference training formats (the released `tiny.pth` and `cswin_tiny.pth.tar`), built
+in tests.
 
 The released files cannot be downloaded here, so these stand in for them: the same top-level entries, a config
 object pickled from a module that is gone when the file is read (yacs is not installed), DDP prefixes, and an EMA

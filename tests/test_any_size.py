@@ -10,17 +10,14 @@ import boatvit
 from boatvit.models.boat_cswin import stripe_attention
 from boatvit.models.boat_swin import checkpoint_filter_fn
 
-SMALL = {
-    'swin': ('boat_swin_tiny_224', dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4))),
-    'cswin': ('boat_cswin_tiny_224', dict(embed_dim=16, depths=(1, 2, 1, 1), num_heads=(2, 2, 4, 4))),
-}
+from reduced_models import FAMILIES, REDUCED, reduced
+
 # (H, W): non-square; none gives 49 * 2^k tokens in stage 1 (e.g. 100x76 -> 25x19 = 475 Swin tokens: ghosts)
 SIZES = [(100, 76), (64, 160), (131, 97)]
 
 
 def small(family, **kwargs):
-    name, args = SMALL[family]
-    return timm.create_model(name, num_classes=4, dynamic_img_size=True, drop_path_rate=0.0, **dict(args, **kwargs))
+    return reduced(family, **dict(dict(num_classes=4, dynamic_img_size=True, drop_path_rate=0.0), **kwargs))
 
 
 @pytest.mark.parametrize('family', ['swin', 'cswin'])
@@ -52,7 +49,7 @@ def test_each_image_is_independent_of_its_batch(family, size):
 def test_features_only_matches_forward_intermediates_and_features(family):
     torch.manual_seed(2)
     model = small(family).eval()
-    name, args = SMALL[family]
+    name, args = FAMILIES[family], REDUCED[family]
     backbone = timm.create_model(name, features_only=True, out_indices=(1, 2, 3), dynamic_img_size=True, **args)
     missing, unexpected = backbone.model.load_state_dict(
         {k: v for k, v in model.state_dict().items() if k.startswith(('patch_embed', 'layers'))}, strict=False
@@ -76,7 +73,7 @@ def test_feature_maps_are_nchw_with_the_stated_channels_and_strides(family):
     """What detection and segmentation libraries are handed, at a size that is no multiple of 32: every map NCHW
     (the NHWC stage output, permuted), with the channels feature_info states and ceil(size / reduction) cells."""
     torch.manual_seed(3)
-    name, args = SMALL[family]
+    name, args = FAMILIES[family], REDUCED[family]
     backbone = timm.create_model(name, features_only=True, dynamic_img_size=True, **args).eval()
     x = torch.randn(2, 3, 200, 260)
     with torch.no_grad():
@@ -100,13 +97,13 @@ def test_too_small_images_name_the_minimum(family):
 
 
 def test_fixed_input_size_is_reported_truthfully():
-    name, args = SMALL['swin']
+    name, args = FAMILIES['swin'], REDUCED['swin']
     assert timm.create_model(name, **args).pretrained_cfg['fixed_input_size'] is True
     assert timm.create_model(name, dynamic_img_size=True, **args).pretrained_cfg['fixed_input_size'] is False
 
 
 def test_swin_stage4_has_fsla_exactly_when_larger_than_the_window():
-    name, args = SMALL['swin']
+    name, args = FAMILIES['swin'], REDUCED['swin']
 
     def stage4_fsla(img_size):
         return [b.fsla is not None for b in timm.create_model(name, img_size=img_size, **args).layers[3].blocks]
@@ -116,7 +113,7 @@ def test_swin_stage4_has_fsla_exactly_when_larger_than_the_window():
 
 
 def test_swin_set_input_size_rescales_windows():
-    name, args = SMALL['swin']
+    name, args = FAMILIES['swin'], REDUCED['swin']
     model = timm.create_model(name, **args).eval()
     model.set_input_size(img_size=256)
     assert model.layers[0].blocks[0].attn.window_size == (8, 8)
@@ -127,7 +124,7 @@ def test_swin_set_input_size_rescales_windows():
 
 
 def test_224_weights_load_into_a_384_model_with_larger_windows():
-    name, args = SMALL['swin']
+    name, args = FAMILIES['swin'], REDUCED['swin']
     source = timm.create_model(name, **args)
     target = timm.create_model(name, img_size=384, window_size=12, **args)
     state = checkpoint_filter_fn(source.state_dict(), target)

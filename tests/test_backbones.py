@@ -12,10 +12,9 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 import boatvit  # noqa: F401  (registers the models)
 from boatvit.backbones import boat_fpn_backbone
 
-SMALL = {
-    'boat_swin_tiny_224': dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8)),  # odd blocks carry FSLA
-    'boat_cswin_tiny_224': dict(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(2, 2, 4, 8)),
-}
+from reduced_models import FAMILIES, reduced_kwargs
+
+SMALL = {name: reduced_kwargs(name) for name in FAMILIES.values()}
 # the detectors' own resizing keeps images small; size_divisible=1 keeps their sizes off multiples of 32
 SMALL_DETECTOR = dict(
     min_size=96,

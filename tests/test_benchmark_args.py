@@ -10,21 +10,51 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize('script, argv, flag', [
-    ('benchmarks.bench_models', ['--repeats', '0'], '--repeats'),
-    ('benchmarks.bench_models', ['--batch', '-8'], '--batch'),
-    ('benchmarks.bench_fsla', ['--warmup', '-1'], '--warmup'),
-    ('benchmarks.bench_fsla', ['--threads', '0'], '--threads'),
-])
+@pytest.mark.parametrize(
+    'script, argv, flag',
+    [
+        ('benchmarks.bench_models', ['--repeats', '0'], '--repeats'),
+        ('benchmarks.bench_models', ['--batch', '-8'], '--batch'),
+        ('benchmarks.bench_fsla', ['--warmup', '-1'], '--warmup'),
+        ('benchmarks.bench_fsla', ['--threads', '0'], '--threads'),
+        ('benchmarks.bench_compiled', ['--repeats', '0'], '--repeats'),
+        ('benchmarks.bench_compiled', ['--profile', '-1'], '--profile'),
+        ('benchmarks.bench_onnx', ['--batch', '0'], '--batch'),
+        ('benchmarks.bench_onnx', ['--profile-runs', '0'], '--profile-runs'),
+    ],
+)
 def test_bad_counts_are_usage_errors(script, argv, flag):
-    result = subprocess.run([sys.executable, '-m', script, *argv], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, '-m', script, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 2
     assert f'argument {flag}' in result.stderr and ('at least 1' in result.stderr or '0 or more' in result.stderr)
 
 
 def test_unknown_before_revision_is_named():
-    result = subprocess.run([sys.executable, '-m', 'benchmarks.bench_fsla', '--before', 'no-such-revision'], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, '-m', 'benchmarks.bench_fsla', '--before', 'no-such-revision'],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
     assert '--before no-such-revision: boatvit/clustering.py is not in that revision' in result.stderr
+
+
+@pytest.mark.parametrize(
+    'script, argv, message',
+    [
+        ('benchmarks.bench_compiled', ['--modes', 'inference,bogus'], "unknown modes ['bogus']"),
+        ('benchmarks.bench_compiled', ['--compile'], '--compile does not apply'),
+        ('benchmarks.bench_onnx', ['--device', 'cuda'], 'CPU provider only'),
+        ('benchmarks.bench_onnx', ['--keep-dir', '/no/such/dir'], '--keep-dir /no/such/dir: not an existing directory'),
+    ],
+)
+def test_options_that_do_not_apply_are_usage_errors(script, argv, message):
+    result = subprocess.run(
+        [sys.executable, '-m', script, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert message in result.stderr

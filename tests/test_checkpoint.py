@@ -66,6 +66,26 @@ def test_strict_loading_lists_missing_and_unexpected_keys(swin_fixture):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
+@pytest.mark.parametrize('dtype', [torch.int64, torch.bool])
+def test_integer_or_boolean_weights_are_refused_not_cast(swin_fixture, tmp_path, dtype):
+    """load_state_dict would cast them silently; the message names the tensor and both dtypes, through every path
+    (a loaded dict, and a converted .safetensors file read by the weights module)."""
+    model = swin_fixture.build()
+    sd = dict(swin_fixture.state_dict)
+    sd['norm.weight'] = torch.ones_like(sd['norm.weight'], dtype=dtype)
+    with pytest.raises(ValueError, match=rf'another kind of number.*norm\.weight: checkpoint {dtype} vs model'):
+        boatvit.load_reference_weights(model, sd)
+    from boatvit.runs import save_weights
+    from boatvit.weights import load_model
+
+    state = {k: v.float() for k, v in model.state_dict().items()}
+    state['norm.weight'] = state['norm.weight'].to(dtype)
+    path = tmp_path / 'weights.safetensors'
+    save_weights(path, state, {'model': 'boat_swin_tiny_224', 'model_kwargs': swin_fixture.model_kwargs()})
+    with pytest.raises(ValueError, match=r'norm\.weight'):
+        load_model(path)
+
+
 def test_other_family_is_refused(swin_fixture, cswin_fixture):
     with pytest.raises(ValueError, match='BOAT-CSWin weights but the model is BOAT-Swin'):
         boatvit.load_reference_weights(swin_fixture.build(), cswin_fixture.state_dict)

@@ -6,22 +6,20 @@ from __future__ import annotations
 import warnings
 
 import pytest
-import timm
 import torch
 from torch._dynamo.testing import CompileCounter
 
-REDUCED = {
-    'swin': ('boat_swin_tiny_224', dict(embed_dim=16, depths=(2, 2, 1, 1), num_heads=(1, 2, 2, 4), num_classes=5)),
-    'cswin': ('boat_cswin_tiny_224', dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(2, 2, 4, 4), num_classes=5)),
-}
+from reduced_models import reduced
+
+# one block less in the later stages than the shared reduced models: inductor's compile time grows with the blocks
+FEWER_BLOCKS = {'swin': dict(depths=(2, 2, 1, 1)), 'cswin': dict(depths=(1, 1, 1, 1))}
 # stage 1 at 88 x 88: 22 x 22 = 484 tokens, 3 clustering levels, padded with 4 ghosts; FSLA in stages 1 and 2
 SIZE = 88
 CLOSE = dict(rtol=1e-5, atol=1e-5)
 
 
-def reduced(family: str, **kwargs) -> torch.nn.Module:
-    name, model_kwargs = REDUCED[family]
-    return timm.create_model(name, **dict(model_kwargs, **kwargs)).eval()
+def compile_model(family: str, **kwargs) -> torch.nn.Module:
+    return reduced(family, **FEWER_BLOCKS[family], **kwargs)
 
 
 def images(batch: int, height: int, width: int) -> torch.Tensor:
@@ -37,7 +35,7 @@ def fresh_dynamo():
 
 @pytest.mark.parametrize('family', ['swin', 'cswin'])
 def test_one_graph_without_breaks(family):
-    model = reduced(family, img_size=SIZE)
+    model = compile_model(family, img_size=SIZE)
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         explanation = torch._dynamo.explain(model)(images(2, SIZE, SIZE))
@@ -50,7 +48,7 @@ def test_one_graph_without_breaks(family):
 @pytest.mark.slow
 @pytest.mark.parametrize('family', ['swin', 'cswin'])
 def test_inductor_fullgraph_matches_eager(family):
-    model = reduced(family, img_size=SIZE)
+    model = compile_model(family, img_size=SIZE)
     compiled = torch.compile(model, fullgraph=True)
     x = images(2, SIZE, SIZE)
     with torch.no_grad():
@@ -62,7 +60,7 @@ def test_changing_image_size_compiles_once_per_size(family):
     """With ``dynamic_img_size`` every new (H, W) compiles one graph (the clustering tree and the window padding are
     specialised to it) and a size seen before reuses its graph; torch caps the count at
     ``torch._dynamo.config.recompile_limit`` (8)."""
-    model = reduced(family, img_size=64, dynamic_img_size=True)
+    model = compile_model(family, img_size=64, dynamic_img_size=True)
     counter = CompileCounter()
     compiled = torch.compile(model, fullgraph=True, backend=counter)
     sizes = [(64, 64), (88, 88), (64, 64), (64, 96), (88, 88)]
@@ -77,7 +75,7 @@ def test_changing_image_size_compiles_once_per_size(family):
 def test_changing_batch_size_compiles_a_few_graphs(family, compiles):
     """Batch sizes 2, 3 and 4 at one image size: dynamo makes the batch symbolic after the first change (one more
     graph); CSWin's stripe convolutions add guards on batch ranges (2-3, 4-15), one graph each."""
-    model = reduced(family, img_size=64)
+    model = compile_model(family, img_size=64)
     counter = CompileCounter()
     compiled = torch.compile(model, fullgraph=True, backend=counter)
     with torch.no_grad():

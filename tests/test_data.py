@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -10,8 +12,8 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from boatvit.errors import UsageError
-from boatvit.data import DigitsDataset, check_same_classes, open_split, shard
+from boatvit.errors import UnreadableImageError, UsageError
+from boatvit.data import DigitsDataset, check_same_classes, open_image, open_split, shard
 
 
 def make_image_folder(root: Path, splits: dict, size: int = 32, seed: int = 0) -> Path:
@@ -110,3 +112,65 @@ def test_missing_optional_package_names_the_extra(monkeypatch):
     monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'sklearn' else find_spec(name))
     with pytest.raises(UsageError, match=r"needs scikit-learn, which is not installed; pip install 'boatvit\[cli\]'"):
         DigitsDataset('train')
+
+
+def write_png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG that claims ``width`` x ``height`` 8-bit RGB pixels and holds none: a decompression bomb's header."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+
+    ihdr = struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(
+        b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', ihdr) + chunk(b'IDAT', zlib.compress(b'')) + chunk(b'IEND', b'')
+    )
+    return path
+
+
+def write_16_bit_png(path: Path) -> np.ndarray:
+    """A 16-bit greyscale PNG of a horizontal ramp over the whole 16-bit range; returns its 8-bit equivalent."""
+    ramp = np.tile(np.linspace(0, 65535, 64).round().astype(np.uint16), (16, 1))
+    Image.fromarray(ramp).save(path)
+    return (ramp / 257).round().astype(np.uint8)
+
+
+def test_open_image_scales_16_bit_pngs_instead_of_clipping(tmp_path):
+    expected = write_16_bit_png(tmp_path / 'deep.png')
+    assert Image.open(tmp_path / 'deep.png').mode == 'I;16'
+    rgb = np.asarray(open_image(tmp_path / 'deep.png'))
+    assert rgb.shape == (16, 64, 3) and np.array_equal(rgb[..., 0], expected) and np.array_equal(rgb[..., 2], expected)
+    assert 0 < np.mean(rgb) < 255  # PIL's convert('RGB') makes it almost all white
+
+
+@pytest.mark.parametrize(
+    'content, message',
+    [
+        (None, 'too large to open safely'),
+        (b'', 'not a readable image'),
+        (b'\x89PNG\r\n\x1a\n garbage', 'not a readable image'),
+    ],
+)
+def test_open_image_names_unreadable_files(tmp_path, content, message):
+    path = tmp_path / 'bad.png'
+    if content is None:
+        write_png_header(path, 20000, 20000)  # 400 Mpx, over twice PIL's limit
+    else:
+        path.write_bytes(content)
+    with pytest.raises(UnreadableImageError, match=f'{path}: {message}'):
+        open_image(path)
+
+
+def test_image_folder_with_bad_images_is_refused_with_the_list(tmp_path):
+    root = make_image_folder(tmp_path, {'train': {'a': 3, 'b': 2}})
+    (root / 'train' / 'a' / '1.png').write_bytes(b'')
+    write_png_header(root / 'train' / 'b' / 'bomb.png', 20000, 20000)
+    write_16_bit_png(root / 'train' / 'b' / 'deep.png')
+    truncated = root / 'train' / 'a' / '2.png'
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    with pytest.raises(UnreadableImageError) as info:
+        open_split(str(root), 'train')
+    message = str(info.value)
+    assert message.startswith(f'4 of the 7 images in {root / "train"} cannot be used: ')
+    for name, why in (('a/1.png', 'not a readable'), ('a/2.png', 'not a readable'), ('b/bomb.png', 'too large')):
+        assert f'{root / "train" / name}: {why}' in message
+    assert f'{root / "train" / "b" / "deep.png"}: I;16 pixels' in message and 'remove or replace them' in message

@@ -11,12 +11,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import boatvit  # noqa: F401  (registers the models)
 
+from reduced_models import FAMILIES, reduced_kwargs
+
 smp = pytest.importorskip('segmentation_models_pytorch', reason='the test extra installs segmentation_models_pytorch')
 
-ENCODER_KWARGS = {
-    'tu-boat_swin_tiny_224': dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8)),
-    'tu-boat_cswin_tiny_224': dict(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(2, 2, 4, 8)),
-}
+ENCODER_KWARGS = {f'tu-{name}': reduced_kwargs(name) for name in FAMILIES.values()}
 
 
 def _segmenter(cls, encoder_name: str, **kwargs):
@@ -49,7 +48,9 @@ def _square_task(height: int, width: int):
 def test_segmentation_trains_at_a_non_square_size(cls, encoder_name):
     torch.manual_seed(0)
     model = _segmenter(getattr(smp, cls), encoder_name)
-    assert model.encoder.out_channels == [3, 0, 32, 64, 128, 256]  # smp's empty stride-2 slot before BOAT's 4..32
+    width = ENCODER_KWARGS[encoder_name]['embed_dim']
+    # smp's empty stride-2 slot before BOAT's stages at strides 4..32
+    assert model.encoder.out_channels == [3, 0, width, 2 * width, 4 * width, 8 * width]
     images, masks = _square_task(32, 64)  # UPerNet needs multiples of 32 (smp checks), Unet does not
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
@@ -68,13 +69,14 @@ def test_unet_takes_sizes_that_are_not_multiples_of_32():
     model = _segmenter(smp.Unet, 'tu-boat_swin_tiny_224').eval()
     features = model.encoder(torch.randn(1, 3, 70, 100))
     # smp's encoder list: the image, an empty stride-2 map, then BOAT's NCHW stage maps at strides 4..32
+    width = ENCODER_KWARGS['tu-boat_swin_tiny_224']['embed_dim']
     assert [tuple(f.shape[1:]) for f in features] == [
         (3, 70, 100),
         (0, 35, 50),
-        (32, 18, 25),
-        (64, 9, 13),
-        (128, 5, 7),
-        (256, 3, 4),
+        (width, 18, 25),
+        (2 * width, 9, 13),
+        (4 * width, 5, 7),
+        (8 * width, 3, 4),
     ]
     with torch.no_grad():
         assert model(torch.randn(1, 3, 70, 100)).shape == (1, 2, 70, 100)

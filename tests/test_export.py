@@ -3,8 +3,11 @@ limit, and ``boatvit export`` (weights, another size, atomic write, failed check
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
+import os
+import types
 from collections import Counter
 from pathlib import Path
 from typing import List
@@ -18,6 +21,7 @@ import torch
 from onnx import numpy_helper
 
 import boatvit
+import boatvit.export
 from boatvit import cli
 from boatvit.clustering import cluster_layout
 from boatvit.export import TENSORRT_TOPK_LIMIT, ExportCheckError, export_onnx, fsla_sorts
@@ -207,3 +211,22 @@ def test_cli_export_without_onnx_packages(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(importlib.util, 'find_spec', lambda name: None if name == 'onnxruntime' else find_spec(name))
     assert cli.main(['export', '--model', 'boat_swin_nano_32', '-o', str(tmp_path / 'model.onnx')]) == 2
     assert 'pip install "boatvit[onnx]"' in capsys.readouterr().err
+
+
+def test_cli_export_to_a_full_disk_keeps_the_previous_file(tmp_path, capsys, monkeypatch):
+    class FullDiskProgram:
+        model = types.SimpleNamespace(metadata_props={})
+
+        def save(self, path, external_data):
+            Path(path).write_bytes(b'partial')
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    # the tracing is not what is tested: a program whose save meets a full disk
+    monkeypatch.setattr(boatvit.export, '_trace', lambda *args, **kwargs: FullDiskProgram())
+    out = tmp_path / 'model.onnx'
+    out.write_bytes(b'previous file')
+    assert cli.main(['export', '--model', 'boat_swin_nano_32', '--batch-size', '1', '-o', str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f'boatvit export: error: could not write {out}: No space left on device (')
+    assert 'MiB free' in err and err.endswith('the previous one is intact') and len(err.splitlines()) == 1
+    assert out.read_bytes() == b'previous file' and [p.name for p in tmp_path.iterdir()] == ['model.onnx']

@@ -14,12 +14,11 @@ from PIL import Image
 import boatvit  # noqa: F401  (registers the models)
 from boatvit.hub import HUB_NOTE, save_hub_format
 
+from reduced_models import FAMILIES, reduced_kwargs
+
 transformers = pytest.importorskip('transformers', reason='the test extra installs transformers')
 
-SMALL = {
-    'boat_swin_tiny_224': dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8)),
-    'boat_cswin_tiny_224': dict(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(2, 2, 4, 8)),
-}
+SMALL = {name: reduced_kwargs(name) for name in FAMILIES.values()}
 LABELS = ['cat', 'dog', 'eel']
 
 

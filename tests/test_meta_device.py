@@ -8,18 +8,9 @@ from timm.models._manipulate import reinit_non_persistent_buffers
 
 import boatvit
 
-REDUCED = {
-    'swin': (
-        'boat_swin_tiny_224',
-        boatvit.BoatSwinTransformer,
-        dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), num_classes=5),
-    ),
-    'cswin': (
-        'boat_cswin_tiny_224',
-        boatvit.BoatCSWinTransformer,
-        dict(embed_dim=16, depths=(1, 2, 1, 1), num_heads=(2, 2, 4, 4), num_classes=5),
-    ),
-}
+from reduced_models import FAMILIES, reduced_kwargs
+
+CLASSES = {'swin': boatvit.BoatSwinTransformer, 'cswin': boatvit.BoatCSWinTransformer}
 # fixed non-square size (BOAT-Swin's masks are buffers built for it) and any size (masks built per call)
 BUILDS = [dict(img_size=(96, 128)), dict(dynamic_img_size=True)]
 
@@ -43,9 +34,9 @@ def _assert_same_model(model: torch.nn.Module, reference: torch.nn.Module) -> No
 
 
 @pytest.mark.parametrize('build', BUILDS, ids=['fixed', 'dynamic'])
-@pytest.mark.parametrize('family', sorted(REDUCED))
+@pytest.mark.parametrize('family', sorted(FAMILIES))
 def test_create_model_on_meta_then_load_gives_the_normal_model(family, build):
-    name, _, args = REDUCED[family]
+    name, args = FAMILIES[family], reduced_kwargs(family, num_classes=5)
     torch.manual_seed(0)
     reference = timm.create_model(name, **args, **build).eval()
     model = timm.create_model(name, device='meta', **args, **build)
@@ -54,9 +45,9 @@ def test_create_model_on_meta_then_load_gives_the_normal_model(family, build):
     _assert_same_model(_materialise(model, reference.state_dict()), reference)
 
 
-@pytest.mark.parametrize('family', sorted(REDUCED))
+@pytest.mark.parametrize('family', sorted(FAMILIES))
 def test_build_under_the_meta_device_context(family):
-    _, cls, args = REDUCED[family]
+    cls, args = CLASSES[family], reduced_kwargs(family, num_classes=5)
     torch.manual_seed(0)
     reference = cls(**args, img_size=(96, 128)).eval()
     with torch.device('meta'):
@@ -65,9 +56,9 @@ def test_build_under_the_meta_device_context(family):
     _assert_same_model(_materialise(model, reference.state_dict()), reference)
 
 
-@pytest.mark.parametrize('family', sorted(REDUCED))
+@pytest.mark.parametrize('family', sorted(FAMILIES))
 def test_dtype_creates_every_parameter_in_that_dtype(family):
-    name, _, args = REDUCED[family]
+    name, args = FAMILIES[family], reduced_kwargs(family, num_classes=5)
     model = timm.create_model(name, dtype=torch.float64, **args).eval()
     assert {p.dtype for p in model.parameters()} == {torch.float64}
     # floating buffers (Swin's attention masks) follow; the relative position index stays an integer index
@@ -82,7 +73,8 @@ def test_dtype_creates_every_parameter_in_that_dtype(family):
 
 
 def test_fsla_backend_reaches_every_fsla():
-    for family, (name, _, args) in REDUCED.items():
+    for family, name in FAMILIES.items():
+        args = reduced_kwargs(family)
         model = timm.create_model(name, fsla_backend='torch', **args)
         fslas = [m for m in model.modules() if isinstance(m, boatvit.FeatureSpaceAttention)]
         assert fslas and {m.clustering_backend for m in fslas} == {'torch'}, family

@@ -13,25 +13,16 @@ on these reduced models at 224x224 (5 seeds), the relative L2 error of ``forward
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
 from boatvit import FeatureSpaceAttention, balanced_hierarchical_clustering, cluster_layout
 
+from reduced_models import reduced
+
 AMP = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 # relative L2 error of a half-precision forward against float32 (features and logits), about 2.5x the worst measured
 HALF_RTOL = 0.05
-
-REDUCED = {
-    'swin': ('boat_swin_tiny_224', dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), num_classes=5)),
-    'cswin': ('boat_cswin_tiny_224', dict(embed_dim=16, depths=(1, 2, 1, 1), num_heads=(2, 2, 4, 4), num_classes=5)),
-}
-
-
-def reduced(family: str, **kwargs) -> torch.nn.Module:
-    name, model_kwargs = REDUCED[family]
-    return timm.create_model(name, **dict(model_kwargs, **kwargs))
 
 
 def images(batch: int, height: int, width: int) -> torch.Tensor:

@@ -7,17 +7,14 @@ import torch
 import boatvit
 
 from full_size import REFERENCE_PARAMS
+from reduced_models import NUM_CLASSES, reduced_kwargs
 
 CLOSE = dict(rtol=1e-10, atol=1e-10)
-SMALL = {
-    'swin': dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), num_classes=5),
-    'cswin': dict(embed_dim=16, depths=(1, 2, 1, 1), num_heads=(2, 2, 4, 4), split_size=(1, 2, 7, 7), num_classes=5),
-}
 
 
 def small_model(family, **kwargs):
     cls = boatvit.BoatSwinTransformer if family == 'swin' else boatvit.BoatCSWinTransformer
-    return cls(**dict(SMALL[family], drop_path_rate=0.0, **kwargs))
+    return cls(**reduced_kwargs(family, num_classes=NUM_CLASSES, drop_path_rate=0.0, **kwargs))
 
 
 @pytest.mark.parametrize('name', REFERENCE_PARAMS)

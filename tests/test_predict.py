@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import timm
@@ -14,6 +16,7 @@ from timm.data import ImageNetInfo, create_transform, resolve_data_config
 from boatvit import cli
 from boatvit.prediction import class_names
 from boatvit.runs import save_weights
+from test_data import write_16_bit_png, write_png_header
 
 CLASSES = ['apple', 'bear', 'cat', 'dog', 'eel', 'fox', 'gnu', 'hen', 'ibis', 'jay']
 
@@ -111,3 +114,30 @@ def test_bad_input_is_named(tmp_path, nano, kind, message, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and (kind == 'topk' or str(image) in err)
+
+
+def test_a_folder_with_unreadable_images_predicts_the_rest(tmp_path, images, nano, capsys):
+    folder = tmp_path / 'mixed'
+    shutil.copytree(images, folder)
+    (folder / 'broken.jpg').write_bytes(b'\xff\xd8\xff\xe0 this is not really a jpeg')
+    write_png_header(folder / 'bomb.png', 20000, 20000)  # 400 Mpx
+    expected = write_16_bit_png(folder / 'deep.png')
+    assert cli.main(['predict', str(folder), '--weights', str(nano[0]), '--json', '--batch-size', '2']) == 0
+    captured = capsys.readouterr()
+    results = {Path(r['image']).name: r for r in json.loads(captured.out)}
+    assert sorted(results) == ['bomb.png', 'broken.jpg', 'china.jpg', 'deep.png', 'flower.jpg']
+    assert 'not a readable image' in results['broken.jpg']['error']
+    assert 'too large to open safely' in results['bomb.png']['error']
+    for name in ('china.jpg', 'flower.jpg', 'deep.png'):
+        assert len(results[name]['predictions']) == 5
+    # the 16-bit image is predicted as its 8-bit equivalent
+    Image.fromarray(expected).save(tmp_path / 'deep8.png')
+    probs, indices = expected_top(nano[1], tmp_path / 'deep8.png', 5)
+    assert [p['index'] for p in results['deep.png']['predictions']] == indices.tolist()
+    assert f'warning: skipped {folder / "broken.jpg"}: not a readable image' in captured.err
+    assert f'warning: skipped {folder / "bomb.png"}: too large' in captured.err
+    assert 'skipped 2 of 5 images (unreadable)' in captured.err
+
+    assert cli.main(['predict', str(folder / 'broken.jpg'), str(folder / 'bomb.png'), '--weights', str(nano[0])]) == 2
+    err = capsys.readouterr().err
+    assert 'none of the 2 images could be read' in err and 'Traceback' not in err

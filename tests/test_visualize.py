@@ -11,6 +11,7 @@ from sklearn.datasets import load_sample_image
 from boatvit import cli
 from boatvit.runs import save_weights
 from boatvit.cluster_pictures import cluster_labels, first_layer_per_stage
+from test_data import write_png_header
 
 
 @pytest.fixture(scope='module')
@@ -88,3 +89,27 @@ def test_needs_weights_or_model(tmp_path, china, capsys):
 def test_first_layer_per_stage():
     names = ['layers.0.blocks.1.fsla', 'layers.2.blocks.1.fsla', 'layers.2.blocks.3.fsla', 'layers.3.blocks.0.fsla']
     assert first_layer_per_stage(names) == [names[0], names[1], names[3]]
+
+
+def test_several_images_skip_the_unreadable_ones(tmp_path, china, nano_weights, capsys):
+    broken, bomb = tmp_path / 'broken.jpg', tmp_path / 'bomb.png'
+    broken.write_bytes(b'\xff\xd8\xff\xe0 this is not really a jpeg')
+    write_png_header(bomb, 20000, 20000)
+    out = tmp_path / 'pictures'
+    out.mkdir()
+    argv = ['clusters', str(china), str(broken), str(bomb), str(china), '--weights', str(nano_weights), '-o', str(out)]
+    assert cli.main([*argv, '--panel-size', '64']) == 0
+    captured = capsys.readouterr()
+    assert sorted(p.name for p in out.iterdir()) == ['china-2.png', 'china.png']
+    assert f'{out / "china.png"}' in captured.out and f'{out / "china-2.png"}' in captured.out
+    assert f'warning: skipped {broken}: not a readable image' in captured.err
+    assert f'warning: skipped {bomb}: too large to open safely' in captured.err
+    assert 'skipped 2 of 4 images (unreadable)' in captured.err
+    # one unreadable image, or none readable of several: one line, exit 2, nothing written
+    assert cli.main(['clusters', str(bomb), '--weights', str(nano_weights), '-o', str(tmp_path / 'c.png')]) == 2
+    assert f'{bomb}: too large to open safely' in capsys.readouterr().err
+    assert cli.main(['clusters', str(broken), str(bomb), '--weights', str(nano_weights), '-o', str(out)]) == 2
+    assert 'none of the 2 images could be read' in capsys.readouterr().err
+    assert cli.main([*argv[:3], '--weights', str(nano_weights), '-o', str(tmp_path / 'c.png')]) == 2
+    assert 'with several images, -o must be an existing directory' in capsys.readouterr().err
+    assert not (tmp_path / 'c.png').exists()

@@ -3,7 +3,8 @@
 Each module in `COMMANDS` defines ``add_parser(subparsers)``, which adds its sub-command and sets the parser's ``run``
 default to a function that takes the parsed arguments, calls one library function, prints its result and returns an
 exit code. The library raises `boatvit.errors.BoatvitError` for input a user can fix; `main` prints it as one line
-and exits with status 2. Nothing outside this package imports it.
+and exits with status 2. Ctrl-C is one line too (with the library's hint, e.g. how to resume), exit status 130 as
+for a shell. Nothing outside this package imports it.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except BoatvitError as e:
         print(f'boatvit {args.command}: error: {e}', file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        hints = ''.join(f'; {note}' for note in getattr(e, '__notes__', ()))
+        print(f'\nboatvit {args.command}: interrupted{hints}', file=sys.stderr)
+        return 130
 
 
 if __name__ == '__main__':

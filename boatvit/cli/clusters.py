@@ -14,11 +14,14 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         'clusters',
         help='draw the feature-space attention clusters of an image',
-        description='Run one image through a BOAT model and draw, for chosen FSLA layers and heads, the image with '
-        'each token coloured by its cluster, beside the plain image.',
+        description='Run images through a BOAT model and draw, for chosen FSLA layers and heads, each image with '
+        'its tokens coloured by their cluster, beside the plain image. Of several images, unreadable ones are '
+        'skipped with a warning.',
     )
-    parser.add_argument('image', help='image file')
-    parser.add_argument('-o', '--output', required=True, help='PNG file to write')
+    parser.add_argument('images', nargs='+', metavar='IMAGE', help='image files')
+    parser.add_argument(
+        '-o', '--output', required=True, help='PNG file to write; for several images, a directory for IMAGE_STEM.png'
+    )
     parser.add_argument(
         '--weights', help='checkpoint, .safetensors file or run directory; without it the model is untrained'
     )
@@ -41,8 +44,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    name, layers = draw_clusters(
-        args.image,
+    drawn = draw_clusters(
+        args.images[0] if len(args.images) == 1 else args.images,
         args.output,
         weights=args.weights,
         model=args.model,
@@ -54,8 +57,16 @@ def run(args: argparse.Namespace) -> int:
     )
     if not args.weights:
         print(
-            f'boatvit clusters: no --weights, so {name} is untrained and its clusters are those of random features',
+            f'boatvit clusters: no --weights, so {drawn.name} is untrained and its clusters are those of random'
+            ' features',
             file=sys.stderr,
         )
-    print(f'wrote {args.output}: {len(layers)} FSLA layer(s) of {name}')
+    for error in drawn.skipped:
+        print(f'boatvit clusters: warning: skipped {error}', file=sys.stderr)
+    for path in drawn.written:
+        print(f'wrote {path}: {len(drawn.layers)} FSLA layer(s) of {drawn.name}')
+    if drawn.skipped:
+        print(
+            f'boatvit clusters: skipped {len(drawn.skipped)} of {len(args.images)} images (unreadable)', file=sys.stderr
+        )
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any, Mapping, Sequence
 
 from ..prediction import predict_images
@@ -29,6 +30,8 @@ def add_parser(subparsers) -> None:
 
 def _print_table(results: Sequence[Mapping[str, Any]]) -> None:
     for result in results:
+        if 'error' in result:
+            continue
         print(result['image'])
         for pred in result['predictions']:
             print(f'  {pred["rank"]:>2}  {100 * pred["probability"]:6.2f} %  {pred["index"]:>5}  {pred["name"]}')
@@ -45,8 +48,13 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
     )
+    skipped = [result['error'] for result in results if 'error' in result]
+    for error in skipped:
+        print(f'boatvit predict: warning: skipped {error}', file=sys.stderr)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         _print_table(results)
+    if skipped:
+        print(f'boatvit predict: skipped {len(skipped)} of {len(results)} images (unreadable)', file=sys.stderr)
     return 0

@@ -401,8 +401,13 @@ class BoatTransformer(nn.Module):
         # the family's key filter is its module's checkpoint_filter_fn (timm's convention); looked up through the
         # model's own module so that nothing here imports the family modules, which import this one
         filter_fn = sys.modules[type(self).__module__].checkpoint_filter_fn
-        load_filtered(self, checkpoint_path, self.family, filter_fn,
-                      load_classifier=self.num_classes == self.pretrained_cfg.get('num_classes'))
+        load_filtered(
+            self,
+            checkpoint_path,
+            self.family,
+            filter_fn,
+            load_classifier=self.num_classes == self.pretrained_cfg.get('num_classes'),
+        )
 
 
 def boat_cfg(crop_pct: float, **kwargs: Any) -> Dict[str, Any]:
