@@ -1,4 +1,5 @@
-"""Named training presets: the embedded digits default and the reference ImageNet-1k recipes of the six models.
+"""Named training presets: the embedded digits default, the small-data and fine-tuning defaults, and the reference
+ImageNet-1k recipes of the six models.
 
 A recipe is a dict of `boatvit.training.TrainConfig` fields; command-line flags override it. The reference recipes
 come from the configurations the BOAT authors trained with: BOAT-Swin with the Swin Transformer code base
@@ -38,6 +39,33 @@ _SWIN = dict(
 # CSWin code base: the same augmentation, lr 2e-3 at batch 2048, EMA of the weights, no gradient clipping.
 _CSWIN = dict(_SWIN, batch_size=256, lr_base=2e-3, lr_base_size=2048, clip_grad=None, ema_decay=0.99984)
 
+# Fine-tuning from weights (`boatvit train --weights`). From the Swin and CSWin fine-tuning configurations (224 ->
+# 384 on ImageNet-1k): 30 epochs, 5 of warm-up (Swin), weight decay 1e-8, warm-up and minimum lr far below the peak
+# (Swin: 1e-3 and 1e-2 of it). Their peak lr (Swin 2e-5 at a batch of 512) fine-tunes a head that already knows the
+# classes, over ~40k steps; a new head on a few hundred images gets a few hundred steps, so the peak is higher:
+# 5e-4 at the batch of 32 (per image 8x MAE's and timm's 5e-4 per 256 for ImageNet fine-tuning), with timm's and
+# BEiT/MAE's layer-wise decay of 0.75, which keeps the early layers close to the weights. No mixup or cutmix (they
+# pair images in batches of a few dozen), no EMA (the CSWin 0.9998 would barely move in a few hundred steps), the
+# RandAugment and random erasing of the reference recipes. Large data sets at large batches want a lower --lr.
+_FINETUNE = dict(
+    epochs=30,
+    warmup_epochs=5,
+    batch_size=32,
+    lr_base=5e-4,
+    lr_base_size=32,
+    layer_decay=0.75,
+    weight_decay=1e-8,
+    warmup_lr=1e-7,
+    min_lr=1e-6,
+    drop_path=0.1,
+    smoothing=0.1,
+    mixup=0.0,
+    cutmix=0.0,
+    aa='rand-m9-mstd0.5-inc1',
+    reprob=0.25,
+    remode='pixel',
+)
+
 RECIPES: Dict[str, Dict[str, Any]] = {
     # the embedded default, `boatvit train` with no arguments: a few minutes on 2 CPU cores
     'digits': dict(
@@ -66,6 +94,28 @@ RECIPES: Dict[str, Dict[str, Any]] = {
         ratio=(0.85, 1.15),
         crop_pct=1.0,
     ),
+    # `boatvit train --data DIR` without a recipe or weights: a small model from scratch, a few dozen epochs at a
+    # batch that a folder of a hundred images still fills; the reference augmentation against overfitting
+    'small-data': dict(
+        epochs=50,
+        warmup_epochs=5,
+        batch_size=16,
+        lr_base=1e-3,
+        lr_base_size=64,
+        weight_decay=0.05,
+        warmup_lr=1e-6,
+        min_lr=1e-5,
+        clip_grad=5.0,
+        drop_path=0.1,
+        smoothing=0.1,
+        mixup=0.8,
+        cutmix=1.0,
+        aa='rand-m9-mstd0.5-inc1',
+        reprob=0.25,
+    ),
+    # Swin clips gradients at norm 5 in fine-tuning as in training; CSWin clips none
+    'finetune-swin': dict(_FINETUNE, clip_grad=5.0),
+    'finetune-cswin': dict(_FINETUNE, clip_grad=None),
     'boat_swin_tiny_224': dict(_SWIN, model='boat_swin_tiny_224', drop_path=0.2),
     'boat_swin_small_224': dict(_SWIN, model='boat_swin_small_224', drop_path=0.3),
     'boat_swin_base_224': dict(_SWIN, model='boat_swin_base_224', drop_path=0.5),
@@ -77,3 +127,6 @@ RECIPES: Dict[str, Dict[str, Any]] = {
 }
 
 DEFAULT_RECIPE = 'digits'
+SMALL_DATA_RECIPE = 'small-data'
+#: the preset `boatvit train --weights` uses, per model family
+FINETUNE_RECIPES = {'swin': 'finetune-swin', 'cswin': 'finetune-cswin'}

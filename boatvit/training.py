@@ -36,7 +36,7 @@ from tqdm import tqdm
 from .data import DIGITS, check_same_classes, default_workers, eval_data_config, open_split, shard
 from .errors import TrainingDivergedError, UsageError
 from .evaluation import evaluate
-from .recipes import DEFAULT_RECIPE, RECIPES
+from .recipes import DEFAULT_RECIPE, FINETUNE_RECIPES, RECIPES, SMALL_DATA_RECIPE
 from .runs import (
     CONFIG_FILE,
     hold_run_dir,
@@ -49,7 +49,15 @@ from .runs import (
     write_metrics,
 )
 from .runtime import AMP_DTYPES, autocast, out_of_memory, require_extra, resolve_device
-from .weights import build_model
+from .weights import (
+    Weights,
+    build_model,
+    check_backbone,
+    input_size_kwargs,
+    load_backbone,
+    read_weights,
+    resolve_model,
+)
 
 __all__ = [
     'TrainConfig',
@@ -92,7 +100,14 @@ class TrainConfig:
     model_kwargs: Dict[str, Any] = _field(
         dict, 'model', 'extra model constructor arguments, e.g. embed_dim=48 depths=(2,2)', metavar='KEY=VALUE'
     )
-    img_size: Optional[int] = _field(None, 'model', "input size; default: the model's")
+    weights: Optional[str] = _field(
+        None,
+        'model',
+        'fine-tune from these weights: a released checkpoint (EMA weights preferred), a .safetensors file, a run'
+        ' directory or a timm-format state dict; the classifier is new when the data have another number of classes',
+        metavar='SOURCE',
+    )
+    img_size: Optional[int] = _field(None, 'model', "input size; default: the weights' or the model's")
     drop_path: float = _field(0.1, 'model', 'stochastic depth rate')
     grad_checkpointing: bool = _field(False, 'model', 'recompute activations in the backward pass to save memory')
     epochs: int = _field(300, 'optimisation', 'training epochs')
@@ -103,6 +118,10 @@ class TrainConfig:
     lr_base: float = _field(5e-4, 'optimisation', 'learning rate at a global batch of --lr-base-size')
     lr_base_size: int = _field(512, 'optimisation', 'the global batch --lr-base is for')
     weight_decay: float = _field(0.05, 'optimisation', 'AdamW weight decay')
+    layer_decay: Optional[float] = _field(
+        None, 'optimisation', 'layer-wise lr decay: each block towards the stem gets this factor more, e.g. 0.75'
+    )
+    freeze_backbone: bool = _field(False, 'optimisation', 'train the classifier only (a linear probe)')
     clip_grad: Optional[float] = _field(5.0, 'optimisation', 'max gradient norm; 0 for none')
     warmup_epochs: int = _field(20, 'optimisation', 'epochs of linear learning-rate warm-up')
     warmup_lr: float = _field(1e-6, 'optimisation', 'learning rate at the start of the warm-up')
@@ -148,6 +167,8 @@ class TrainConfig:
                 raise UsageError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(self, name)}')
         if self.limit_batches is not None and self.limit_batches < 1:
             raise UsageError(f'--limit-batches must be at least 1, got {self.limit_batches}')
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise UsageError(f'--layer-decay must lie in (0, 1], e.g. 0.75, got {self.layer_decay}')
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise UsageError(f'--ema-decay must lie in (0, 1), e.g. 0.9998, got {self.ema_decay}')
         if self.amp not in AMP_DTYPES:
@@ -163,10 +184,14 @@ class TrainConfig:
 
 
 def config_from_values(given: Mapping[str, Any], recipe: Optional[str] = None) -> Tuple[TrainConfig, Optional[str]]:
-    """The recipe (if any) overridden by the values given; returns the config and the recipe name.
+    """The recipe overridden by the values given; returns the config and the recipe name, and says which recipe is
+    in use and why (rank 0).
 
-    Without a recipe, the embedded default's applies when the data are the digits (or not given). ``clip_grad`` and
-    ``ema_decay`` of 0 and ``aa`` of ``'none'`` switch those off (the command line cannot type None).
+    Without ``recipe``: the family's fine-tuning preset with ``weights``, the embedded default when the data are
+    the digits (or not given), else the small-data preset. With ``weights``, the model, its arguments and image
+    size default to those of the weights (`boatvit.weights.resolve_model`), and another ``img_size`` gets the
+    Swin windows ``set_input_size`` would choose. ``clip_grad`` and ``ema_decay`` of 0 and ``aa`` of ``'none'``
+    switch those off (the command line cannot type None).
     """
     given = {k: v for k, v in given.items() if v is not None}
     for name in ('clip_grad', 'ema_decay'):
@@ -174,13 +199,41 @@ def config_from_values(given: Mapping[str, Any], recipe: Optional[str] = None) -
             given[name] = None
     if given.get('aa') == 'none':
         given['aa'] = None
-    recipe = recipe or (DEFAULT_RECIPE if given.get('data', DIGITS) == DIGITS else None)
+    if 'weights' in given:
+        given = _from_weights(given)
+    recipe, why = (recipe, 'asked for') if recipe else _default_recipe(given)
     values = dict(RECIPES[recipe]) if recipe else {}
     model_kwargs = dict(values.get('model_kwargs', {}), **given.pop('model_kwargs', {}))
     values.update(given, model_kwargs=model_kwargs)
     if values.get('data') is None:
         raise UsageError(f'recipe {recipe!r} needs --data DIR (with train/ and val/ folders of class folders)')
-    return TrainConfig(**values), recipe
+    config = TrainConfig(**values)
+    if os.environ.get('RANK', '0') == '0':
+        report(f'recipe {recipe}: {why}; flags given override it (boatvit/recipes.py)')
+    return config, recipe
+
+
+def _default_recipe(given: Mapping[str, Any]) -> Tuple[str, str]:
+    """The recipe for what the user gave, and why."""
+    if 'weights' in given:
+        family = 'cswin' if given['model'].startswith('boat_cswin') else 'swin'
+        return FINETUNE_RECIPES[family], f'fine-tuning {given["model"]} from --weights'
+    if given.get('data', DIGITS) == DIGITS:
+        return DEFAULT_RECIPE, 'the embedded default'
+    return SMALL_DATA_RECIPE, f'--data {given["data"]} without --recipe or --weights (--recipe NAME for another)'
+
+
+def _from_weights(given: Dict[str, Any]) -> Dict[str, Any]:
+    """``given`` with the model, its arguments and image size of ``given['weights']`` where not given, and the
+    windows for another image size."""
+    weights = read_weights(given['weights'])
+    name, model_kwargs, _ = resolve_model(weights, given.get('model'), given.get('model_kwargs'))
+    # the image size is a field of its own: the one the weights were built for, unless another is asked for
+    own_size = model_kwargs.pop('img_size', None)
+    img_size = given.get('img_size', own_size)
+    if img_size is not None and img_size != own_size:
+        model_kwargs.update(input_size_kwargs(name, model_kwargs, img_size, built_for=own_size))
+    return dict(given, model=name, model_kwargs=model_kwargs, img_size=img_size)
 
 
 def global_batch_size(config: TrainConfig, world_size: int) -> int:
@@ -256,8 +309,13 @@ class Trainer:
         self.world_size = world_size
         self.updates_per_epoch = updates_per_epoch
         self.num_updates = 0
+        # the models' group_matcher gives timm the layers for --layer-decay; frozen parameters are left out
         self.optimizer = create_optimizer_v2(
-            unwrap_model(model), opt=config.opt, lr=learning_rate(config, world_size), weight_decay=config.weight_decay
+            unwrap_model(model),
+            opt=config.opt,
+            lr=learning_rate(config, world_size),
+            weight_decay=config.weight_decay,
+            layer_decay=config.layer_decay,
         )
         # stepped per optimizer update, so short runs get a smooth warm-up and decay too
         self.scheduler, _ = create_scheduler_v2(
@@ -293,7 +351,8 @@ class Trainer:
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]['lr']
+        """The learning rate now; with layer decay, the top layers' (the others get a fraction of it)."""
+        return max(group['lr'] for group in self.optimizer.param_groups)
 
     def state_dict(self) -> Dict[str, Any]:
         return {
@@ -413,7 +472,8 @@ def build_loaders(
         raise UsageError(
             f'a global batch of {global_batch_size(config, world_size)} images ({config.batch_size} per process x'
             f' {config.grad_accum} accumulation x {world_size} processes) is more than the {len(train_ds)} training'
-            ' images; lower --batch-size or --grad-accum'
+            f' images; lower --batch-size (to {max(1, len(train_ds) // (config.grad_accum * world_size))} or less'
+            ' here) or --grad-accum'
         )
     if config.limit_batches:
         # the same images whatever the number of processes
@@ -583,6 +643,26 @@ def _weights_metadata(
     }
 
 
+def _start_from_weights(model: torch.nn.Module, weights: Weights, classes: List[str], say: bool) -> None:
+    """Load the backbone (and the classifier when it classifies ``classes``) of ``weights`` into ``model``, saying
+    what was dropped."""
+    dropped = load_backbone(model, weights, classes)
+    if say:
+        recorded = weights.metadata.get('classes')
+        named = f' {_names(recorded)}' if recorded else ''
+        head = (
+            f'; its classifier ({", ".join(dropped)}: {weights.num_classes} classes{named}) was dropped for a new one'
+            f' of {model.num_classes} classes {_names(classes)}'
+            if dropped
+            else ''
+        )
+        report(f'fine-tuning from {weights.path} ({weights.entry}){head}')
+
+
+def _names(classes: List[str], shown: int = 5) -> str:
+    return '(' + ', '.join(classes[:shown]) + (', ...' if len(classes) > shown else '') + ')'
+
+
 def fit(
     config: TrainConfig,
     run_dir: Optional[Path],
@@ -593,11 +673,13 @@ def fit(
     progress: bool = True,
     resume_state: Optional[Dict[str, Any]] = None,
     recipe: Optional[str] = None,
+    initial_weights: Optional[Weights] = None,
 ) -> List[Dict[str, Any]]:
     """Train ``config`` and return one metrics row per epoch; rank 0 writes into ``run_dir``.
 
     With ``resume_state`` (a ``last.pt`` from an earlier run of the same config) training continues after the
-    epoch it saved: model, optimizer, scheduler, EMA, loss scaler, RNG, metrics history and best epoch.
+    epoch it saved: model, optimizer, scheduler, EMA, loss scaler, RNG, metrics history and best epoch. Otherwise
+    a config with ``weights`` starts from them (``initial_weights``: the source already read).
     """
     random_seed(config.seed)  # the same initial weights on every rank
     train_ds, val_ds, classes = _open_data(config)
@@ -608,6 +690,13 @@ def fit(
         drop_path_rate=config.drop_path,
         img_size=config.img_size,
     )
+    if config.weights and resume_state is None:  # a resumed run has its own trained weights in resume_state
+        _start_from_weights(model, initial_weights or read_weights(config.weights), classes, rank == 0)
+    if config.freeze_backbone:
+        for param in model.parameters():
+            param.requires_grad = False
+        for param in model.get_classifier().parameters():
+            param.requires_grad = True
     data_config = _set_transforms(config, model, train_ds, val_ds)
     random_seed(config.seed, rank)  # different augmentation on every rank
     train_loader, val_loader, updates_per_epoch = build_loaders(
@@ -659,6 +748,13 @@ def _init_distributed(device_name: str) -> Tuple[int, int, torch.device]:
     return dist.get_rank(), world_size, device
 
 
+def _check_weights(config: TrainConfig) -> Weights:
+    """``config.weights`` read, and checked to fit ``config.model`` (the classifier aside)."""
+    weights = read_weights(config.weights)
+    check_backbone(weights, config.model, config.model_kwargs, img_size=config.img_size)
+    return weights
+
+
 def open_resumed_run(run_dir: os.PathLike, world_size: int) -> Tuple[Path, TrainConfig, Optional[str], Dict[str, Any]]:
     """The run directory, config, recipe and last saved state of a run to resume (``RUN_DIR`` or a file in it)."""
     run_dir = Path(run_dir)
@@ -706,16 +802,19 @@ def train(
     require_extra('matplotlib', 'matplotlib', 'plotting training curves')
     rank, world_size, run_on = _init_distributed(device)
     try:
-        resume_state, run_dir = None, None
+        resume_state, run_dir, initial_weights = None, None, None
         if resume is not None:
             run_dir, config, recipe, resume_state = open_resumed_run(resume, world_size)
             if resume_state['epoch'] >= config.epochs:
                 if rank == 0:
                     report(f'{run_dir} already finished its {config.epochs} epochs')
                 return TrainResult(run_dir, list(resume_state['history']), 0.0, already_finished=True)
-        elif rank == 0:
-            data_name = Path(config.data).name or config.data
-            run_dir = new_run_dir(output, name, f'{time.strftime("%Y%m%d-%H%M%S")}-{config.model}-{data_name}')
+        else:
+            # weights that do not fit the model are refused before a run directory exists
+            initial_weights = _check_weights(config) if config.weights else None
+            if rank == 0:
+                data_name = Path(config.data).name or config.data
+                run_dir = new_run_dir(output, name, f'{time.strftime("%Y%m%d-%H%M%S")}-{config.model}-{data_name}')
         if workers is None:
             workers = default_workers(int(os.environ.get('LOCAL_WORLD_SIZE', '1')))
         start = time.perf_counter()
@@ -731,6 +830,7 @@ def train(
                 progress=progress and rank == 0,
                 resume_state=resume_state,
                 recipe=recipe,
+                initial_weights=initial_weights,
             )
         return TrainResult(run_dir, history, time.perf_counter() - start)
     finally:

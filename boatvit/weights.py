@@ -18,9 +18,10 @@ import difflib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import timm
 import torch
@@ -42,7 +43,11 @@ __all__ = [
     'infer_variant',
     'convert_state_dict',
     'load_reference_weights',
+    'resolve_model',
     'load_model',
+    'input_size_kwargs',
+    'check_backbone',
+    'load_backbone',
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -414,6 +419,27 @@ class LoadedModel:
         return self.weights.entry
 
 
+def resolve_model(
+    weights: Weights, model: Optional[str] = None, model_kwargs: Optional[Mapping[str, Any]] = None
+) -> Tuple[str, Dict[str, Any], Dict[str, Any]]:
+    """The BOAT model that ``weights`` hold: its name, constructor arguments and the metadata that describes it.
+
+    ``model`` defaults to the one the metadata records, else the variant the tensors match (:func:`infer_variant`);
+    ``model_kwargs`` to those the metadata records for its own model, with its ``img_size``. The metadata returned is
+    {} when another model was asked for: what a file records about its model applies to that model only.
+
+    Raises:
+        UsageError: an unregistered name, or tensors that match no variant (or several).
+    """
+    name = check_boat_name(model or weights.metadata.get('model') or infer_variant(weights))
+    own = weights.metadata if name == weights.metadata.get('model') else {}
+    if model_kwargs is None:
+        model_kwargs = dict(own.get('model_kwargs', {}))
+        if own.get('img_size'):
+            model_kwargs.setdefault('img_size', own['img_size'])
+    return name, dict(model_kwargs), own
+
+
 def load_model(
     source: Union[PathLike, Weights],
     model: Optional[str] = None,
@@ -437,13 +463,7 @@ def load_model(
     """
     weights = source if isinstance(source, Weights) else read_weights(source, use_ema=use_ema)
     try:
-        name = check_boat_name(model or weights.metadata.get('model') or infer_variant(weights))
-        # what a file records about its model (`boatvit train` also records img_size) applies to that model only
-        own = weights.metadata if name == weights.metadata.get('model') else {}
-        if model_kwargs is None:
-            model_kwargs = dict(own.get('model_kwargs', {}))
-            if own.get('img_size'):
-                model_kwargs.setdefault('img_size', own['img_size'])
+        name, model_kwargs, own = resolve_model(weights, model, model_kwargs)
         kwargs = dict(model_kwargs, **{k: v for k, v in build_kwargs.items() if v is not None})
         num_classes = kwargs.pop('num_classes', weights.num_classes)
         built = build_model(name, num_classes=num_classes, model_kwargs=kwargs)
@@ -452,3 +472,61 @@ def load_model(
         message = str(e)
         raise UsageError(message if message.startswith(f'{weights.path}:') else f'{weights.path}: {message}') from e
     return LoadedModel(built.eval(), name, kwargs, weights, own)
+
+
+# --- fine-tuning ------------------------------------------------------------------------------------------------
+
+
+def input_size_kwargs(
+    name: str, model_kwargs: Mapping[str, Any], img_size: int, built_for: Optional[int] = None
+) -> Dict[str, Any]:
+    """Constructor arguments that build ``name`` (with ``model_kwargs``) for ``img_size`` as ``set_input_size`` would
+    adapt the model built for ``built_for`` (default: the model's own size): for BOAT-Swin the per-stage windows
+    scaled with the patch grid (timm's rule, so which blocks shift and carry FSLA stays the same); {} for
+    BOAT-CSWin, whose weights fit any size.
+
+    Loading weights of the original size into the model built with these arguments resizes the relative-position
+    tables (the family's ``checkpoint_filter_fn``).
+    """
+    with torch.device('meta'):  # shapes only: even the base models build in a fraction of a second
+        model = build_model(name, 0, model_kwargs, img_size=built_for)
+        if model.family != 'swin':
+            return {}
+        model.set_input_size(img_size=img_size)
+    return {'window_size': [list(stage.blocks[0].window_size) for stage in model.layers]}
+
+
+def check_backbone(weights: Weights, name: str, model_kwargs: Mapping[str, Any], **build_kwargs: Any) -> None:
+    """Refuse ``weights`` whose backbone does not fit model ``name``: the strict check of
+    :func:`load_reference_weights` (classifier aside), on the meta device so that nothing is allocated.
+
+    Raises:
+        UsageError: naming the file and the tensors that do not fit (another family, another width, ...).
+    """
+    with torch.device('meta'):
+        model = build_model(name, weights.num_classes, model_kwargs, **build_kwargs)
+    with warnings.catch_warnings():
+        # copying into meta tensors is the no-op wanted here: only names and shapes are compared
+        warnings.filterwarnings('ignore', message='.*copying from a non-meta parameter')
+        load_backbone(model, weights)
+
+
+def load_backbone(model: BoatTransformer, weights: Weights, classes: Optional[List[str]] = None) -> List[str]:
+    """Start fine-tuning ``model`` from ``weights``: every tensor must fit, the classifier too when it classifies
+    the same classes (as many, and the same names when both ``classes`` and the weights' metadata name them);
+    otherwise the model keeps its new classifier.
+
+    Returns:
+        the names of the weights' classifier tensors left out (``['head.fc.bias', 'head.fc.weight']``), [] when
+        the classifier was loaded.
+
+    Raises:
+        UsageError: naming the file and the tensors that do not fit.
+    """
+    recorded = weights.metadata.get('classes')
+    same_head = weights.num_classes == model.num_classes and (not classes or not recorded or classes == recorded)
+    try:
+        load_reference_weights(model, weights, load_classifier=same_head)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    return [] if same_head or not weights.num_classes else ['head.fc.bias', 'head.fc.weight']

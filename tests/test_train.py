@@ -260,7 +260,8 @@ def test_image_folder_with_the_full_augmentation_trains_and_evaluates(tmp_path, 
         == 0
     )
     config = json.loads((tmp_path / 'run' / 'config.json').read_text())
-    assert config['recipe'] is None and config['config']['aa'] == 'rand-m9-mstd0.5-inc1'
+    # the small-data default keeps the reference augmentation
+    assert config['recipe'] == 'small-data' and config['config']['aa'] == 'rand-m9-mstd0.5-inc1'
     assert config['classes'] == ['a', 'b'] and config['updates_per_epoch'] == 2
     capsys.readouterr()
     assert main(['eval', '--weights', str(tmp_path / 'run'), '--json', '--workers', '0']) == 0
@@ -297,12 +298,14 @@ def test_flags_override_the_recipe_and_the_lr_scales_with_the_global_batch():
     assert learning_rate(config, world_size=8) == pytest.approx(1e-3)
     assert learning_rate(config, world_size=2) == pytest.approx(2.5e-4)
     config, recipe = config_from_args(parse_train('--data', 'x', '--clip-grad', '0', '--aa', 'none'))
-    assert recipe is None and config.clip_grad is None and config.aa is None and config.epochs == TrainConfig.epochs
+    assert recipe == 'small-data' and config.clip_grad is None and config.aa is None
+    assert config.epochs == RECIPES['small-data']['epochs'] != TrainConfig.epochs
 
 
 @pytest.mark.parametrize('name', sorted(RECIPES))
 def test_recipes_name_registered_models_and_valid_configs(name):
-    assert timm.is_model(RECIPES[name]['model'])
+    # the fine-tuning and small-data presets take the model from the weights or the flags
+    assert timm.is_model(RECIPES[name].get('model', TrainConfig.model))
     TrainConfig(**dict(RECIPES[name], data='x'))
 
 

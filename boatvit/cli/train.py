@@ -7,7 +7,7 @@ import dataclasses
 import typing
 from typing import Optional, Tuple
 
-from ..recipes import DEFAULT_RECIPE, RECIPES
+from ..recipes import DEFAULT_RECIPE, FINETUNE_RECIPES, RECIPES, SMALL_DATA_RECIPE
 from ..runs import CONFIG_FILE
 from ..errors import UsageError
 from ..training import TrainConfig, config_from_values, train
@@ -19,6 +19,9 @@ RUNTIME_FLAGS = ('device', 'workers', 'output', 'name', 'quiet')
 TRAIN_EXAMPLES = """examples:
   boatvit train                                    # the embedded default, a few minutes on a CPU
   boatvit train --data DIR --recipe boat_swin_tiny_224
+  boatvit train --data DIR --weights tiny.pth      # fine-tune released weights on your classes
+  boatvit train --data DIR --weights tiny.pth --img-size 384 --layer-decay 0.65
+  boatvit train --data DIR --weights RUN_DIR --freeze-backbone   # a linear probe
   boatvit train --data DIR --model boat_swin_tiny_224 --epochs 30 --batch-size 64 --amp bf16
   boatvit train --resume runs/RUN                  # continue an interrupted run
   torchrun --nproc_per_node 8 -m boatvit train --data DIR --recipe boat_cswin_tiny_224
@@ -54,7 +57,8 @@ def add_parser(subparsers) -> None:
         'train',
         help='train a model; with no arguments, a small BOAT-Swin on the built-in digits in a few minutes on a CPU',
         description='Train a model. With no arguments: the embedded default (recipe "digits").\n'
-        'Flags override the recipe (boatvit/recipes.py); --recipe picks a reference ImageNet recipe.\n'
+        'With --weights: fine-tune them on --data (recipe "finetune-swin" or "finetune-cswin").\n'
+        'Flags override the recipe (boatvit/recipes.py); --recipe picks another, e.g. a reference ImageNet recipe.\n'
         'The values a run used are in RUN_DIR/config.json.',
         epilog=TRAIN_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -64,7 +68,8 @@ def add_parser(subparsers) -> None:
         '--recipe',
         choices=sorted(RECIPES),
         default=None,
-        help=f'named preset; default: {DEFAULT_RECIPE!r} without --data, none with it',
+        help=f'named preset; default: {FINETUNE_RECIPES["swin"]!r} or {FINETUNE_RECIPES["cswin"]!r} with --weights,'
+        f' {DEFAULT_RECIPE!r} without --data, {SMALL_DATA_RECIPE!r} with it',
     )
     run_group.add_argument('--resume', metavar='RUN_DIR', help='continue an interrupted run from its last epoch')
     run_group.add_argument('--output', default='runs', help='parent directory of run directories')
