@@ -27,16 +27,15 @@ from boatvit.clustering import cluster_layout
 from boatvit.export import TENSORRT_TOPK_LIMIT, ExportCheckError, export_onnx, fsla_sorts
 from boatvit.runs import save_weights
 
+from reduced_models import FAMILIES, NUM_CLASSES, reduced, reduced_kwargs
+
 # FSLA in stages 1 to 3 (Swin: the second block of each; at 224 stage 4 is no larger than the window) or 1 to 4
-REDUCED = {
-    'swin': ('boat_swin_tiny_224', dict(embed_dim=16, depths=(2, 2, 2, 1), num_heads=(1, 2, 2, 4), num_classes=5)),
-    'cswin': ('boat_cswin_tiny_224', dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(2, 2, 4, 4), num_classes=5)),
-}
+# fewer blocks than the shared reduced models where no FSLA sits (export time grows with the graph)
+FEWER_BLOCKS = {'swin': dict(depths=(2, 2, 2, 1)), 'cswin': dict(depths=(1, 1, 1, 1))}
 
 
-def reduced(family: str, **kwargs) -> boatvit.models.BoatTransformer:
-    name, model_kwargs = REDUCED[family]
-    return timm.create_model(name, **dict(model_kwargs, **kwargs)).eval()
+def export_model(family: str, **kwargs) -> boatvit.models.BoatTransformer:
+    return reduced(family, **FEWER_BLOCKS[family], **kwargs)
 
 
 def run_onnx(path: Path, images: torch.Tensor) -> np.ndarray:
@@ -56,7 +55,7 @@ def topk_sizes(proto: onnx.ModelProto) -> List[int]:
 @pytest.mark.slow
 @pytest.mark.parametrize('family', ['swin', 'cswin'])
 def test_export_at_224_matches_pytorch(family, tmp_path):
-    model = reduced(family)
+    model = export_model(family)
     # a float32 rounding difference between ONNX Runtime and PyTorch can move a token across a near-tied split
     # of a random model (the clustering is discontinuous); a wrong graph fails on every input, so allow 3 seeds
     for seed in range(3):
@@ -92,7 +91,7 @@ def test_export_at_224_matches_pytorch(family, tmp_path):
 def test_largest_square_size_within_tensorrt_limit(family):
     """README: square images up to 244 keep every sort within 3840 (stage 1: 61 x 61 = 3721 tokens, padded to
     64 clusters of 59); 248 does not (62 x 62 = 3844, padded to 64 x 61 = 3904)."""
-    model = reduced(family, dynamic_img_size=True)
+    model = export_model(family, dynamic_img_size=True)
     below = fsla_sorts(model, torch.zeros(1, 3, 244, 244))
     above = fsla_sorts(model, torch.zeros(1, 3, 248, 248))
     assert max(s.topk for s in below) == 3776 <= TENSORRT_TOPK_LIMIT
@@ -100,12 +99,12 @@ def test_largest_square_size_within_tensorrt_limit(family):
 
 
 def test_export_rejects_bad_arguments(tmp_path):
-    model = reduced('swin', img_size=64)
+    model = export_model('swin', img_size=64)
     out = tmp_path / 'model.onnx'
     with pytest.raises(TypeError, match='boatvit BOAT model'):
         export_onnx(torch.nn.Linear(2, 2), out)
     with pytest.raises(ValueError, match=r'float32 model on the CPU.*model.float\(\)'):
-        export_onnx(reduced('swin', img_size=64).half(), out)
+        export_onnx(export_model('swin', img_size=64).half(), out)
     with pytest.raises(ValueError, match='batch_size must be a positive int'):
         export_onnx(model, out, batch_size=0)
     with pytest.raises(ValueError, match='opset must be an int >= 17'):
@@ -125,7 +124,7 @@ def test_cli_export_with_weights_at_another_size(tmp_path, capsys):
     ONNX Runtime like the trained network taking 120 x 120 images in PyTorch (``dynamic_img_size``, the trained
     windows), records the model and its data config, and eager use still works after the export (a cached index
     tensor built while tracing used to be a fake tensor)."""
-    name, kwargs = REDUCED['swin']
+    name, kwargs = FAMILIES['swin'], reduced_kwargs('swin', **FEWER_BLOCKS['swin'], num_classes=NUM_CLASSES)
     kwargs = dict(kwargs, fsla_overlap=13)  # index tables no other test has cached
     trained = timm.create_model(name, **kwargs)
     weights, out = tmp_path / 'weights.safetensors', tmp_path / 'model.onnx'

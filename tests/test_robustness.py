@@ -22,16 +22,10 @@ from hypothesis import strategies as st
 
 from boatvit import FeatureSpaceAttention, balanced_hierarchical_clustering, cli, feature_space_attention
 
-REDUCED = {
-    'swin': ('boat_swin_tiny_224', dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), num_classes=5)),
-    'cswin': ('boat_cswin_tiny_224', dict(embed_dim=16, depths=(1, 2, 1, 1), num_heads=(2, 2, 4, 4), num_classes=5)),
-}
-FAMILIES = ['swin', 'cswin']
+from reduced_models import FAMILIES as REDUCED_NAMES
+from reduced_models import NUM_CLASSES, reduced, reduced_kwargs
 
-
-def reduced(family: str, **kwargs) -> torch.nn.Module:
-    name, model_kwargs = REDUCED[family]
-    return timm.create_model(name, **dict(model_kwargs, **kwargs)).eval()
+FAMILIES = list(REDUCED_NAMES)
 
 
 @pytest.fixture(scope='module', params=FAMILIES)
@@ -343,7 +337,7 @@ def test_deterministic_algorithms(family, deterministic_algorithms):
 
 @pytest.mark.parametrize('family', FAMILIES)
 def test_forward_on_the_meta_device_gives_the_shapes(family):
-    name, kwargs = REDUCED[family]
+    name, kwargs = REDUCED_NAMES[family], reduced_kwargs(family, num_classes=NUM_CLASSES)
     with torch.device('meta'):
         model = timm.create_model(name, img_size=64, **kwargs).eval()
         images = torch.randn(3, 3, 64, 64)
