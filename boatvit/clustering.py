@@ -323,12 +323,9 @@ def _torch_clustered_order(
         inv, inv_temperature = inv_norms.view(2, groups, 1, n).unbind(0)
         # initial centroids: the two halves of the group in its current order (ghosts add zeros)
         centroids = F.normalize(x.view(groups, 2, n // 2, d).mean(2), dim=-1)  # (groups, 2, d)
+        # (groups, 2, n) layout: the softmax over the two centroids runs along a strided axis, vectorised over n
         for _ in range(iterations):
-            # a softmax over two logits is the sigmoid of their difference (of the other's, for the other): one
-            # product per token instead of two, and no softmax along a strided axis of length 2, which ONNX Runtime
-            # runs through a transpose. The CPU kernel computes the weights the same way
-            logit = torch.bmm(centroids[:, :1] - centroids[:, 1:], x_t).mul_(inv_temperature)  # (groups, 1, n)
-            assign = torch.sigmoid(torch.cat([logit, logit.neg()], dim=1))  # (groups, 2, n)
+            assign = torch.softmax(torch.bmm(centroids, x_t).mul_(inv_temperature), dim=1)
             centroids = F.normalize(torch.bmm(assign, x), dim=-1)
         cos_plus_1 = torch.bmm(centroids, x_t).mul_(inv).add_(1)
         key = cos_plus_1[:, 0] / cos_plus_1[:, 1]  # (groups, n)
