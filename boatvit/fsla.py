@@ -200,6 +200,8 @@ def lepe_conv(dim: int, device=None, dtype=None) -> nn.Conv2d:
     (9, 9, 3, 1). The values are laid out the same (the second axis has size 1), but DDP compares strides and warns at
     every step, so the weight is made channels-last like its gradient.
     """
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        raise ValueError(f'dim must be a positive int (the channels of V), got {dim!r}.')
     conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, device=device, dtype=dtype)
     weight = conv.weight.detach()
     conv.weight = nn.Parameter(torch.empty_like(weight, memory_format=torch.channels_last).copy_(weight))

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from boatvit import FeatureSpaceAttention, feature_space_attention
+from boatvit.fsla import lepe_conv
 
 from naive_fsla import naive_feature_space_attention
 
@@ -166,3 +167,12 @@ def test_no_ddp_bucket_stride_warning():
     finally:
         dist.destroy_process_group()
     assert not [w for w in caught if 'stride' in str(w.message)]
+
+
+def test_lepe_conv_is_channels_last_and_refuses_bad_widths():
+    conv = lepe_conv(8, dtype=torch.float64)
+    assert conv.weight.shape == (8, 1, 3, 3) and conv.weight.dtype == torch.float64
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    for bad in (0, -3, 2.0, True, '8'):
+        with pytest.raises(ValueError, match='dim must be a positive int'):
+            lepe_conv(bad)
