@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -22,6 +22,34 @@ from tqdm import tqdm
 
 from .errors import UnreadableImageError, UsageError
 from .runtime import require_extra
+
+#: an image size: one int for a square, or (height, width)
+ImageSize = Union[int, Tuple[int, int]]
+
+
+def canonical_image_size(value: Any, flag: str = '--img-size') -> Optional[ImageSize]:
+    """``value`` (None, an int, or a sequence of one or two ints, e.g. a JSON list or the flag's words) as None, an
+    int for a square, or ``(height, width)``: one form per size, so that sizes compare equal and configs read back
+    the same.
+
+    Raises:
+        UsageError: anything else, named with ``flag``.
+    """
+    if value is None:
+        return None
+    sides = [value] if isinstance(value, int) else list(value) if isinstance(value, (list, tuple)) else []
+    if not 1 <= len(sides) <= 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sides):
+        raise UsageError(f'{flag} takes one positive int (a square) or two (height width), got {value!r}')
+    return sides[0] if len(set(sides)) == 1 else (sides[0], sides[1])
+
+
+def image_hw(value: Any, flag: str = '--img-size') -> Tuple[int, int]:
+    """``(height, width)`` of a size :func:`canonical_image_size` accepts (not None)."""
+    size = canonical_image_size(value, flag)
+    if size is None:
+        raise UsageError(f'{flag}: an image size is needed here, got None')
+    return (size, size) if isinstance(size, int) else size
+
 
 DIGITS = 'digits'
 DIGITS_SPLITS = ('train', 'val')
@@ -35,13 +63,14 @@ class DigitsDataset(torch.utils.data.Dataset):
 
     Args:
         split: 'train' or 'val'.
-        img_size: side of the square output images in pixels, upscaled bicubically from 8x8.
+        img_size: output size in pixels (one side for a square, or (height, width)), upscaled bicubically from
+            8x8.
         transform: applied to each PIL image; None returns the PIL image.
     """
 
     classes = [str(d) for d in range(10)]
 
-    def __init__(self, split: str = 'train', img_size: int = 32, transform: Optional[Callable] = None):
+    def __init__(self, split: str = 'train', img_size: ImageSize = 32, transform: Optional[Callable] = None):
         # imported here: scikit-learn takes a second to import, only the digits need it, and it is optional
         require_extra('sklearn', 'scikit-learn', 'the built-in digits data set')
         from sklearn.datasets import load_digits
@@ -56,8 +85,9 @@ class DigitsDataset(torch.utils.data.Dataset):
             np.arange(len(pixels)), test_size=0.2, stratify=digits.target, random_state=0
         )
         idx = np.sort(train_idx if split == 'train' else val_idx)
+        height, width = image_hw(img_size)
         self.images = [
-            np.asarray(Image.fromarray(p).resize((img_size, img_size), Image.Resampling.BICUBIC)) for p in pixels[idx]
+            np.asarray(Image.fromarray(p).resize((width, height), Image.Resampling.BICUBIC)) for p in pixels[idx]
         ]
         self.targets = digits.target[idx].tolist()
         self.transform = transform
@@ -77,7 +107,7 @@ def open_split(
     split: str,
     dataset: str = '',
     download: bool = False,
-    img_size: int = 32,
+    img_size: ImageSize = 32,
 ) -> Tuple[torch.utils.data.Dataset, List[str]]:
     """Open one split of a data set, without transforms.
 
@@ -87,7 +117,7 @@ def open_split(
         split: split name, e.g. 'train' or 'val'; for image folders the name of the sub-folder.
         dataset: a ``timm.data.create_dataset`` name such as 'torch/cifar10' or 'hfds/...'; '' for image folders.
         download: let ``create_dataset`` download the data set if it supports that.
-        img_size: output image side for the digits, ignored otherwise.
+        img_size: output image size for the digits (an int or (height, width)), ignored otherwise.
 
     Returns:
         (data set with a settable ``transform`` attribute, class names in label order)
@@ -194,7 +224,7 @@ def default_workers(processes: int = 1) -> int:
 def eval_data_config(
     model: torch.nn.Module,
     metadata: Optional[Mapping[str, Any]] = None,
-    img_size: Optional[int] = None,
+    img_size: Optional[ImageSize] = None,
     crop_pct: Optional[float] = None,
 ) -> Dict[str, Any]:
     """Input size, crop, interpolation, mean and std for evaluation.
@@ -204,12 +234,12 @@ def eval_data_config(
     """
     if metadata and 'data_config' in metadata and img_size is None and crop_pct is None:
         return dict(metadata['data_config'])
-    args = {'input_size': (3, img_size, img_size) if img_size else None, 'crop_pct': crop_pct}
+    args = {'input_size': (3, *image_hw(img_size)) if img_size else None, 'crop_pct': crop_pct}
     return resolve_data_config({k: v for k, v in args.items() if v is not None}, model=model)
 
 
 def eval_transform(
-    model: torch.nn.Module, metadata: Optional[Mapping[str, Any]] = None, img_size: Optional[int] = None
+    model: torch.nn.Module, metadata: Optional[Mapping[str, Any]] = None, img_size: Optional[ImageSize] = None
 ) -> Callable[[Image.Image], torch.Tensor]:
     """PIL image to the normalised ``(3, H, W)`` tensor the model evaluates on (see `eval_data_config`)."""
     return create_transform(**eval_data_config(model, metadata, img_size), is_training=False)

@@ -14,7 +14,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .data import DIGITS, check_same_classes, default_workers, eval_transform, open_split
+from .data import (
+    DIGITS,
+    ImageSize,
+    canonical_image_size,
+    check_same_classes,
+    default_workers,
+    eval_transform,
+    open_split,
+)
 from .errors import UsageError
 from .runtime import autocast, out_of_memory, resolve_device
 from .weights import load_model, read_weights
@@ -79,7 +87,7 @@ def evaluate_weights(
     model: Optional[str] = None,
     model_kwargs: Optional[Mapping[str, Any]] = None,
     use_ema: bool = True,
-    img_size: Optional[int] = None,
+    img_size: Optional[ImageSize] = None,
     batch_size: int = 64,
     workers: Optional[int] = None,
     amp: str = 'none',
@@ -93,7 +101,7 @@ def evaluate_weights(
         split: the split (sub-folder) to evaluate.
         dataset: ``timm.data.create_dataset`` name; default: the recorded one with the recorded data, else a folder.
         model, model_kwargs, use_ema: see `boatvit.weights.load_model`.
-        img_size: input size; default: the recorded one, else the model's.
+        img_size: input size, an int or (height, width); default: the recorded one, else the model's.
         batch_size, workers, amp, device: how to run (``workers`` None: by core count).
 
     Returns:
@@ -104,6 +112,7 @@ def evaluate_weights(
     """
     if batch_size < 1:
         raise UsageError(f'--batch-size must be at least 1, got {batch_size}')
+    img_size = canonical_image_size(img_size)
     source = read_weights(weights, use_ema=use_ema)  # first: a wrong file is the first thing to hear about
     loaded = load_model(source, model=model, model_kwargs=model_kwargs, img_size=img_size)
     own = loaded.metadata

@@ -20,14 +20,14 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from .version import __version__
 from .clustering import cluster_layout
-from .data import eval_data_config
+from .data import ImageSize, canonical_image_size, eval_data_config, image_hw
 from .errors import UsageError
 from .fsla import FeatureSpaceAttention
 from .models.base import BoatTransformer
@@ -112,15 +112,6 @@ def _check_model(model: Any) -> None:
         )
 
 
-def _image_size(model: BoatTransformer, img_size: Union[None, int, Sequence[int]]) -> Tuple[int, int]:
-    if img_size is None:
-        return tuple(model.img_size)
-    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in size):
-        raise ValueError(f'img_size must be an int or (height, width) of ints, got {img_size!r}.')
-    return size
-
-
 def fsla_sorts(model: nn.Module, images: torch.Tensor) -> List[FslaSort]:
     """The largest sort of every :class:`~boatvit.FeatureSpaceAttention` of ``model`` when it runs on ``images``.
 
@@ -175,7 +166,7 @@ def _trace(model: nn.Module, images: torch.Tensor, dynamic_batch: bool, opset: i
 def export_onnx(
     model: BoatTransformer,
     path: Union[str, os.PathLike],
-    img_size: Union[None, int, Tuple[int, int]] = None,
+    img_size: Optional[ImageSize] = None,
     batch_size: Optional[int] = None,
     opset: int = DEFAULT_OPSET,
     atol: float = 1e-4,
@@ -206,7 +197,7 @@ def export_onnx(
             so a float32 rounding difference can move a token into another cluster: try another ``seed``.
     """
     _check_model(model)
-    height, width = _image_size(model, img_size)
+    height, width = tuple(model.img_size) if img_size is None else image_hw(img_size, 'img_size')
     if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
         raise ValueError(f'batch_size must be a positive int or None (dynamic batch), got {batch_size!r}.')
     if not isinstance(opset, int) or opset < MIN_OPSET:
@@ -254,7 +245,7 @@ def _model_to_export(
     model: Optional[str],
     model_kwargs: Optional[Mapping[str, Any]],
     use_ema: bool,
-    img_size: Optional[int],
+    img_size: Optional[ImageSize],
 ) -> Tuple[BoatTransformer, Tuple[int, int], Dict[str, Any]]:
     """The model to export, the image size and what the ONNX file records about it."""
     if model:
@@ -262,7 +253,7 @@ def _model_to_export(
     if weights:
         loaded = load_model(weights, model=model, model_kwargs=model_kwargs, use_ema=use_ema)
         name, kwargs, metadata, built = loaded.name, loaded.model_kwargs, loaded.metadata, loaded.model
-        if img_size and not built.dynamic_img_size and tuple(built.img_size) != (img_size, img_size):
+        if img_size and not built.dynamic_img_size and tuple(built.img_size) != image_hw(img_size):
             # the same network taking other sizes: built at another img_size, Swin would fit its windows (and their
             # position tables) to the new stage sizes, and the trained weights would no longer apply as trained
             state = built.state_dict()
@@ -273,10 +264,11 @@ def _model_to_export(
         built = build_model(name, kwargs.pop('num_classes', 1000), kwargs, img_size=img_size)
     else:
         raise UsageError('pass --model NAME (a registered BOAT model), and --weights PATH for trained weights')
-    size = (img_size, img_size) if img_size else tuple(built.img_size)
+    size = image_hw(img_size) if img_size else tuple(built.img_size)
     if min(size) < built.min_img_size:
+        given = str(size[0]) if size[0] == size[1] else f'{size[0]} {size[1]}'
         raise UsageError(
-            f'--img-size {size[0]} is too small: {name} takes images of at least {built.min_img_size} pixels a side'
+            f'--img-size {given} is too small: {name} takes images of at least {built.min_img_size} pixels a side'
         )
     config = dict(eval_data_config(built, metadata), input_size=(built.in_chans, *size))
     return built, size, {'model': name, 'model_kwargs': kwargs, 'data_config': config}
@@ -288,7 +280,7 @@ def export_weights(
     model: Optional[str] = None,
     model_kwargs: Optional[Mapping[str, Any]] = None,
     use_ema: bool = True,
-    img_size: Optional[int] = None,
+    img_size: Optional[ImageSize] = None,
     batch_size: Optional[int] = None,
     opset: int = DEFAULT_OPSET,
     atol: float = 1e-4,
@@ -304,9 +296,9 @@ def export_weights(
     Raises:
         UsageError: bad arguments or weights, named. ExportCheckError: see :func:`export_onnx`.
     """
-    for flag, value in (('--img-size', img_size), ('--batch-size', batch_size)):
-        if value is not None and value < 1:
-            raise UsageError(f'{flag} must be a positive integer, got {value}')
+    img_size = canonical_image_size(img_size)
+    if batch_size is not None and batch_size < 1:
+        raise UsageError(f'--batch-size must be a positive integer, got {batch_size}')
     if opset < MIN_OPSET:
         raise UsageError(f'--opset must be at least {MIN_OPSET}, got {opset}')
     if not atol > 0:

@@ -19,7 +19,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import timm
@@ -33,7 +33,15 @@ from timm.utils import ModelEmaV3, dispatch_clip_grad, random_seed, unwrap_model
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .data import DIGITS, check_same_classes, default_workers, eval_data_config, open_split, shard
+from .data import (
+    DIGITS,
+    canonical_image_size,
+    check_same_classes,
+    default_workers,
+    eval_data_config,
+    open_split,
+    shard,
+)
 from .errors import TrainingDivergedError, UsageError
 from .evaluation import evaluate
 from .recipes import DEFAULT_RECIPE, FINETUNE_RECIPES, RECIPES, SMALL_DATA_RECIPE
@@ -107,7 +115,13 @@ class TrainConfig:
         ' directory or a timm-format state dict; the classifier is new when the data have another number of classes',
         metavar='SOURCE',
     )
-    img_size: Optional[int] = _field(None, 'model', "input size; default: the weights' or the model's")
+    img_size: Optional[Union[int, Tuple[int, int]]] = _field(
+        None,
+        'model',
+        "input size: SIZE for a square, or HEIGHT WIDTH; default: the weights' or the model's",
+        nargs='+',
+        metavar='SIZE',
+    )
     drop_path: float = _field(0.1, 'model', 'stochastic depth rate')
     grad_checkpointing: bool = _field(False, 'model', 'recompute activations in the backward pass to save memory')
     epochs: int = _field(300, 'optimisation', 'training epochs')
@@ -162,6 +176,7 @@ class TrainConfig:
     def __post_init__(self):
         # JSON turns tuples into lists; keep them hashable and comparable after a resume
         self.scale, self.ratio = tuple(self.scale), tuple(self.ratio)
+        self.img_size = canonical_image_size(self.img_size)
         for name in ('epochs', 'batch_size', 'grad_accum', 'lr_base_size'):
             if getattr(self, name) < 1:
                 raise UsageError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(self, name)}')
@@ -229,8 +244,8 @@ def _from_weights(given: Dict[str, Any]) -> Dict[str, Any]:
     weights = read_weights(given['weights'])
     name, model_kwargs, _ = resolve_model(weights, given.get('model'), given.get('model_kwargs'))
     # the image size is a field of its own: the one the weights were built for, unless another is asked for
-    own_size = model_kwargs.pop('img_size', None)
-    img_size = given.get('img_size', own_size)
+    own_size = canonical_image_size(model_kwargs.pop('img_size', None), f'{given["weights"]}: img_size')
+    img_size = canonical_image_size(given.get('img_size', own_size))
     if img_size is not None and img_size != own_size:
         model_kwargs.update(input_size_kwargs(name, model_kwargs, img_size, built_for=own_size))
     return dict(given, model=name, model_kwargs=model_kwargs, img_size=img_size)

@@ -145,7 +145,7 @@ def _data_config(v: Any) -> bool:
 METADATA: Dict[str, Callable[[Any], bool]] = {
     'model': _str,  # and a registered BOAT name: checked by check_boat_name
     'model_kwargs': lambda v: isinstance(v, dict),  # and MODEL_KWARGS: checked key by key
-    'img_size': _optional(_int(1, MAX_IMG_SIZE)),
+    'img_size': _optional(_int_or_ints(1, MAX_IMG_SIZE, 2)),
     'classes': lambda v: isinstance(v, list) and len(v) <= MAX_CLASSES and all(map(_str, v)),
     'data': _optional(_str),
     'dataset': _str,
@@ -478,7 +478,10 @@ def load_model(
 
 
 def input_size_kwargs(
-    name: str, model_kwargs: Mapping[str, Any], img_size: int, built_for: Optional[int] = None
+    name: str,
+    model_kwargs: Mapping[str, Any],
+    img_size: Union[int, Tuple[int, int]],
+    built_for: Optional[Union[int, Tuple[int, int]]] = None,
 ) -> Dict[str, Any]:
     """Constructor arguments that build ``name`` (with ``model_kwargs``) for ``img_size`` as ``set_input_size`` would
     adapt the model built for ``built_for`` (default: the model's own size): for BOAT-Swin the per-stage windows

@@ -13,7 +13,15 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from boatvit.errors import UnreadableImageError, UsageError
-from boatvit.data import DigitsDataset, check_same_classes, open_image, open_split, shard
+from boatvit.data import (
+    DigitsDataset,
+    canonical_image_size,
+    check_same_classes,
+    image_hw,
+    open_image,
+    open_split,
+    shard,
+)
 
 
 def make_image_folder(root: Path, splits: dict, size: int = 32, seed: int = 0) -> Path:
@@ -54,6 +62,23 @@ def test_digits_images_are_upscaled_rgb():
     block_means = pixels[..., 0].reshape(8, 4, 8, 4).mean(axis=(1, 3)).ravel()
     corr = [np.corrcoef(block_means, source.ravel())[0, 1] for source in digits.images]
     assert digits.target[int(np.argmax(corr))] == label and max(corr) > 0.95
+
+
+def test_image_sizes_have_one_form_and_bad_ones_are_named():
+    # as given in Python, by the flag's words, or read back from JSON
+    assert canonical_image_size(160) == canonical_image_size([160]) == canonical_image_size((160, 160)) == 160
+    assert canonical_image_size([128, 192]) == canonical_image_size((128, 192)) == (128, 192)
+    assert canonical_image_size(None) is None and image_hw(160) == (160, 160) and image_hw([128, 192]) == (128, 192)
+    for bad in (0, [1, 2, 3], [], '64', True, [64.0], (-1, 64)):
+        with pytest.raises(UsageError, match='--img-size takes one positive int'):
+            canonical_image_size(bad)
+    with pytest.raises(UsageError, match='an image size is needed'):
+        image_hw(None)
+
+
+def test_digits_at_a_non_square_size_are_height_by_width():
+    img, _ = DigitsDataset('val', img_size=(16, 24))[0]
+    assert img.size == (24, 16)  # PIL: (width, height)
 
 
 def test_open_split_reads_image_folder_classes_in_sorted_order(tmp_path):

@@ -109,7 +109,7 @@ def test_export_rejects_bad_arguments(tmp_path):
         export_onnx(model, out, batch_size=0)
     with pytest.raises(ValueError, match='opset must be an int >= 17'):
         export_onnx(model, out, opset=13)
-    with pytest.raises(ValueError, match='img_size must be an int or'):
+    with pytest.raises(ValueError, match='img_size takes one positive int'):
         export_onnx(model, out, img_size='64')
     with pytest.raises(ValueError, match='built for 64x64 images, got 96x96'):
         export_onnx(model, out, img_size=96)
@@ -172,7 +172,7 @@ def test_cli_export_failed_check_writes_nothing(tmp_path, capsys, monkeypatch):
     [
         ([], 'pass --model NAME'),
         (['--model', 'resnet18'], "'resnet18' is not a BOAT model"),
-        (['--model', 'boat_swin_tiny_224', '--img-size', '0'], '--img-size must be a positive integer'),
+        (['--model', 'boat_swin_tiny_224', '--img-size', '0'], '--img-size takes one positive int'),
         (['--model', 'boat_swin_tiny_224', '--img-size', '16'], 'ints >= 32'),
         (['--model', 'boat_swin_tiny_224', '--batch-size', '0'], '--batch-size must be a positive integer'),
         (['--model', 'boat_swin_tiny_224', '--opset', '16'], '--opset must be at least 17'),

@@ -111,27 +111,41 @@ def test_predict_and_eval_on_the_run_use_the_folders_classes(zero_lr_run, data, 
     assert result['images'] == 6 and result['data'] == str(data) and result['model'] == 'boat_swin_tiny_224'
 
 
+@pytest.mark.parametrize('size', [[160], [128, 192]], ids=['square', 'non-square'])
 @pytest.mark.parametrize('family', ['swin', 'cswin'])
-def test_fine_tuning_at_another_size(tmp_path, checkpoints, data, family):
+def test_fine_tuning_at_another_size(tmp_path, checkpoints, data, family, size, capsys):
+    """From 224 weights to 160 x 160 or 128 x 192: the run, its weights and its transform are of that size,
+    Swin's windows and position tables are those ``set_input_size`` gives, every other tensor is the checkpoint's,
+    and ``eval`` and ``predict`` on the run take that size with no flags."""
     path, source = checkpoints[family]
-    argv = ['train', '--data', str(data), '--weights', str(path), *arch_flags(family), '--img-size', '160']
+    argv = ['train', '--data', str(data), '--weights', str(path), *arch_flags(family), '--img-size', *map(str, size)]
     assert main([*argv, *quick(tmp_path, 'run'), '--limit-batches', '1', '--lr', '0']) == 0
+    height, width = size * 2 if len(size) == 1 else size
+    recorded = height if len(size) == 1 else [height, width]  # one form per size: an int for a square
     config = json.loads((tmp_path / 'run' / 'config.json').read_text())
-    assert config['config']['img_size'] == 160 and config['data_config']['input_size'] == [3, 160, 160]
+    assert config['config']['img_size'] == recorded and config['data_config']['input_size'] == [3, height, width]
     weights = read_weights(tmp_path / 'run')
-    assert weights.metadata['img_size'] == 160
+    assert weights.metadata['img_size'] == recorded
     trained, expected = weights.state_dict, source.state_dict()
     if family == 'swin':
-        # windows scaled with the grid as set_input_size would (7 of 56 -> 5 of 40), position tables resized
-        assert weights.metadata['model_kwargs']['window_size'] == [[5, 5]] * 4
-        assert trained['layers.0.blocks.0.attn.relative_position_bias_table'].shape == (9 * 9, 1)
         resized = timm.create_model(ARCH['swin'][0], num_classes=7, **SWIN)
         resized.load_state_dict(expected)
-        resized.set_input_size(img_size=160)
+        resized.set_input_size(img_size=(height, width))
+        windows = [list(stage.blocks[0].window_size) for stage in resized.layers]
+        # windows scaled with the grid (7 of 56 -> 5 of 40, or 4 x 6 of 32 x 48), position tables resized
+        assert windows[0] == ([5, 5] if len(size) == 1 else [4, 6])
+        assert weights.metadata['model_kwargs']['window_size'] == windows
+        table = trained['layers.0.blocks.0.attn.relative_position_bias_table']
+        assert table.shape == ((2 * windows[0][0] - 1) * (2 * windows[0][1] - 1), 1)
         expected = resized.state_dict()
     for k in trained:
         if not k.startswith('head.'):
             torch.testing.assert_close(trained[k], expected[k], rtol=0, atol=1e-6, msg=k)
+    capsys.readouterr()
+    assert main(['eval', '--weights', str(tmp_path / 'run'), '--json', '--workers', '0']) == 0
+    assert json.loads(capsys.readouterr().out)['images'] == 6
+    assert main(['predict', str(data / 'val' / 'dog' / '0.png'), '--weights', str(tmp_path / 'run')]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[-1] in CLASSES
 
 
 def test_layer_decay_gives_the_stem_a_smaller_lr_than_the_last_stage():

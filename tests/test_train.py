@@ -281,6 +281,10 @@ def test_bad_input_gets_a_clear_error(tmp_path, capsys):
     assert 'needs --data' in capsys.readouterr().err
     assert main(['train', '--dataset', 'torch/cifar10', '--data', str(tmp_path), '--output', str(tmp_path)]) == 2
     assert "could not open data set 'torch/cifar10'" in capsys.readouterr().err
+    for size in (['32', '32', '32'], ['0']):
+        assert main(['train', '--img-size', *size, '--output', str(tmp_path)]) == 2
+        assert '--img-size takes one positive int (a square) or two (height width)' in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['data']  # no run directory for any of these
 
 
 def parse_train(*argv: str) -> argparse.Namespace:

@@ -48,3 +48,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=True,
         help='take the EMA weights when the checkpoint has them (default: yes)',
     )
+
+
+def add_img_size(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--img-size SIZE`` (a square) or ``--img-size HEIGHT WIDTH``, as a list the library reads
+    (`boatvit.data.canonical_image_size`)."""
+    parser.add_argument('--img-size', type=int, nargs='+', metavar='SIZE', help=f'{help}: SIZE or HEIGHT WIDTH')

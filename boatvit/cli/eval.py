@@ -9,7 +9,7 @@ import json
 from ..data import DIGITS
 from ..evaluation import evaluate_weights
 from ..runtime import AMP_DTYPES
-from ._args import DEVICE_HELP, add_model_arguments
+from ._args import DEVICE_HELP, add_img_size, add_model_arguments
 
 
 def add_parser(subparsers) -> None:
@@ -30,7 +30,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument('--dataset', default=None, help='timm.data.create_dataset name; default: image folder')
     parser.add_argument('--split', default='val', help='split (sub-folder) to evaluate (default: val)')
     add_model_arguments(parser)
-    parser.add_argument('--img-size', type=int, help='input size; default: from the weights or the model cfg')
+    add_img_size(parser, 'input size (default: from the weights or the model cfg)')
     parser.add_argument('--batch-size', type=int, default=64)
     parser.add_argument('--workers', type=int, default=None, help='data loader processes (default: by core count)')
     parser.add_argument('--amp', choices=sorted(AMP_DTYPES), default='none', help='autocast dtype (default: none)')

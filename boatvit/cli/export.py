@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..export import DEFAULT_OPSET, TENSORRT_TOPK_LIMIT, ExportCheckError, export_weights
-from ._args import add_model_arguments
+from ._args import add_img_size, add_model_arguments
 
 
 def add_parser(subparsers) -> None:
@@ -21,9 +21,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument('-o', '--output', required=True, help='ONNX file to write')
     parser.add_argument('--weights', help='checkpoint, .safetensors file or run directory (default: random weights)')
     add_model_arguments(parser)
-    parser.add_argument(
-        '--img-size', type=int, help="image size the graph takes; default: the model's own (224 for the *_224 models)"
-    )
+    add_img_size(parser, "image size the graph takes (default: the model's own, 224 for the *_224 models)")
     parser.add_argument('--batch-size', type=int, help='fixed batch size of the graph; default: a dynamic batch axis')
     parser.add_argument('--opset', type=int, default=DEFAULT_OPSET, help=f'ONNX opset (default: {DEFAULT_OPSET})')
     parser.add_argument(
