@@ -135,7 +135,9 @@ class TrainConfig:
     layer_decay: Optional[float] = _field(
         None, 'optimisation', 'layer-wise lr decay: each block towards the stem gets this factor more, e.g. 0.75'
     )
-    freeze_backbone: bool = _field(False, 'optimisation', 'train the classifier only (a linear probe)')
+    freeze_backbone: bool = _field(
+        False, 'optimisation', 'train the classifier only (a linear probe), on features without --drop-path'
+    )
     clip_grad: Optional[float] = _field(5.0, 'optimisation', 'max gradient norm; 0 for none')
     warmup_epochs: int = _field(20, 'optimisation', 'epochs of linear learning-rate warm-up')
     warmup_lr: float = _field(1e-6, 'optimisation', 'learning rate at the start of the warm-up')
@@ -702,7 +704,8 @@ def fit(
         config.model,
         num_classes=len(classes),
         model_kwargs=config.model_kwargs,
-        drop_path_rate=config.drop_path,
+        # a frozen backbone gives the head the features it will have at inference: no blocks dropped
+        drop_path_rate=0.0 if config.freeze_backbone else config.drop_path,
         img_size=config.img_size,
     )
     if config.weights and resume_state is None:  # a resumed run has its own trained weights in resume_state

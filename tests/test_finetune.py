@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 from safetensors.torch import load_file
+from timm.layers import DropPath
 
 from boatvit.cli import main
 from boatvit.cli.train import config_from_args
@@ -161,9 +162,18 @@ def test_layer_decay_gives_the_stem_a_smaller_lr_than_the_last_stage():
     assert lr['patch_embed.proj.weight'] < lr['layers.3.blocks.0.attn.qkv.weight']
 
 
-def test_frozen_backbone_trains_only_the_head(tmp_path, checkpoints, data):
+def test_frozen_backbone_trains_only_the_head(tmp_path, checkpoints, data, monkeypatch):
+    placed = []
+    place_model = train_mod._place_model
+    monkeypatch.setattr(
+        train_mod, '_place_model', lambda model, *args: placed.append(model) or place_model(model, *args)
+    )
     argv = ['train', '--data', str(data), '--weights', str(checkpoints['cswin'][0]), *arch_flags('cswin')]
+    argv += ['--drop-path', '0.3']
     assert main([*argv, *quick(tmp_path, 'probe'), '--freeze-backbone', '--lr', '0.1', '--warmup-epochs', '0']) == 0
+    # the head learns on the features the frozen backbone gives at inference: no DropPath despite --drop-path 0.3
+    assert [type(m) for m in placed[0].modules() if isinstance(m, DropPath)] == []
+    assert any(isinstance(m, DropPath) for m in build_model(ARCH['cswin'][0], 3, CSWIN, drop_path_rate=0.3).modules())
     trained, source = load_file(tmp_path / 'probe' / 'best.safetensors'), checkpoints['cswin'][1].state_dict()
     for k in trained:
         if not k.startswith('head.'):
