@@ -1,14 +1,23 @@
 """Transfer really happens: fine-tuning from weights against training from scratch, at the same number of steps.
 
-The embedded model (boat_swin_nano_32, recipe ``digits``) is trained on digit classes 0-4; then, per seed, a few
-labelled images of each of the classes 5-9 are drawn and a model is trained on them with ``boatvit train`` twice:
-fine-tuned from the 0-4 run (``--weights``, the ``finetune-swin`` preset), and from scratch (the ``digits``
-recipe's settings, which are tuned for this model from scratch), with the same epochs, batch size, learning rate and
-augmentation (the digits recipe's), so the same optimizer steps on the same images. Both are scored on the
-held-out digits 5-9 (the validation split, never trained on). Accuracy only: no timing::
+Two scenarios, each with a source run of the embedded model (boat_swin_nano_32, recipe ``digits``) and, per seed,
+a few labelled images per class of a target task trained with ``boatvit train`` four times: three from the source
+(``--weights``, the ``finetune-swin`` preset): as the preset is (``finetune_preset``), at ``--finetune-lr``
+(``finetune_lr``), and with the backbone frozen at that lr (``frozen``, a linear probe); and one from scratch (the
+``digits`` recipe's settings, tuned for this model from scratch). All four have the same epochs, batch size and
+augmentation (the digits recipe's), so the same number of optimizer steps on the same images, and are scored with
+their last weights on the held-out validation images of the target classes (never trained on by any run).
 
-    python -m benchmarks.bench_transfer                      # 3 seeds, 10 images per class
-    python -m benchmarks.bench_transfer --seeds 5 --shots 5
+- ``new-classes`` (the question asked): source on digits 0-4, target digits 5-9.
+- ``new-images`` (the control): source on all ten digits, half of the training images of each; target the ten
+  digits under other class names (so the head is new), a few images drawn from the other half.
+
+Each row also has linear probes: a logistic regression fitted on the target's few images to the source's pooled
+features, to an untrained model's and to the pixels. Fine-tuning can only gain where the source's features tell
+the target classes apart better than an untrained model's. Accuracy only, no timing::
+
+    python -m benchmarks.bench_transfer                      # 3 seeds, 5 images per class, both scenarios
+    python -m benchmarks.bench_transfer --seeds 5 --shots 10 --scenarios new-classes
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ import argparse
 import statistics
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import timm
@@ -28,7 +37,7 @@ from benchmarks.common import environment, positive_int, print_table, write_json
 from boatvit.data import DigitsDataset, eval_transform
 from boatvit.evaluation import evaluate_weights
 from boatvit.recipes import RECIPES
-from boatvit.training import config_from_values, learning_rate, train
+from boatvit.training import config_from_values, train
 from boatvit.weights import load_model
 
 # the augmentation the digits need (no flips, colour or large crops: digits are small, grey and not symmetric),
@@ -37,22 +46,37 @@ DIGITS_AUG = dict(
     {k: RECIPES['digits'][k] for k in ('hflip', 'color_jitter', 'scale', 'ratio', 'reprob', 'crop_pct')}, aa='none'
 )
 
-SOURCE_CLASSES, TARGET_CLASSES = range(5), range(5, 10)
+# scenario: (source classes, source images per class, target classes, target class-name prefix)
+SCENARIOS = {
+    'new-classes': (range(5), 'all', range(5, 10), ''),
+    'new-images': (range(10), 'even', range(10), 'digit-'),
+}
 
 
-def write_folder(root: Path, splits: Dict[str, DigitsDataset], classes: range, shots: int, seed: int) -> Path:
-    """An image folder of the digits ``classes``: ``val`` (every validation image), ``check`` (the first 10 of them
-    per class, validated after every epoch: cheaper) and ``train`` (``shots`` training images per class drawn with
-    ``seed``, all of them when ``shots`` is 0)."""
+def write_folder(
+    root: Path,
+    splits: Dict[str, DigitsDataset],
+    classes: range,
+    shots: int,
+    seed: int,
+    images: str = 'all',
+    prefix: str = '',
+) -> Path:
+    """An image folder of the digits ``classes`` (folders named ``prefix + digit``): ``val`` (every validation image),
+    ``check`` (the first 10 of them per class, validated after every epoch: cheaper) and ``train``: of each class's
+    training images, ``images`` ('all', or the 'even' or 'odd' places of its list), ``shots`` of them drawn with
+    ``seed`` (all when ``shots`` is 0)."""
     rng = np.random.default_rng(seed)
     for split, ds in (('train', splits['train']), ('val', splits['val']), ('check', splits['val'])):
         for digit in classes:
             indices = [i for i, t in enumerate(ds.targets) if t == digit]
-            if split == 'train' and shots:
-                indices = sorted(rng.choice(indices, size=shots, replace=False).tolist())
+            if split == 'train':
+                indices = {'all': indices, 'even': indices[0::2], 'odd': indices[1::2]}[images]
+                if shots:
+                    indices = sorted(rng.choice(indices, size=shots, replace=False).tolist())
             if split == 'check':
                 indices = indices[:10]
-            folder = root / split / str(digit)
+            folder = root / split / f'{prefix}{digit}'
             folder.mkdir(parents=True)
             for i in indices:
                 Image.fromarray(ds.images[i]).save(folder / f'{i}.png')
@@ -96,16 +120,49 @@ def linear_probes(source: Path, data: str) -> Dict[str, float]:
     return scores
 
 
+def scenario(
+    name: str, args: argparse.Namespace, splits: Dict[str, DigitsDataset], tmp: Path
+) -> Tuple[float, List[Dict[str, float]]]:
+    """The source run's held-out top-1 % and one row per seed."""
+    source_classes, source_images, target_classes, prefix = SCENARIOS[name]
+    source_data = write_folder(tmp / f'{name}-source-data', splits, source_classes, 0, 0, images=source_images)
+    source_dir = f'{name}-source'
+    digits = dict(data=str(source_data), model='boat_swin_nano_32', img_size=32, epochs=args.source_epochs)
+    source = run(digits, 'digits', tmp, source_dir)
+    print(f'{name}: source, digits {list(source_classes)}, held-out top-1 {source:.2f} %', flush=True)
+    target_images = 'odd' if source_images == 'even' else 'all'
+    rows = []
+    for seed in range(args.seeds):
+        data = write_folder(
+            tmp / f'{name}-target-seed{seed}', splits, target_classes, args.shots, seed, target_images, prefix
+        )
+        same = dict(DIGITS_AUG, data=str(data), epochs=args.epochs, batch_size=args.batch_size, seed=seed)
+        weights = dict(same, weights=str(tmp / source_dir))
+        row = {'scenario': name, 'seed': seed}
+        row['finetune_preset'] = run(weights, None, tmp, f'{name}-ft{seed}')
+        row['finetune_lr'] = run(dict(weights, lr=args.finetune_lr), None, tmp, f'{name}-ft-lr{seed}')
+        row['frozen'] = run(dict(weights, lr=args.finetune_lr, freeze_backbone=True), None, tmp, f'{name}-frozen{seed}')
+        row['scratch'] = run(dict(same, model='boat_swin_nano_32', img_size=32), 'digits', tmp, f'{name}-scratch{seed}')
+        row.update(linear_probes(tmp / source_dir, str(data)))
+        rows.append(row)
+        print(', '.join(f'{k} {v}' if isinstance(v, (str, int)) else f'{k} {v:.2f} %' for k, v in row.items()))
+    return source, rows
+
+
 def main_benchmark() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--scenarios', nargs='+', choices=sorted(SCENARIOS), default=sorted(SCENARIOS))
     parser.add_argument('--seeds', type=positive_int, default=3, help='few-shot draws and initialisations')
-    parser.add_argument('--shots', type=positive_int, default=10, help='labelled images per new class')
-    parser.add_argument('--source-epochs', type=positive_int, default=15, help='epochs on digits 0-4')
-    parser.add_argument('--epochs', type=positive_int, default=20, help='epochs on the few images of 5-9')
+    parser.add_argument('--shots', type=positive_int, default=5, help='labelled images per target class')
+    parser.add_argument('--source-epochs', type=positive_int, default=6, help='epochs of the source runs')
+    parser.add_argument('--epochs', type=positive_int, default=15, help='epochs on the few target images')
     parser.add_argument(
-        '--lr', type=float, default=None, help="fine-tuning lr; default: the from-scratch run's (the same in both)"
+        '--finetune-lr',
+        type=float,
+        default=2e-3,
+        help="the fine-tuning runs' peak lr (the preset's layer decay scales it down towards the stem)",
     )
-    parser.add_argument('--batch-size', type=positive_int, default=10, help='batch of both runs on 5-9')
+    parser.add_argument('--batch-size', type=positive_int, default=5, help='batch of the runs on the target')
     parser.add_argument('--threads', type=positive_int, default=2, help='CPU threads (torch.set_num_threads)')
     parser.add_argument('--output', type=Path, default=None, help='keep the runs here (default: temporary)')
     parser.add_argument('--json', type=Path, default=None, help='where to write the results (default: results/)')
@@ -115,36 +172,25 @@ def main_benchmark() -> None:
     env = environment(args)
     splits = {'train': DigitsDataset('train'), 'val': DigitsDataset('val')}
 
-    rows: List[Dict[str, float]] = []
+    sources: Dict[str, float] = {}
+    rows: List[Dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = args.output or Path(tmp)
-        source_data = write_folder(tmp / 'digits0-4', splits, SOURCE_CLASSES, shots=0, seed=0)
-        digits = dict(data=str(source_data), model='boat_swin_nano_32', img_size=32)
-        source = run(dict(digits, epochs=args.source_epochs), 'digits', tmp, 'source')
-        print(f'digits 0-4, {args.source_epochs} epochs: held-out top-1 {source:.2f} %', flush=True)
-        for seed in range(args.seeds):
-            data = str(write_folder(tmp / f'digits5-9-seed{seed}', splits, TARGET_CLASSES, args.shots, seed))
-            same = dict(DIGITS_AUG, data=data, epochs=args.epochs, batch_size=args.batch_size, seed=seed)
-            scratch_values = dict(same, model='boat_swin_nano_32', img_size=32)
-            # the preset's lr is for a large model on photos; on this small one both runs get the same lr
-            lr = args.lr or learning_rate(config_from_values(scratch_values, 'digits')[0], world_size=1)
-            finetuned = run(dict(same, weights=str(tmp / 'source'), lr=lr), None, tmp, f'finetune{seed}')
-            scratch = run(scratch_values, 'digits', tmp, f'scratch{seed}')
-            rows.append({'seed': seed, 'finetune_top1': finetuned, 'scratch_top1': scratch})
-            rows[-1].update(linear_probes(tmp / 'source', data))
-            print(f'seed {seed}: fine-tuned {finetuned:.2f} %, from scratch {scratch:.2f} %', flush=True)
-    mean = {k: statistics.mean(r[k] for r in rows) for k in rows[0] if k != 'seed'}
+        for name in args.scenarios:
+            sources[name], scenario_rows = scenario(name, args, splits, tmp)
+            rows += scenario_rows
+    columns = ['finetune_preset', 'finetune_lr', 'frozen', 'scratch']
+    columns += ['probe_source', 'probe_random_init', 'probe_pixels']
+    means = {
+        name: {k: statistics.mean(r[k] for r in rows if r['scenario'] == name) for k in columns}
+        for name in args.scenarios
+    }
     print_table(
-        f'digits 5-9, {args.shots} images per class, {args.epochs} epochs of batch {args.batch_size}: held-out top-1 %',
-        rows,
-        ['seed', 'finetune_top1', 'scratch_top1', 'probe_source', 'probe_random_init', 'probe_pixels'],
+        f'{args.shots} images per class, {args.epochs} epochs of batch {args.batch_size}: held-out top-1 %',
+        rows + [{'scenario': name, 'seed': 'mean', **mean} for name, mean in means.items()],
+        ['scenario', 'seed', *columns],
     )
-    print(f'mean: fine-tuned {mean["finetune_top1"]:.2f} %, from scratch {mean["scratch_top1"]:.2f} %')
-    write_json(
-        args,
-        'bench_transfer',
-        {'environment': env, 'source_top1': source, 'runs': rows, 'mean': mean},
-    )
+    write_json(args, 'bench_transfer', {'environment': env, 'source_top1': sources, 'runs': rows, 'mean': means})
 
 
 if __name__ == '__main__':

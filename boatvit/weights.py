@@ -517,7 +517,12 @@ def check_backbone(weights: Weights, name: str, model_kwargs: Mapping[str, Any],
 def load_backbone(model: BoatTransformer, weights: Weights, classes: Optional[List[str]] = None) -> List[str]:
     """Start fine-tuning ``model`` from ``weights``: every tensor must fit, the classifier too when it classifies
     the same classes (as many, and the same names when both ``classes`` and the weights' metadata name them);
-    otherwise the model keeps its new classifier.
+    otherwise the model gets a new classifier of zeros.
+
+    Zeros, not the model's random initialisation (MAE and BEiT also start a fine-tuning head at or near zero): the
+    first predictions are uniform (loss ln C) and the head learns from the features alone. A random head drawn
+    with the seed the weights were trained with would be the one their features were trained against, and would
+    predict the old classes' order with confidence.
 
     Returns:
         the names of the weights' classifier tensors left out (``['head.fc.bias', 'head.fc.weight']``), [] when
@@ -532,4 +537,9 @@ def load_backbone(model: BoatTransformer, weights: Weights, classes: Optional[Li
         load_reference_weights(model, weights, load_classifier=same_head)
     except ValueError as e:
         raise UsageError(str(e)) from e
-    return [] if same_head or not weights.num_classes else ['head.fc.bias', 'head.fc.weight']
+    if same_head:
+        return []
+    with torch.no_grad():
+        for param in model.get_classifier().parameters():
+            param.zero_()
+    return ['head.fc.bias', 'head.fc.weight'] if weights.num_classes else []

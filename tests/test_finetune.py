@@ -15,7 +15,8 @@ from boatvit.cli import main
 from boatvit.cli.train import config_from_args
 import boatvit.training as train_mod
 from boatvit.training import Trainer, TrainConfig, train
-from boatvit.weights import build_model, read_weights
+from boatvit.runs import save_weights
+from boatvit.weights import build_model, load_backbone, read_weights
 from reference_checkpoints import save_cswin_checkpoint, save_swin_checkpoint
 from test_data import make_image_folder
 from test_train import parse_train
@@ -88,6 +89,27 @@ def test_zero_lr_keeps_the_backbone_and_replaces_the_head(zero_lr_run, checkpoin
     for k in backbone:
         assert torch.equal(trained[k], source[k]), k
     assert trained['head.fc.weight'].shape == (3, 16 * 8) and trained['head.fc.bias'].shape == (3,)
+    assert not trained['head.fc.weight'].any() and not trained['head.fc.bias'].any()  # a new head starts at zero
+
+
+def test_a_new_head_for_other_classes_of_the_same_count_starts_at_zero(tmp_path):
+    """Weights trained with seed 0 on classes a, b, c, fine-tuned with seed 0 on x, y, z: the model's random head
+    would be the very head the weights' features were trained against, and would call x 'a' with confidence."""
+    torch.manual_seed(0)
+    source = build_model(ARCH['swin'][0], 3, SWIN)
+    path = tmp_path / 'abc.safetensors'
+    save_weights(
+        path, source.state_dict(), {'model': ARCH['swin'][0], 'model_kwargs': SWIN, 'classes': ['a', 'b', 'c']}
+    )
+    torch.manual_seed(0)
+    model = build_model(ARCH['swin'][0], 3, SWIN)
+    assert torch.equal(model.head.fc.weight, source.head.fc.weight)  # the same draw: the trap
+    assert load_backbone(model, read_weights(path), ['x', 'y', 'z']) == ['head.fc.bias', 'head.fc.weight']
+    assert not model.head.fc.weight.any() and not model.head.fc.bias.any()
+    logits = model.eval()(torch.randn(2, 3, 224, 224))
+    assert torch.equal(logits, torch.zeros(2, 3))  # uniform: loss ln 3, whatever the features
+    assert load_backbone(model, read_weights(path), ['a', 'b', 'c']) == []  # the same classes keep their head
+    assert torch.equal(model.head.fc.weight, source.head.fc.weight)
 
 
 def test_the_message_names_the_dropped_head_and_the_recipe(tmp_path, checkpoints, data, capsys):
