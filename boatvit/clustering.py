@@ -294,6 +294,19 @@ def _clustered_order(
     return _torch_clustered_order(q, layout, iterations, temperature)
 
 
+def _softmax_of_two(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over dim 1 of ``logits`` ``(groups, 2, n)``: the soft assignment of every token to two centroids.
+
+    An exported graph takes it as the sigmoids of the two logits' differences, the same values: ONNX Runtime runs a
+    Softmax over an axis that is not the last through a transpose of the whole tensor to and from the last axis, and
+    these are the largest Softmax nodes of the exported clustering. The products that give the logits stay as they are.
+    """
+    if not torch.onnx.is_in_onnx_export():
+        return torch.softmax(logits, dim=1)
+    first, second = logits.unbind(1)
+    return torch.stack([torch.sigmoid(first - second), torch.sigmoid(second - first)], dim=1)
+
+
 def _torch_clustered_order(
     q: torch.Tensor,
     layout: ClusterLayout,
@@ -325,7 +338,7 @@ def _torch_clustered_order(
         centroids = F.normalize(x.view(groups, 2, n // 2, d).mean(2), dim=-1)  # (groups, 2, d)
         # (groups, 2, n) layout: the softmax over the two centroids runs along a strided axis, vectorised over n
         for _ in range(iterations):
-            assign = torch.softmax(torch.bmm(centroids, x_t).mul_(inv_temperature), dim=1)
+            assign = _softmax_of_two(torch.bmm(centroids, x_t).mul_(inv_temperature))
             centroids = F.normalize(torch.bmm(assign, x), dim=-1)
         cos_plus_1 = torch.bmm(centroids, x_t).mul_(inv).add_(1)
         key = cos_plus_1[:, 0] / cos_plus_1[:, 1]  # (groups, n)

@@ -4,7 +4,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from boatvit import balanced_hierarchical_clustering, cluster_layout
-from boatvit.clustering import _sort_keys
+from boatvit.clustering import _softmax_of_two, _sort_keys
 from boatvit.fsla import FeatureSpaceAttention
 
 from naive_fsla import naive_permutation
@@ -123,3 +123,14 @@ def test_sort_keys_keep_the_float_order(dtype):
     ghost[:, -3:] = True
     order = torch.sort(_sort_keys(key, ghost).view(8, 300), dim=-1).indices
     assert (order[:, -3:] >= 297).all() and (order[:, :-3] < 297).all()
+
+
+def test_exported_two_way_softmax_is_the_softmax(monkeypatch):
+    """The ONNX branch's soft assignment (sigmoids of the logits' differences) gives the Softmax's values, at the
+    temperature's large logits too (one side 0 or 1 to float64 precision)."""
+    logits = torch.randn(3, 2, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 100
+    expected = torch.softmax(logits, dim=1)
+    monkeypatch.setattr(torch.onnx, 'is_in_onnx_export', lambda: True)
+    got = _softmax_of_two(logits)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-300)
+    assert got.shape == expected.shape

@@ -1,0 +1,143 @@
+"""Clusters under mixed precision: how many tokens autocast leaves in the cluster float32 puts them in.
+
+For every FSLA layer of a model (random weights of a named model, or trained weights), the layer's input is captured
+in a float32 forward and clustered (``FeatureSpaceAttention.cluster_order``) without autocast, then under bf16 and
+fp16 autocast in three ways:
+
+* ``float32_input``: the same float32 input under autocast, as on a GPU (where autocast's LayerNorm gives FSLA a
+  float32 input): the layer clusters its own float32 queries (``float32_clustering=True``, the default);
+* ``rounded_queries``: the same, with ``float32_clustering=False``: the clustering reads the queries the autocast
+  qkv Linear rounded to half precision;
+* ``whole_model``: the input the layer gets in a forward under autocast (as on a CPU, where autocast's LayerNorm
+  hands FSLA a half-precision input, and every earlier layer ran in half precision), clustered under autocast.
+
+A token agrees when it is in the same cluster (a run of ``cluster_layout(N).cluster_sizes()`` in the order) in
+both; the figures are the share of agreeing (image, head, token) triples, per layer and over all layers with more
+than one cluster. Accuracy only, no timing::
+
+    python -m benchmarks.bench_precision --model boat_swin_tiny_224 --img-size 448      # random weights
+    python -m benchmarks.bench_precision --weights runs/digits --img-size 128 --images digits
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import timm
+import torch
+
+from benchmarks.common import environment, positive_int, print_table, write_json
+from boatvit import FeatureSpaceAttention, cluster_layout
+from boatvit.data import DigitsDataset, eval_transform
+from boatvit.weights import load_model
+
+AMP = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def cluster_ids(order: torch.Tensor, cluster_size: int) -> torch.Tensor:
+    """``(B, heads, N)``: every token's cluster, from a clustered order."""
+    layout = cluster_layout(order.shape[-1], cluster_size)
+    ids = torch.repeat_interleave(torch.arange(layout.num_clusters), torch.tensor(layout.cluster_sizes()))
+    return torch.empty_like(order).scatter_(-1, order, ids.expand_as(order))
+
+
+def fsla_inputs(model: torch.nn.Module, images: torch.Tensor, dtype=None) -> List[Tuple[str, Any, torch.Tensor, Any]]:
+    """``(name, layer, x, size)`` of every FSLA call of one forward of ``images`` (under ``dtype`` autocast)."""
+    seen = []
+    hooks = [
+        m.register_forward_pre_hook(lambda m, args, name=name: seen.append((name, m, args[0].detach(), args[1])))
+        for name, m in model.named_modules()
+        if isinstance(m, FeatureSpaceAttention)
+    ]
+    amp = torch.autocast('cpu', dtype=dtype) if dtype else contextlib.nullcontext()
+    try:
+        with torch.no_grad(), amp:
+            model(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def agreement(model: torch.nn.Module, images: torch.Tensor) -> List[Dict[str, Any]]:
+    """One row per FSLA layer with several clusters: its token count and the agreeing share of every column."""
+    reference = fsla_inputs(model, images)
+    rows = []
+    for amp, dtype in AMP.items():
+        autocast_inputs = fsla_inputs(model, images, dtype)
+        for (name, layer, x, size), (_, _, x_amp, _) in zip(reference, autocast_inputs):
+            if cluster_layout(x.shape[1], layer.cluster_size).levels == 0:
+                continue  # one cluster: nothing can move
+            with torch.no_grad():
+                expected = cluster_ids(layer.cluster_order(x, size), layer.cluster_size)
+                with torch.autocast('cpu', dtype=dtype):
+                    got = {
+                        'float32_input': layer.cluster_order(x, size),
+                        'whole_model': layer.cluster_order(x_amp, size),
+                    }
+                    layer.float32_clustering = False
+                    try:
+                        got['rounded_queries'] = layer.cluster_order(x, size)
+                    finally:
+                        layer.float32_clustering = True
+            row = {'amp': amp, 'layer': name, 'tokens': x.shape[1]}
+            for column, order in got.items():
+                row[column] = 100 * (cluster_ids(order, layer.cluster_size) == expected).float().mean().item()
+            rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument('--model', help='a registered BOAT model, random weights (seed 0)')
+    source.add_argument('--weights', help='trained weights: a run directory, a .safetensors file, a checkpoint')
+    parser.add_argument('--img-size', type=positive_int, default=224, help='square input size (default: 224)')
+    parser.add_argument('--batch', type=positive_int, default=2, help='images (default: 2)')
+    parser.add_argument(
+        '--images', choices=('random', 'digits'), default='random', help="normal noise, or the digits' val images"
+    )
+    parser.add_argument('--threads', type=positive_int, default=2, help='CPU threads (torch.set_num_threads)')
+    parser.add_argument('--json', type=Path, default=None, help='where to write the results (default: results/)')
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.device, args.repeats, args.warmup = 'cpu', 1, 0  # for environment()
+    torch.manual_seed(0)
+    if args.weights:
+        # the trained windows at any size (dynamic_img_size), as `boatvit export` takes a model to another size
+        loaded = load_model(args.weights, dynamic_img_size=True)
+        model, metadata = loaded.model, loaded.metadata
+    else:
+        model, metadata = timm.create_model(args.model, img_size=args.img_size), {}
+    model.eval()
+    if args.images == 'digits':
+        transform = eval_transform(model, metadata, args.img_size)
+        ds = DigitsDataset('val', img_size=args.img_size)
+        images = torch.stack([transform(ds[i][0]) for i in range(args.batch)])
+    else:
+        images = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(0))
+    rows = agreement(model, images)
+    columns = ('float32_input', 'rounded_queries', 'whole_model')
+    totals = []
+    for amp in AMP:
+        mine = [r for r in rows if r['amp'] == amp]
+        weight = sum(r['tokens'] for r in mine)
+        total = {c: sum(r[c] * r['tokens'] for r in mine) / weight for c in columns} if mine else {}
+        totals.append({'amp': amp, 'layer': 'all (token-weighted)', 'tokens': weight, **total})
+    what = args.weights or f'{args.model} (random weights)'
+    print_table(
+        f'{what} at {args.img_size}x{args.img_size}, {args.batch} {args.images} images: % of tokens in their float32'
+        ' cluster',
+        rows + totals,
+        ['amp', 'layer', 'tokens', *columns],
+    )
+    name = Path(args.weights).name if args.weights else args.model
+    payload = {'environment': environment(args), 'source': what, 'layers': rows, 'totals': totals}
+    write_json(args, f'bench_precision_{name}_{args.img_size}', payload)
+
+
+if __name__ == '__main__':
+    main()
