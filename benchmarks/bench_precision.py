@@ -13,7 +13,8 @@ fp16 autocast in three ways:
 
 A token agrees when it is in the same cluster (a run of ``cluster_layout(N).cluster_sizes()`` in the order) in
 both; the figures are the share of agreeing (image, head, token) triples, per layer and over all layers with more
-than one cluster. Accuracy only, no timing::
+than one cluster. Beside them, what the whole forward under autocast changes in the output: the logits' relative L2
+distance from float32 and the share of images whose top-1 class stays. Accuracy only, no timing::
 
     python -m benchmarks.bench_precision --model boat_swin_tiny_224 --img-size 448      # random weights
     python -m benchmarks.bench_precision --weights runs/digits --img-size 128 --images digits
@@ -60,6 +61,21 @@ def fsla_inputs(model: torch.nn.Module, images: torch.Tensor, dtype=None) -> Lis
         for hook in hooks:
             hook.remove()
     return seen
+
+
+def output_change(model: torch.nn.Module, images: torch.Tensor) -> Dict[str, Dict[str, float]]:
+    """Per autocast dtype: the logits' relative L2 distance from float32, and the % of images with the same top-1."""
+    with torch.no_grad():
+        expected = model(images)
+        out = {}
+        for amp, dtype in AMP.items():
+            with torch.autocast('cpu', dtype=dtype):
+                logits = model(images).float()
+            out[amp] = {
+                'logits_rel_l2': ((logits - expected).norm() / expected.norm()).item(),
+                'same_top1': 100 * (logits.argmax(-1) == expected.argmax(-1)).float().mean().item(),
+            }
+    return out
 
 
 def agreement(model: torch.nn.Module, images: torch.Tensor) -> List[Dict[str, Any]]:
@@ -120,19 +136,25 @@ def main() -> None:
     else:
         images = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(0))
     rows = agreement(model, images)
+    outputs = output_change(model, images)
     columns = ('float32_input', 'rounded_queries', 'whole_model')
     totals = []
     for amp in AMP:
         mine = [r for r in rows if r['amp'] == amp]
         weight = sum(r['tokens'] for r in mine)
         total = {c: sum(r[c] * r['tokens'] for r in mine) / weight for c in columns} if mine else {}
-        totals.append({'amp': amp, 'layer': 'all (token-weighted)', 'tokens': weight, **total})
+        totals.append({'amp': amp, 'layer': 'all (token-weighted)', 'tokens': weight, **total, **outputs[amp]})
     what = args.weights or f'{args.model} (random weights)'
     print_table(
         f'{what} at {args.img_size}x{args.img_size}, {args.batch} {args.images} images: % of tokens in their float32'
         ' cluster',
         rows + totals,
         ['amp', 'layer', 'tokens', *columns],
+    )
+    print_table(
+        'the whole forward under autocast against float32',
+        totals,
+        ['amp', 'logits_rel_l2', 'same_top1'],
     )
     name = Path(args.weights).name if args.weights else args.model
     payload = {'environment': environment(args), 'source': what, 'layers': rows, 'totals': totals}
