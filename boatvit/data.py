@@ -229,11 +229,17 @@ def eval_data_config(
 ) -> Dict[str, Any]:
     """Input size, crop, interpolation, mean and std for evaluation.
 
-    The ``data_config`` the weights record (``metadata``: `boatvit train` writes it) unless another ``img_size``
-    or ``crop_pct`` is asked for; otherwise timm's, from the model's pretrained cfg.
+    The ``data_config`` the weights record (``metadata``: `boatvit train` writes it), with its size replaced by
+    ``img_size`` and its crop by ``crop_pct`` when given: another size keeps the normalisation the weights were
+    trained with. Weights that record none get timm's, from the model's pretrained cfg.
     """
-    if metadata and 'data_config' in metadata and img_size is None and crop_pct is None:
-        return dict(metadata['data_config'])
+    if metadata and 'data_config' in metadata:
+        config = dict(metadata['data_config'])
+        if img_size:
+            config['input_size'] = (config['input_size'][0], *image_hw(img_size))
+        if crop_pct is not None:
+            config['crop_pct'] = crop_pct
+        return config
     args = {'input_size': (3, *image_hw(img_size)) if img_size else None, 'crop_pct': crop_pct}
     return resolve_data_config({k: v for k, v in args.items() if v is not None}, model=model)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -17,6 +18,7 @@ from boatvit.data import (
     DigitsDataset,
     canonical_image_size,
     check_same_classes,
+    eval_data_config,
     image_hw,
     open_image,
     open_split,
@@ -74,6 +76,17 @@ def test_image_sizes_have_one_form_and_bad_ones_are_named():
             canonical_image_size(bad)
     with pytest.raises(UsageError, match='an image size is needed'):
         image_hw(None)
+
+
+def test_another_eval_size_keeps_the_recorded_normalisation_and_crop():
+    model = timm.create_model('boat_swin_nano_32')
+    recorded = {'input_size': (3, 32, 32), 'mean': (0.5, 0.5, 0.5), 'std': (0.2, 0.2, 0.2), 'crop_pct': 1.0}
+    recorded.update(interpolation='bilinear', crop_mode='center')
+    config = eval_data_config(model, {'data_config': recorded}, img_size=(48, 64))
+    assert config == dict(recorded, input_size=(3, 48, 64))
+    assert eval_data_config(model, {'data_config': recorded}, crop_pct=0.9) == dict(recorded, crop_pct=0.9)
+    assert eval_data_config(model, {'data_config': recorded}) == recorded
+    assert eval_data_config(model, img_size=48)['input_size'] == (3, 48, 48)  # nothing recorded: the model's cfg
 
 
 def test_digits_at_a_non_square_size_are_height_by_width():

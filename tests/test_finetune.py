@@ -166,7 +166,16 @@ def test_fine_tuning_at_another_size(tmp_path, checkpoints, data, family, size, 
             torch.testing.assert_close(trained[k], expected[k], rtol=0, atol=1e-6, msg=k)
     capsys.readouterr()
     assert main(['eval', '--weights', str(tmp_path / 'run'), '--json', '--workers', '0']) == 0
-    assert json.loads(capsys.readouterr().out)['images'] == 6
+    result = json.loads(capsys.readouterr().out)
+    assert result['images'] == 6
+    scores = ('top1', 'top5', 'loss')
+    # naming the run's own size changes nothing: the recorded normalisation and crop stay
+    assert (
+        main(['eval', '--weights', str(tmp_path / 'run'), '--json', '--workers', '0', '--img-size', *map(str, size)])
+        == 0
+    )
+    again = json.loads(capsys.readouterr().out)
+    assert [again[k] for k in scores] == [result[k] for k in scores]
     assert main(['predict', str(data / 'val' / 'dog' / '0.png'), '--weights', str(tmp_path / 'run')]) == 0
     assert capsys.readouterr().out.splitlines()[1].split()[-1] in CLASSES
 
