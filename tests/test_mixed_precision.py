@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.bench_precision import agreement, cluster_ids, output_change
 from boatvit import FeatureSpaceAttention, balanced_hierarchical_clustering, cluster_layout
 
 from reduced_models import reduced
@@ -87,13 +88,6 @@ def test_half_precision_weights(family, dtype):
     assert relative_error(logits, expected) < HALF_RTOL
 
 
-def cluster_ids(order: torch.Tensor, cluster_size: int) -> torch.Tensor:
-    """``(B, heads, N)``: the cluster of every token, from a clustered order."""
-    layout = cluster_layout(order.shape[-1], cluster_size)
-    ids = torch.repeat_interleave(torch.arange(layout.num_clusters), torch.tensor(layout.cluster_sizes()))
-    return torch.empty_like(order).scatter_(-1, order, ids.expand_as(order))
-
-
 @pytest.mark.parametrize('amp', ['bf16', 'fp16'])
 def test_fsla_clusters_float32_queries_under_autocast(amp):
     """A 56 x 56 grid (BOAT-Swin-T stage 1, 6 levels) on random weights: the queries the qkv Linear rounds to half
@@ -129,3 +123,17 @@ def test_cluster_order_is_what_forward_clusters(monkeypatch):
         order = layer.cluster_order(x, (20, 20))
     assert not cluster_layout(400).ghost_slots
     assert len(seen) == 2 and torch.equal(seen[0], order)
+
+
+def test_bench_precision_measures_what_fsla_controls():
+    """``benchmarks/bench_precision.py`` on a reduced BOAT-Swin at 112 x 120 (stage 1: 840 tokens, 4 levels, ghosts):
+    a row per FSLA layer with several clusters and dtype, every FSLA layer given its float32 input keeps all tokens
+    in their float32 clusters under autocast, and the script's other columns are shares."""
+    model = reduced('swin', img_size=(112, 120)).eval()
+    rows = agreement(model, images(1, 112, 120))
+    assert {r['amp'] for r in rows} == set(AMP) and {r['tokens'] for r in rows} >= {840}
+    for row in rows:
+        assert row['float32_input'] == 100.0, row
+        assert 0 <= row['rounded_queries'] <= 100 and 0 <= row['whole_model'] <= 100
+    change = output_change(model, images(2, 112, 120))
+    assert set(change) == set(AMP) and all(0 <= c['logits_rel_l2'] < HALF_RTOL for c in change.values())
