@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import tempfile
 import time
 from collections import defaultdict
@@ -41,7 +40,7 @@ from benchmarks.common import (
     time_interleaved,
     write_json,
 )
-from boatvit.export import DEFAULT_OPSET, ExportCheckError, export_onnx
+from boatvit.export import DEFAULT_OPSET, ExportCheckError, export_onnx, trace_onnx
 
 SWIN = 'swin_tiny_patch4_window7_224'
 BOAT_SWIN = 'boat_swin_tiny_224'
@@ -76,19 +75,8 @@ def _export(spec: str, path: Path, batch: int) -> Dict[str, Any]:
         }
     else:
         images = torch.randn(batch, 3, 224, 224)
-        # the exporter's constant folding warns about every long Concat it leaves alone, as export_onnx silences
-        logging.getLogger('onnxscript.optimizer._constant_folding').setLevel(logging.ERROR)
-        with torch.no_grad():
-            program = torch.onnx.export(
-                model,
-                (images,),
-                dynamo=True,
-                opset_version=DEFAULT_OPSET,
-                input_names=['images'],
-                output_names=['logits'],
-                external_data=False,
-                verbose=False,
-            )
+        with torch.no_grad():  # the exporter export_onnx uses, with its settings
+            program = trace_onnx(model, images, dynamic_batch=False, opset=DEFAULT_OPSET)
         program.save(str(path), external_data=False)
         info = {}
     return {'export_s': time.perf_counter() - start, 'bytes': path.stat().st_size, **info}

@@ -42,6 +42,7 @@ __all__ = [
     'fsla_sorts',
     'export_onnx',
     'export_weights',
+    'trace_onnx',
 ]
 
 # TensorRT's ITopKLayer takes K <= 3840 (1024 before TensorRT 8.6 GA)
@@ -140,8 +141,22 @@ def _require_onnx_packages() -> None:
         raise UsageError(f'ONNX export needs {", ".join(missing)}; install them with pip install "boatvit[onnx]".')
 
 
-def _trace(model: nn.Module, images: torch.Tensor, dynamic_batch: bool, opset: int) -> Any:
-    """The dynamo exporter's ONNX program of ``model`` traced on ``images`` (a dynamic batch axis if asked)."""
+def trace_onnx(model: nn.Module, images: torch.Tensor, dynamic_batch: bool, opset: int) -> Any:
+    """The dynamo exporter's ONNX program of ``model`` (any module whose forward takes ``x``) traced on ``images``
+    (a dynamic batch axis if asked); :func:`export_onnx` checks and writes it, the ONNX benchmark traces timm's Swin
+    by it too.
+
+    Raises:
+        TypeError / ValueError: a ``model`` that is not a module, ``images`` that are not a 4-D floating-point
+            batch, an ``opset`` below 17.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f'model must be a torch.nn.Module, got {type(model).__name__}.')
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.is_floating_point():
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f'images must be a floating-point (batch, channels, height, width) tensor, got {shape}.')
+    if not isinstance(opset, int) or opset < MIN_OPSET:
+        raise ValueError(f'opset must be an int >= {MIN_OPSET}, got {opset!r}.')
     dynamic_shapes = {'x': {0: torch.export.Dim('batch', min=1)}} if dynamic_batch else None
     # the exporter's constant folding logs a warning for every Concat of more than 64 inputs it leaves alone
     folding_log = logging.getLogger('onnxscript.optimizer._constant_folding')
@@ -218,7 +233,7 @@ def export_onnx(
         with torch.no_grad():
             expected = model(images).numpy()
         sorts = tuple(fsla_sorts(model, images[:1]))
-        program = _trace(model, images, dynamic_batch=batch_size is None, opset=opset)
+        program = trace_onnx(model, images, dynamic_batch=batch_size is None, opset=opset)
     finally:
         model.train(was_training)
     props = dict(metadata or {}, boatvit_version=__version__)

@@ -24,7 +24,7 @@ import boatvit
 import boatvit.export
 from boatvit import cli
 from boatvit.clustering import cluster_layout
-from boatvit.export import TENSORRT_TOPK_LIMIT, ExportCheckError, export_onnx, fsla_sorts
+from boatvit.export import TENSORRT_TOPK_LIMIT, ExportCheckError, export_onnx, fsla_sorts, trace_onnx
 from boatvit.runs import save_weights
 
 from reduced_models import FAMILIES, NUM_CLASSES, reduced, reduced_kwargs
@@ -96,6 +96,15 @@ def test_largest_square_size_within_tensorrt_limit(family):
     above = fsla_sorts(model, torch.zeros(1, 3, 248, 248))
     assert max(s.topk for s in below) == 3776 <= TENSORRT_TOPK_LIMIT
     assert max(s.topk for s in above) == 3904 > TENSORRT_TOPK_LIMIT
+
+
+def test_trace_onnx_rejects_bad_arguments():
+    with pytest.raises(TypeError, match='torch.nn.Module'):
+        trace_onnx('model', torch.randn(1, 3, 32, 32), dynamic_batch=False, opset=18)
+    with pytest.raises(ValueError, match=r'\(batch, channels, height, width\) tensor, got \(3, 32, 32\)'):
+        trace_onnx(torch.nn.Identity(), torch.randn(3, 32, 32), dynamic_batch=False, opset=18)
+    with pytest.raises(ValueError, match='opset must be an int >= 17'):
+        trace_onnx(torch.nn.Identity(), torch.randn(1, 3, 32, 32), dynamic_batch=False, opset=13)
 
 
 def test_export_rejects_bad_arguments(tmp_path):
@@ -221,7 +230,7 @@ def test_cli_export_to_a_full_disk_keeps_the_previous_file(tmp_path, capsys, mon
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     # the tracing is not what is tested: a program whose save meets a full disk
-    monkeypatch.setattr(boatvit.export, '_trace', lambda *args, **kwargs: FullDiskProgram())
+    monkeypatch.setattr(boatvit.export, 'trace_onnx', lambda *args, **kwargs: FullDiskProgram())
     out = tmp_path / 'model.onnx'
     out.write_bytes(b'previous file')
     assert cli.main(['export', '--model', 'boat_swin_nano_32', '--batch-size', '1', '-o', str(out)]) == 2
