@@ -35,6 +35,7 @@ from typing import Callable, List, Optional, Tuple, TypeVar
 
 import torch
 import torch.nn.functional as F
+from torch._guards import detect_fake_mode
 
 from .kernels import clustering_kernel, resolve_backend
 
@@ -47,15 +48,16 @@ def trace_safe_cache(fn: _F) -> _F:
     """``functools.lru_cache`` for the helpers that derive Python structure or constant index tensors from a size.
 
     While ``torch.export`` (and with it the ONNX exporter) traces a model, every new tensor is a fake tensor: a
-    cached one would be handed to all later eager calls, which then fail. Under tracing the helper runs uncached,
-    so its tensors become constants of the graph; torch.compile, which ignores lru_cache anyway, stops warning, and
-    a TorchScript trace records the same graph at every invocation (its sanity check traces twice).
+    cached one would be handed to all later eager calls, which then fail, and a real one cached before would fail
+    under a fake tensor mode. Under tracing or fake tensors the helper runs uncached, so its tensors become
+    constants of the graph; torch.compile, which ignores lru_cache anyway, stops warning, and a TorchScript trace
+    records the same graph at every invocation (its sanity check traces twice).
     """
     cached = functools.lru_cache(maxsize=256)(fn)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        tracing = torch.compiler.is_compiling() or torch.jit.is_tracing() or detect_fake_mode() is not None
         return fn(*args, **kwargs) if tracing else cached(*args, **kwargs)
 
     return wrapper
@@ -155,6 +157,30 @@ def _split_index(group_size: int, ghosts: Tuple[int, ...], device: torch.device)
     return torch.tensor(rows, dtype=torch.long, device=device)
 
 
+@trace_safe_cache
+def _initial_slots(rows: int, n_pad: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The clustering's constant index tensors, cached on ``device``: every slot's token in raster order
+    ``(rows * n_pad,)`` (``0..n_pad-1`` repeated) and every slot's flat index ``(rows * n_pad,)``. Read only."""
+    slots = torch.arange(rows * n_pad, device=device)
+    return slots.remainder(n_pad), slots
+
+
+@trace_safe_cache
+def _norm_scales(temperature: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(2, 1)`` of ``dtype`` on ``device``: 1 and ``temperature``, which turn the inverse norms into the two
+    factors the clustering needs (the cosines' and the soft assignment's) in one product."""
+    return torch.tensor([[1.0], [temperature]], dtype=dtype, device=device)
+
+
+@trace_safe_cache
+def _real_slots(layout: ClusterLayout, device: torch.device) -> torch.Tensor:
+    """The slots of the padded order that hold real tokens, int64 on ``device``: selecting them by index rather
+    than by a boolean mask leaves nothing for the host to wait for (a mask's selection sizes its output on the
+    device)."""
+    ghosts = set(layout.ghost_slots)
+    return torch.tensor([s for s in range(layout.padded_tokens) if s not in ghosts], device=device)
+
+
 def _check_queries(q: torch.Tensor) -> None:
     if not isinstance(q, torch.Tensor):
         raise TypeError(f'q must be a torch.Tensor of shape (B, heads, N, head_dim), got {type(q).__name__}.')
@@ -216,8 +242,8 @@ def _argsort_rows(key: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor
         # the engine, and an exported sort reads K from the runtime shape (dynamic batch). Ties are TopK's own.
         return (torch.topk(key, n, dim=-1, largest=False).indices + offsets).view(-1)
     if key.dtype == torch.int32:
-        # the 32-bit code above the 31-bit token: one sort of int64
-        order = torch.sort((key.long() << 32) | tokens, dim=-1).indices
+        # the 32-bit code above the 31-bit token: one sort of int64 (an add with alpha shifts and packs in one op)
+        order = torch.sort(torch.add(tokens, key.long(), alpha=1 << 32), dim=-1).indices
     else:
         # 64-bit codes (or a traced graph's float keys) leave no room for the token: a stable sort of the rows put in
         # token order
@@ -318,15 +344,18 @@ def _torch_clustered_order(
     n_pad = layout.padded_tokens
     rows = B * heads
     # the only copy of the queries, zero-padded with the ghosts; every level moves it once, to its new order
-    raw = q.new_zeros(rows * n_pad, d)
-    raw.view(B, heads, n_pad, d)[:, :, :N] = q
+    if n_pad == N:
+        raw = q.reshape(rows * N, d)
+    else:
+        raw = q.new_zeros(rows * n_pad, d)
+        raw.view(B, heads, n_pad, d)[:, :, :N] = q
     # cosines are (q . c) / max(|q|, eps), F.normalize's convention; the norms travel with the tokens
     inv_norm = raw.norm(dim=-1).clamp_min(1e-12).reciprocal()
     # the inverse norms, and times the temperature for the soft assignment: one tensor, moved by one index_select
-    inv_norms = torch.stack([inv_norm, inv_norm * temperature])
-    order = torch.arange(n_pad, device=q.device).repeat(rows)  # every slot's token, rows after rows
-    # every slot's flat index: a group of n slots starts at a multiple of n, at every level
-    slots = torch.arange(rows * n_pad, device=q.device)
+    inv_norms = inv_norm * _norm_scales(temperature, q.dtype, q.device)
+    # every slot's token (rows after rows), and every slot's flat index: a group of n slots starts at a multiple of
+    # n, at every level
+    order, slots = _initial_slots(rows, n_pad, q.device)
 
     for level in range(layout.levels):
         groups = rows * 2**level
@@ -416,6 +445,4 @@ def balanced_hierarchical_clustering(
         order = _clustered_order(q, layout, iterations, temperature, backend)
     if return_padded or not layout.ghost_slots:
         return order
-    keep = torch.ones(layout.padded_tokens, dtype=torch.bool)
-    keep[list(layout.ghost_slots)] = False
-    return order[..., keep.to(order.device)]
+    return order.index_select(-1, _real_slots(layout, order.device))

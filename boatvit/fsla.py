@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -36,6 +36,35 @@ def _window_key_mask(layout: ClusterLayout, overlap: int, device: torch.device) 
     real[list(layout.ghost_slots)] = False
     start = torch.tensor([0, c - overlap])[:, None, None] + torch.arange(pairs)[:, None] * 2 * c
     return real[start + torch.arange(c + overlap)].unsqueeze(2).to(device)
+
+
+class _RowIndices(NamedTuple):
+    """The constant parts of the row indices of ``_packed_feature_space_attention`` for one shape, cached per device
+    so that a call launches none of them. Read only."""
+
+    qkv: torch.Tensor  # (3, B, heads, 1): row of q, k, v of token 0 of (b, h) in qkv.view(-1, d), over 3 * heads
+    slot: torch.Tensor  # (n_pad,): 0..n_pad-1
+    head: torch.Tensor  # (B, heads, 1): first slot row of (b, h) in the clustered rows
+    qkv_slot: torch.Tensor  # (3, 1): first slot row of q, k and v
+    out: torch.Tensor  # (B, heads, 1): output row of token 0 of (b, h), over heads
+    ghost: Optional[torch.Tensor]  # (n_pad,) bool: the ghost slots; None without ghosts
+
+
+@trace_safe_cache
+def _row_indices(B: int, N: int, heads: int, layout: ClusterLayout, device: torch.device) -> _RowIndices:
+    n_pad = layout.padded_tokens
+    image = torch.arange(B, device=device).view(1, B, 1, 1) * N
+    head = torch.arange(heads, device=device).view(1, 1, heads, 1)
+    ghosts = set(layout.ghost_slots)
+    ghost = torch.tensor([slot in ghosts for slot in range(n_pad)], device=device) if ghosts else None
+    return _RowIndices(
+        qkv=image * 3 * heads + head + torch.arange(3, device=device).view(3, 1, 1, 1) * heads,
+        slot=torch.arange(n_pad, device=device),
+        head=(torch.arange(B * heads, device=device) * n_pad).view(B, heads, 1),
+        qkv_slot=torch.arange(3, device=device).view(3, 1) * (B * heads * n_pad),
+        out=(image * heads + head)[0],
+        ghost=ghost,
+    )
 
 
 def _cluster_attention(
@@ -135,22 +164,20 @@ def _packed_feature_space_attention(
         cluster_queries, cluster_size, iterations, temperature, return_padded=True, backend=backend
     )
     c, num, n_pad = layout.cluster_size, layout.num_clusters, layout.padded_tokens
-    device = qkv.device
+    rows = _row_indices(B, N, heads, layout, qkv.device)
 
     # q[b, t, h] is row (b * N + t) * 3 * heads + h of qkv.view(-1, d); its k and v are heads and 2 * heads rows
     # further. Ghost slots read the last real token: they are masked as keys and their query outputs are dropped.
-    q_rows = (torch.arange(0, B * N, N, device=device).view(B, 1, 1) + order.clamp(max=N - 1)) * (3 * heads)
-    q_rows = q_rows + torch.arange(heads, device=device).view(heads, 1)  # (B, heads, n_pad), clustered order
+    tokens = order.clamp(max=N - 1) if layout.ghost_slots else order
+    index = torch.add(rows.qkv, tokens, alpha=3 * heads).view(-1)  # (3, B, heads, n_pad): q, k, v in clustered order
     # token t of (b, h) sits in the slot where order[b, h] is t
-    slot_of = torch.empty_like(order).scatter_(-1, order, torch.arange(n_pad, device=device).expand_as(order))
-    head_rows = torch.arange(0, B * heads * n_pad, n_pad, device=device).view(B, heads, 1)
-    token_slots = (slot_of[..., :N] + head_rows).transpose(1, 2)  # (B, N, heads): the slot row of every (b, t, h)
+    slot_of = torch.empty_like(order).scatter_(-1, order, rows.slot.expand_as(order))
+    token_slots = (slot_of[..., :N] + rows.head).transpose(1, 2)  # (B, N, heads): the slot row of every (b, t, h)
 
     def qkv_slots() -> torch.Tensor:
         # row (b, t, s, h) of qkv is read by slot row s * B * heads * n_pad + token_slots[b, t, h]
-        return (token_slots.unsqueeze(2) + torch.arange(3, device=device).view(3, 1) * (B * heads * n_pad)).reshape(-1)
+        return (token_slots.unsqueeze(2) + rows.qkv_slot).reshape(-1)
 
-    index = torch.cat([q_rows, q_rows + heads, q_rows + 2 * heads]).view(-1)
     clustered = _gather_rows(qkv.reshape(-1, d), index, qkv_slots)
     q, k, v = clustered.view(3, B * heads, n_pad, d).unbind(0)
     if num == 1:
@@ -166,7 +193,7 @@ def _packed_feature_space_attention(
             )
             for start in (0, c - overlap)
         ]
-        masks = _window_key_mask(layout, overlap, device)
+        masks = _window_key_mask(layout, overlap, qkv.device)
         out = torch.stack(
             [
                 _cluster_attention(q[:, :, i], k_i, v_i, None if masks is None else masks[i], scale, dropout_p)
@@ -177,9 +204,8 @@ def _packed_feature_space_attention(
 
     def token_rows() -> torch.Tensor:
         # slot p of (b, h) is read by output row (b * N + order[b, h, p]) * heads + h; a ghost slot by none
-        rows = (torch.arange(0, B * N, N, device=device).view(B, 1, 1) + order) * heads
-        rows = rows + torch.arange(heads, device=device).view(heads, 1)
-        return rows.masked_fill(order >= N, B * N * heads).view(-1)
+        out_rows = torch.add(rows.out, order, alpha=heads)
+        return (out_rows if rows.ghost is None else out_rows.masked_fill(rows.ghost, B * N * heads)).view(-1)
 
     # out holds the clustered slots of every (b, h), in token order again by one more row gather
     out = _gather_rows(out.reshape(-1, d), token_slots.reshape(-1), token_rows, unread=bool(layout.ghost_slots))
