@@ -74,6 +74,34 @@ def test_compiled_training_step_has_eager_gradients(family):
         torch.testing.assert_close(g, e, **CLOSE, msg=name)
 
 
+def test_compiled_fsla_gathers_rows_with_the_aten_kernel():
+    """Inside a compiled graph the FSLA row gathers, forward and backward, are ``boatvit::gather_rows`` operators
+    (which inductor calls, instead of generating a loop of indirect loads); nothing scatters with adds (inductor's
+    atomic adds on the CPU) and the key windows have no unfold backward."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from boatvit import FeatureSpaceAttention
+
+    graphs = []
+
+    def record(graph_module, example_inputs):
+        graphs.append({str(n.target) for n in graph_module.graph.nodes if n.op == 'call_function'})
+        return make_boxed_func(graph_module.forward)
+
+    layer = FeatureSpaceAttention(16, 2)
+    x = torch.randn(2, 22 * 22, 16, requires_grad=True)  # 3 levels and 4 ghosts
+    compiled = torch.compile(layer, fullgraph=True, backend=aot_autograd(fw_compiler=record, bw_compiler=record))
+    compiled(x, (22, 22)).sum().backward()
+    forward, backward = graphs
+    for graph in (forward, backward):
+        assert 'boatvit.gather_rows.default' in graph
+        assert not {op for op in graph if 'index_select' in op}
+    assert not {op for op in backward if any(s in op for s in ('index_add', 'index_put', 'scatter_add', 'unfold'))}
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, (22, 22)), layer(x, (22, 22)), **CLOSE)
+
+
 @pytest.mark.parametrize('family', ['swin', 'cswin'])
 def test_changing_image_size_compiles_once_per_size(family):
     """With ``dynamic_img_size`` every new (H, W) compiles one graph (the clustering tree and the window padding are
