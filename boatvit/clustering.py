@@ -158,11 +158,16 @@ def _split_index(group_size: int, ghosts: Tuple[int, ...], device: torch.device)
 
 
 @trace_safe_cache
-def _initial_slots(rows: int, n_pad: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The clustering's constant index tensors, cached on ``device``: every slot's token in raster order
-    ``(rows * n_pad,)`` (``0..n_pad-1`` repeated) and every slot's flat index ``(rows * n_pad,)``. Read only."""
-    slots = torch.arange(rows * n_pad, device=device)
-    return slots.remainder(n_pad), slots
+def _arange(n: int, device: torch.device) -> torch.Tensor:
+    """``torch.arange(n)`` cached on ``device``. Read only."""
+    return torch.arange(n, device=device)
+
+
+@trace_safe_cache
+def _group_starts(groups: int, n: int, device: torch.device) -> torch.Tensor:
+    """``(groups, 1)`` int64 on ``device`` (cached there): where each group of ``n`` slots starts in the flat order.
+    Read only."""
+    return torch.arange(0, groups * n, n, device=device).view(groups, 1)
 
 
 @trace_safe_cache
@@ -353,9 +358,7 @@ def _torch_clustered_order(
     inv_norm = raw.norm(dim=-1).clamp_min(1e-12).reciprocal()
     # the inverse norms, and times the temperature for the soft assignment: one tensor, moved by one index_select
     inv_norms = inv_norm * _norm_scales(temperature, q.dtype, q.device)
-    # every slot's token (rows after rows), and every slot's flat index: a group of n slots starts at a multiple of
-    # n, at every level
-    order, slots = _initial_slots(rows, n_pad, q.device)
+    order = None  # every slot's token, rows after rows; before the first split slot p of every row holds token p
 
     for level in range(layout.levels):
         groups = rows * 2**level
@@ -373,11 +376,12 @@ def _torch_clustered_order(
         key = cos_plus_1[:, 0] / cos_plus_1[:, 1]  # (groups, n)
         ghosts = layout.ghosts_per_level[level]
         sort_keys = _sort_keys(key.view(rows, 2**level, n), _ghost_keys(n, ghosts, q.device))
-        flat = _argsort_rows(sort_keys.view(groups, n), order.view(groups, n), slots.view(groups, n)[:, :1])
+        tokens = _arange(n_pad, q.device).expand(rows, n_pad) if order is None else order.view(groups, n)
+        flat = _argsort_rows(sort_keys.view(groups, n), tokens, _group_starts(groups, n, q.device))
         split = _split_index(n, ghosts, q.device)
         if split is not None:
             flat = flat.view(rows, 2**level, n).gather(-1, split.expand(rows, -1, -1)).view(-1)
-        order = order.index_select(0, flat)
+        order = flat.remainder(n_pad) if order is None else order.index_select(0, flat)
         if level + 1 < layout.levels:
             raw = raw.index_select(0, flat)
             inv_norms = inv_norms.index_select(1, flat)
