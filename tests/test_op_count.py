@@ -18,9 +18,9 @@ from reduced_models import FAMILIES, reduced_kwargs
 # ops of one FSLA call at each Tiny stage-1/2/3 shape (K = 6, 4, 2 levels), meta device, batch 2. Issue 18 took them
 # from 245/177/109 (inference) and 308/240/172 (training step) down to these
 BUDGET = {
-    'swin_stage1': {'inference': 224, 'train': 279},
-    'swin_stage2': {'inference': 158, 'train': 213},
-    'swin_stage3': {'inference': 92, 'train': 147},
+    'swin_stage1': {'inference': 224, 'train': 277},
+    'swin_stage2': {'inference': 158, 'train': 211},
+    'swin_stage3': {'inference': 92, 'train': 145},
 }
 
 
