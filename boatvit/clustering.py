@@ -186,6 +186,15 @@ def _real_slots(layout: ClusterLayout, device: torch.device) -> torch.Tensor:
     return torch.tensor([s for s in range(layout.padded_tokens) if s not in ghosts], device=device)
 
 
+def check_clustering_args(iterations: int, temperature: float) -> None:
+    """Refuse soft k-means settings that cannot cluster, by name: ``iterations`` a non-negative int,
+    ``temperature`` a positive finite number."""
+    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
+        raise ValueError(f'iterations must be a non-negative int, got {iterations!r}.')
+    if not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f'temperature must be a positive finite number, got {temperature!r}.')
+
+
 def _check_queries(q: torch.Tensor) -> None:
     if not isinstance(q, torch.Tensor):
         raise TypeError(f'q must be a torch.Tensor of shape (B, heads, N, head_dim), got {type(q).__name__}.')
@@ -432,10 +441,10 @@ def balanced_hierarchical_clustering(
         ascending order of the last split key.
     """
     _check_queries(q)
-    if not isinstance(iterations, int) or iterations < 0:
-        raise ValueError(f'iterations must be a non-negative int, got {iterations!r}.')
-    if not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f'temperature must be a positive finite number, got {temperature!r}.')
+    if not torch.compiler.is_compiling():
+        # torch.compile(dynamic=True) traces a module's floats as symbols, which math.isfinite cannot read; the
+        # layers check theirs when they are built
+        check_clustering_args(iterations, temperature)
     backend = resolve_backend(backend)
     layout = cluster_layout(static_shape(q)[2], cluster_size)
     # autocast would run the centroid matmuls in half precision even on float32 queries; a device type

@@ -12,6 +12,7 @@ from timm.layers import register_notrace_module
 from .clustering import (
     ClusterLayout,
     balanced_hierarchical_clustering,
+    check_clustering_args,
     cluster_layout,
     static_shape,
     trace_safe_cache,
@@ -357,6 +358,7 @@ class FeatureSpaceAttention(nn.Module):
                 f'num_heads={num_heads!r}.'
             )
         _check_cluster_args(cluster_size, overlap)
+        check_clustering_args(iterations, temperature)
         if clustering_backend is not None:
             resolve_backend(clustering_backend)  # a bad name is refused when the model is built
         self.dim = dim

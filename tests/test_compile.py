@@ -102,6 +102,21 @@ def test_compiled_fsla_gathers_rows_with_the_aten_kernel():
         torch.testing.assert_close(compiled(x, (22, 22)), layer(x, (22, 22)), **CLOSE)
 
 
+@pytest.mark.parametrize('family, compiles', [('swin', 1), ('cswin', 2)])
+def test_dynamic_shapes_compile_and_match_eager(family, compiles):
+    """``torch.compile(dynamic=True)`` traces the modules' floats (the clustering temperature) as symbols; the
+    clustering takes them without reading them in Python, and one graph serves batch sizes it was not traced at
+    (CSWin's stripe convolutions guard on batch ranges, 2-3 and 4-15: one graph each)."""
+    model = compile_model(family, dynamic_img_size=True).eval()
+    counter = CompileCounter()
+    compiled = torch.compile(model, dynamic=True, fullgraph=True, backend=counter)
+    with torch.no_grad():
+        for batch in (2, 3, 5):
+            x = images(batch, 64, 64)
+            torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)
+    assert counter.frame_count == compiles
+
+
 @pytest.mark.parametrize('family', ['swin', 'cswin'])
 def test_changing_image_size_compiles_once_per_size(family):
     """With ``dynamic_img_size`` every new (H, W) compiles one graph (the clustering tree and the window padding are

@@ -167,6 +167,18 @@ BAD_CALLS = [
         ValueError,
         "cluster_size must be a positive int, got 'a'",
     ),
+    (
+        'module: temperature',
+        lambda: FeatureSpaceAttention(16, 2, temperature=-1.0),
+        ValueError,
+        'temperature must be a positive finite number, got -1.0',
+    ),
+    (
+        'module: iterations',
+        lambda: FeatureSpaceAttention(16, 2, iterations=True),
+        ValueError,
+        'iterations must be a non-negative int, got True',
+    ),
     ('module: heads', lambda: FeatureSpaceAttention(16, 3), ValueError, 'dim=16, num_heads=3'),
     ('module: zero heads', lambda: FeatureSpaceAttention(16, 0), ValueError, 'num_heads=0'),
     ('module: zero dim', lambda: FeatureSpaceAttention(0, 1), ValueError, 'dim=0'),
