@@ -117,6 +117,18 @@ def test_dynamic_shapes_compile_and_match_eager(family, compiles):
     assert counter.frame_count == compiles
 
 
+def test_dynamic_shapes_with_the_pytorch_clustering():
+    """The same for the clustering by PyTorch ops (the route of every device but the CPU), ghosts included."""
+    from boatvit import FeatureSpaceAttention
+
+    layer = FeatureSpaceAttention(16, 2, clustering_backend='torch').eval()
+    compiled = torch.compile(layer, dynamic=True, fullgraph=True, backend='aot_eager')
+    with torch.no_grad():
+        for batch in (2, 3, 5):
+            x = torch.randn(batch, 30 * 30, 16, generator=torch.Generator().manual_seed(batch))
+            torch.testing.assert_close(compiled(x, (30, 30)), layer(x, (30, 30)), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize('family', ['swin', 'cswin'])
 def test_changing_image_size_compiles_once_per_size(family):
     """With ``dynamic_img_size`` every new (H, W) compiles one graph (the clustering tree and the window padding are
