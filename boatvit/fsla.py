@@ -68,6 +68,50 @@ def _row_indices(B: int, N: int, heads: int, layout: ClusterLayout, device: torc
     )
 
 
+def _in_compiled_graph() -> bool:
+    """Whether ``torch.compile`` is tracing for inductor (not ``torch.export``, whose graphs ONNX and other consumers
+    read: those keep plain ATen ops)."""
+    exporting = torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+    return torch.compiler.is_compiling() and not exporting
+
+
+def _matmul_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    scale: float,
+    dropout_p: float,
+) -> torch.Tensor:
+    """:func:`_cluster_attention` as matmul, softmax, matmul (shapes there)."""
+    logits = torch.matmul(q, k.transpose(-1, -2))
+    if scale != 1.0:  # BOAT-CSWin's scale is 1
+        logits = logits.mul_(scale)
+    if attn_mask is not None:
+        logits = logits.masked_fill_(attn_mask.logical_not(), float('-inf'))
+    # half-precision logits (CPU autocast) are normalised in float32, as the fused kernels do
+    low_precision = logits.dtype in (torch.float16, torch.bfloat16)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32 if low_precision else None).to(v.dtype)
+    if dropout_p:
+        probs = F.dropout(probs, dropout_p)
+    return torch.matmul(probs, v)
+
+
+@torch.library.custom_op('boatvit::matmul_attention', mutates_args=(), device_types='cpu')
+def _matmul_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: float
+) -> torch.Tensor:
+    """:func:`_matmul_attention` without dropout as one operator of a ``torch.compile`` graph: inductor's attention
+    pattern matcher rewrites matmul, softmax, matmul as the CPU flash attention kernel, the one this route avoids."""
+    return _matmul_attention(q, k, v, attn_mask, scale, 0.0)
+
+
+@_matmul_attention_op.register_fake
+def _(q, k, v, attn_mask, scale):
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    return q.new_empty((*batch, q.shape[-2], v.shape[-1]), dtype=v.dtype)
+
+
 def _cluster_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -82,22 +126,16 @@ def _cluster_attention(
     ``F.scaled_dot_product_attention`` whenever autograd records (its kernels keep only the log-sum-exp for
     backward, not the ``c x m`` probabilities) and on every accelerator. CPU inference runs the same product as
     matmul, softmax, matmul instead: the CPU flash kernel cuts 49 queries into tiles of 32 and 17 rows, and on
-    clusters this small it is slower than one batched matmul over all of them.
+    clusters this small it is slower than one batched matmul over all of them. Inside a compiled graph that route
+    is an operator (``boatvit::matmul_attention``), which inductor's pattern matcher cannot turn back into the flash
+    kernel.
     """
     if q.device.type != 'cpu' or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
-    logits = torch.matmul(q, k.transpose(-1, -2))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if scale != 1.0:  # BOAT-CSWin's scale is 1
-        logits = logits.mul_(scale)
-    if attn_mask is not None:
-        logits = logits.masked_fill_(attn_mask.logical_not(), float('-inf'))
-    # half-precision logits (CPU autocast) are normalised in float32, as the fused kernels do
-    low_precision = logits.dtype in (torch.float16, torch.bfloat16)
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32 if low_precision else None).to(v.dtype)
-    if dropout_p:
-        probs = F.dropout(probs, dropout_p)
-    return torch.matmul(probs, v)
+    if _in_compiled_graph() and not dropout_p:
+        return torch.ops.boatvit.matmul_attention(q, k, v, attn_mask, scale)
+    return _matmul_attention(q, k, v, attn_mask, scale, dropout_p)
 
 
 @torch.library.custom_op('boatvit::gather_rows', mutates_args=())
@@ -117,10 +155,7 @@ def _(x, index):
 def _index_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x.index_select(0, index)``: the operator above inside ``torch.compile`` graphs, the ATen op elsewhere (eager,
     and the graphs of ``torch.export``, ONNX and TorchScript, which need ops every consumer knows)."""
-    exporting = torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
-    if torch.compiler.is_compiling() and not exporting:
-        return torch.ops.boatvit.gather_rows(x, index)
-    return x.index_select(0, index)
+    return torch.ops.boatvit.gather_rows(x, index) if _in_compiled_graph() else x.index_select(0, index)
 
 
 class _GatherRows(torch.autograd.Function):

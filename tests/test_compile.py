@@ -117,6 +117,31 @@ def test_dynamic_shapes_compile_and_match_eager(family, compiles):
     assert counter.frame_count == compiles
 
 
+def test_compiled_cpu_inference_keeps_the_matmul_attention():
+    """CPU inference attends on the clusters by matmul, softmax, matmul (faster than the CPU flash kernel on 49 x 69
+    clusters); in a compiled graph it is the operator ``boatvit::matmul_attention``, so inductor's attention pattern
+    matcher cannot rewrite it as that kernel (it did: 10 flash-attention calls per BOAT-Swin-T forward)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from boatvit import FeatureSpaceAttention
+
+    graphs = []
+
+    def record(graph_module, example_inputs):
+        graphs.append({str(n.target) for n in graph_module.graph.nodes if n.op == 'call_function'})
+        return make_boxed_func(graph_module.forward)
+
+    layer = FeatureSpaceAttention(16, 2).eval()
+    x = torch.randn(2, 22 * 22, 16)
+    compiled = torch.compile(layer, fullgraph=True, backend=aot_autograd(fw_compiler=record))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, (22, 22)), layer(x, (22, 22)), rtol=0, atol=0)
+    (graph,) = graphs
+    assert 'boatvit.matmul_attention.default' in graph
+    assert not {op for op in graph if 'softmax' in op or 'scaled_dot_product' in op}
+
+
 def test_dynamic_shapes_with_the_pytorch_clustering():
     """The same for the clustering by PyTorch ops (the route of every device but the CPU), ghosts included."""
     from boatvit import FeatureSpaceAttention
