@@ -28,10 +28,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from benchmarks.common import environment, positive_int, print_table, write_json
 from benchmarks.bench_fsla import SHAPES
+from benchmarks.bench_models import BOAT_CSWIN, BOAT_SWIN, CSWIN_NO_FSLA, SWIN
+from benchmarks.common import build_model, environment, positive_int, print_table, write_json
 from boatvit import FeatureSpaceAttention
-import timm
 
 # ops that make the host wait for a device value
 HOST_READS = frozenset(
@@ -42,12 +42,7 @@ MASK_INDEXING = frozenset({'index', 'index_put', 'index_put_', '_index_put_impl_
 # one per scaled_dot_product_attention call: its math route's softmax (meta) or the CPU flash kernel
 SDPA_CALL = frozenset({'_safe_softmax', '_scaled_dot_product_flash_attention_for_cpu'})
 
-MODELS = {
-    'swin_tiny_patch4_window7_224': {},
-    'boat_swin_tiny_224': {},
-    'boat_cswin_tiny_224:fsla_blocks=none': {'fsla_blocks': 'none'},
-    'boat_cswin_tiny_224': {},
-}
+MODELS = (SWIN, BOAT_SWIN, CSWIN_NO_FSLA, BOAT_CSWIN)
 
 
 def _is_view(func: torch._ops.OpOverload) -> bool:
@@ -130,9 +125,9 @@ def fsla_counts(shape: tuple, batch: int, device: str) -> Dict[str, Dict[str, An
     return {mode: count(step) for mode, step in _steps(layer, (tokens, (side, side))).items()}
 
 
-def model_counts(name: str, batch: int, size: int, device: str) -> Dict[str, Dict[str, Any]]:
-    """Per mode, the ops of one whole-model call (``name`` a key of ``MODELS``)."""
-    model = timm.create_model(name.partition(':')[0], device=device, **MODELS[name])
+def model_counts(spec: str, batch: int, size: int, device: str) -> Dict[str, Dict[str, Any]]:
+    """Per mode, the ops of one whole-model call (``spec`` as ``benchmarks.common.parse_spec`` reads it)."""
+    model = build_model(spec, device)
     images = torch.randn(batch, 3, size, size, device=device)
     return {mode: count(step) for mode, step in _steps(model, (images,)).items()}
 

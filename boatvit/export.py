@@ -141,6 +141,11 @@ def _require_onnx_packages() -> None:
         raise UsageError(f'ONNX export needs {", ".join(missing)}; install them with pip install "boatvit[onnx]".')
 
 
+def _check_opset(opset: Any) -> None:
+    if not isinstance(opset, int) or opset < MIN_OPSET:
+        raise ValueError(f'opset must be an int >= {MIN_OPSET}, got {opset!r}.')
+
+
 def trace_onnx(model: nn.Module, images: torch.Tensor, dynamic_batch: bool, opset: int) -> Any:
     """The dynamo exporter's ONNX program of ``model`` (any module whose forward takes ``x``) traced on ``images``
     (a dynamic batch axis if asked); :func:`export_onnx` checks and writes it, the ONNX benchmark traces timm's Swin
@@ -155,8 +160,7 @@ def trace_onnx(model: nn.Module, images: torch.Tensor, dynamic_batch: bool, opse
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.is_floating_point():
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f'images must be a floating-point (batch, channels, height, width) tensor, got {shape}.')
-    if not isinstance(opset, int) or opset < MIN_OPSET:
-        raise ValueError(f'opset must be an int >= {MIN_OPSET}, got {opset!r}.')
+    _check_opset(opset)
     dynamic_shapes = {'x': {0: torch.export.Dim('batch', min=1)}} if dynamic_batch else None
     # the exporter's constant folding logs a warning for every Concat of more than 64 inputs it leaves alone
     folding_log = logging.getLogger('onnxscript.optimizer._constant_folding')
@@ -215,8 +219,7 @@ def export_onnx(
     height, width = tuple(model.img_size) if img_size is None else image_hw(img_size, 'img_size')
     if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
         raise ValueError(f'batch_size must be a positive int or None (dynamic batch), got {batch_size!r}.')
-    if not isinstance(opset, int) or opset < MIN_OPSET:
-        raise ValueError(f'opset must be an int >= {MIN_OPSET}, got {opset!r}.')
+    _check_opset(opset)
     path = Path(path)
     if path.is_dir() or not path.parent.is_dir():
         raise ValueError(f'{path}: the output must be a file in an existing directory.')

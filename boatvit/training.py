@@ -19,7 +19,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import timm
@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from .data import (
     DIGITS,
+    ImageSize,
     canonical_image_size,
     check_same_classes,
     default_workers,
@@ -115,7 +116,7 @@ class TrainConfig:
         ' directory or a timm-format state dict; the classifier is new when the data have another number of classes',
         metavar='SOURCE',
     )
-    img_size: Optional[Union[int, Tuple[int, int]]] = _field(
+    img_size: Optional[ImageSize] = _field(
         None,
         'model',
         "input size: SIZE for a square, or HEIGHT WIDTH; default: the weights' or the model's",
