@@ -32,17 +32,11 @@ import torch
 
 from benchmarks.common import environment, positive_int, print_table, write_json
 from boatvit import FeatureSpaceAttention, cluster_layout
+from boatvit.clustering import token_clusters
 from boatvit.data import DigitsDataset, eval_transform
 from boatvit.weights import load_model
 
 AMP = {'bf16': torch.bfloat16, 'fp16': torch.float16}
-
-
-def cluster_ids(order: torch.Tensor, cluster_size: int) -> torch.Tensor:
-    """``(B, heads, N)``: every token's cluster, from a clustered order."""
-    layout = cluster_layout(order.shape[-1], cluster_size)
-    ids = torch.repeat_interleave(torch.arange(layout.num_clusters), torch.tensor(layout.cluster_sizes()))
-    return torch.empty_like(order).scatter_(-1, order, ids.expand_as(order))
 
 
 def fsla_inputs(model: torch.nn.Module, images: torch.Tensor, dtype=None) -> List[Tuple[str, Any, torch.Tensor, Any]]:
@@ -88,7 +82,7 @@ def agreement(model: torch.nn.Module, images: torch.Tensor) -> List[Dict[str, An
             if cluster_layout(x.shape[1], layer.cluster_size).levels == 0:
                 continue  # one cluster: nothing can move
             with torch.no_grad():
-                expected = cluster_ids(layer.cluster_order(x, size), layer.cluster_size)
+                expected = token_clusters(layer.cluster_order(x, size), layer.cluster_size)
                 with torch.autocast('cpu', dtype=dtype):
                     got = {
                         'float32_input': layer.cluster_order(x, size),
@@ -101,7 +95,7 @@ def agreement(model: torch.nn.Module, images: torch.Tensor) -> List[Dict[str, An
                         layer.float32_clustering = True
             row = {'amp': amp, 'layer': name, 'tokens': x.shape[1]}
             for column, order in got.items():
-                row[column] = 100 * (cluster_ids(order, layer.cluster_size) == expected).float().mean().item()
+                row[column] = 100 * (token_clusters(order, layer.cluster_size) == expected).float().mean().item()
             rows.append(row)
     return rows
 

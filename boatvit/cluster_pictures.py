@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .clustering import cluster_layout
+from .clustering import token_clusters
 from .data import eval_data_config, eval_transform, open_image, require_extra
 from .errors import UnreadableImageError, UsageError
 from .fsla import FeatureSpaceAttention
@@ -73,12 +73,8 @@ def cluster_labels(model: torch.nn.Module, images: torch.Tensor, layers: Sequenc
     def capture(name: str):
         def hook(module: FeatureSpaceAttention, args) -> None:
             x, (H, W) = args
-            B, N, _ = x.shape
-            order = module.cluster_order(x, (H, W))
-            sizes = torch.tensor(cluster_layout(N, module.cluster_size).cluster_sizes(), device=order.device)
-            cluster_of_slot = torch.repeat_interleave(torch.arange(len(sizes), device=order.device), sizes)
-            token_cluster = torch.empty_like(order).scatter_(-1, order, cluster_of_slot.expand_as(order))
-            labels[name] = token_cluster.view(B, module.num_heads, H, W).cpu()
+            token_cluster = token_clusters(module.cluster_order(x, (H, W)), module.cluster_size)
+            labels[name] = token_cluster.view(x.shape[0], module.num_heads, H, W).cpu()
 
         return hook
 

@@ -39,7 +39,14 @@ from torch._guards import detect_fake_mode
 
 from .kernels import clustering_kernel, resolve_backend
 
-__all__ = ['ClusterLayout', 'cluster_layout', 'balanced_hierarchical_clustering', 'clustering_levels', 'static_shape']
+__all__ = [
+    'ClusterLayout',
+    'cluster_layout',
+    'balanced_hierarchical_clustering',
+    'clustering_levels',
+    'static_shape',
+    'token_clusters',
+]
 
 _F = TypeVar('_F', bound=Callable)
 
@@ -459,3 +466,23 @@ def balanced_hierarchical_clustering(
     if return_padded or not layout.ghost_slots:
         return order
     return order.index_select(-1, _real_slots(layout, order.device))
+
+
+def token_clusters(order: torch.Tensor, cluster_size: int = 49) -> torch.Tensor:
+    """Every token's cluster, from a clustered order as :func:`balanced_hierarchical_clustering` returns it.
+
+    Args:
+        order: ``(..., N)`` int64, a permutation of ``0..N-1`` along the last axis (the real tokens, no ghosts).
+        cluster_size: the ``cluster_size`` the order was clustered with.
+
+    Returns:
+        ``(..., N)`` int64: the index of the cluster holding each token (in raster order), clusters numbered in
+        clustered order (``2j`` and ``2j+1`` are siblings of the last split).
+    """
+    if not isinstance(order, torch.Tensor) or order.dtype != torch.long or order.ndim < 1:
+        what = f'{order.dtype} tensor of shape {tuple(order.shape)}' if isinstance(order, torch.Tensor) else type(order)
+        raise ValueError(f'order must be an int64 tensor (..., N) of token indices, got {what}.')
+    layout = cluster_layout(order.shape[-1], cluster_size)
+    sizes = torch.tensor(layout.cluster_sizes(), device=order.device)
+    cluster_of_slot = torch.repeat_interleave(torch.arange(layout.num_clusters, device=order.device), sizes)
+    return torch.empty_like(order).scatter_(-1, order, cluster_of_slot.expand_as(order))

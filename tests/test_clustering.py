@@ -4,7 +4,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from boatvit import balanced_hierarchical_clustering, cluster_layout
-from boatvit.clustering import _softmax_of_two, _sort_keys
+from boatvit.clustering import _softmax_of_two, _sort_keys, token_clusters
 from boatvit.fsla import FeatureSpaceAttention
 
 from naive_fsla import naive_permutation
@@ -134,3 +134,22 @@ def test_exported_two_way_softmax_is_the_softmax(monkeypatch):
     got = _softmax_of_two(logits)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-300)
     assert got.shape == expected.shape
+
+
+def test_token_clusters_names_the_cluster_of_every_token():
+    q = torch.randn(2, 3, 900, 8, generator=torch.Generator().manual_seed(0))  # ghosts: 900 is not 49 * 2^K
+    order = balanced_hierarchical_clustering(q)
+    clusters = token_clusters(order)
+    sizes = cluster_layout(900).cluster_sizes()
+    start = 0
+    for j, size in enumerate(sizes):  # the j-th run of the order is cluster j
+        run = order[..., start : start + size]
+        assert (clusters.gather(-1, run) == j).all()
+        start += size
+    assert torch.equal(torch.bincount(clusters[0, 0]), torch.tensor(sizes))
+
+
+@pytest.mark.parametrize('order', [[0, 1, 2], torch.zeros(3), torch.tensor(1)])
+def test_token_clusters_refuses_what_is_not_an_order(order):
+    with pytest.raises(ValueError, match='order must be an int64 tensor'):
+        token_clusters(order)

@@ -16,8 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.bench_precision import agreement, cluster_ids, output_change
+from benchmarks.bench_precision import agreement, output_change
 from boatvit import FeatureSpaceAttention, balanced_hierarchical_clustering, cluster_layout
+from boatvit.clustering import token_clusters
 
 from reduced_models import reduced
 
@@ -96,11 +97,11 @@ def test_fsla_clusters_float32_queries_under_autocast(amp):
     layer = FeatureSpaceAttention(96, 3).eval()
     x = F.layer_norm(torch.randn(2, 3136, 96, generator=torch.Generator().manual_seed(0)), (96,))
     with torch.no_grad():
-        expected = cluster_ids(layer.cluster_order(x, (56, 56)), 49)
+        expected = token_clusters(layer.cluster_order(x, (56, 56)), 49)
         with torch.autocast('cpu', dtype=AMP[amp]):
-            kept = cluster_ids(layer.cluster_order(x, (56, 56)), 49)
+            kept = token_clusters(layer.cluster_order(x, (56, 56)), 49)
             layer.float32_clustering = False
-            rounded = cluster_ids(layer.cluster_order(x, (56, 56)), 49)
+            rounded = token_clusters(layer.cluster_order(x, (56, 56)), 49)
     assert (kept == expected).float().mean() >= 0.999
     assert (rounded == expected).float().mean() < 0.9
 
