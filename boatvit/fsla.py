@@ -19,7 +19,7 @@ from .clustering import (
 )
 from .kernels import resolve_backend
 
-__all__ = ['feature_space_attention', 'FeatureSpaceAttention', 'lepe_conv']
+__all__ = ['feature_space_attention', 'FeatureSpaceAttention', 'LePEConv']
 
 
 @trace_safe_cache
@@ -322,20 +322,80 @@ def feature_space_attention(
     return out.view(B, N, heads, d).transpose(1, 2)
 
 
-def lepe_conv(dim: int, device=None, dtype=None) -> nn.Conv2d:
-    """The depthwise 3x3 conv of a locally-enhanced positional term (LePE) on V, for inputs fed channels-last (FSLA's V
-    image, CSWin's V stripes).
+@torch.library.custom_op('boatvit::depthwise_conv3x3', mutates_args=(), device_types='cpu')
+def _depthwise_conv3x3_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The LePE conv (depthwise 3x3, padding 1) of ``x`` ``(B, C, H, W)``, channels-last out, as one operator of a
+    compiled CPU graph (see :class:`LePEConv`). The operands are already in one dtype (autocast is applied by the
+    caller)."""
+    with torch.autocast('cpu', enabled=False):
+        out = F.conv2d(x, weight, bias, padding=1, groups=x.shape[1])
+    return out.contiguous(memory_format=torch.channels_last)
+
+
+@_depthwise_conv3x3_op.register_fake
+def _(x, weight, bias):
+    return torch.empty_like(x, memory_format=torch.channels_last)
+
+
+def _depthwise_conv3x3_setup(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _depthwise_conv3x3_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    channels = weight.shape[0]
+    needs = ctx.needs_input_grad
+    return torch.ops.aten.convolution_backward(
+        grad,
+        x,
+        weight,
+        [channels] if ctx.has_bias else None,
+        [1, 1],  # stride
+        [1, 1],  # padding
+        [1, 1],  # dilation
+        False,
+        [0, 0],
+        channels,
+        [needs[0], needs[1], ctx.has_bias and needs[2]],
+    )
+
+
+_depthwise_conv3x3_op.register_autograd(_depthwise_conv3x3_backward, setup_context=_depthwise_conv3x3_setup)
+
+
+class LePEConv(nn.Conv2d):
+    """The depthwise 3x3 conv of a locally-enhanced positional term (LePE) on V, for inputs fed channels-last (FSLA's
+    V image, CSWin's V stripes).
 
     A channels-last input gives a channels-last weight gradient: strides (9, 1, 3, 1) where a weight made NCHW has
     (9, 9, 3, 1). The values are laid out the same (the second axis has size 1), but DDP compares strides and warns at
     every step, so the weight is made channels-last like its gradient.
+
+    Inside a compiled CPU graph the conv is the operator ``boatvit::depthwise_conv3x3`` (the same oneDNN conv, with
+    its own backward). Inductor's layout optimisation gives every 4-D tensor between the first and the last
+    ``aten.convolution`` of a CPU graph channels-last strides; BOAT's residual stream is a ``(B, H, W, C)`` tensor,
+    which that reads as an ``N x C x H x W`` image, so with LePE convs in every stage it was stored as ``(B, W, C, H)``
+    and every LayerNorm and residual kernel read it by scalar gathers (timm's Swin, with only its stem conv, keeps
+    ``(B, H, W, C)``). Eager calls and exported graphs keep ``aten.convolution``.
     """
-    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
-        raise ValueError(f'dim must be a positive int (the channels of V), got {dim!r}.')
-    conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, device=device, dtype=dtype)
-    weight = conv.weight.detach()
-    conv.weight = nn.Parameter(torch.empty_like(weight, memory_format=torch.channels_last).copy_(weight))
-    return conv
+
+    def __init__(self, dim: int, device=None, dtype=None):
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+            raise ValueError(f'dim must be a positive int (the channels of V), got {dim!r}.')
+        super().__init__(dim, dim, kernel_size=3, padding=1, groups=dim, device=device, dtype=dtype)
+        weight = self.weight.detach()
+        self.weight = nn.Parameter(torch.empty_like(weight, memory_format=torch.channels_last).copy_(weight))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != 'cpu' or not _in_compiled_graph():
+            return super().forward(x)
+        weight, bias = self.weight, self.bias
+        if torch.is_autocast_enabled('cpu'):  # as autocast casts F.conv2d's operands
+            dtype = torch.get_autocast_dtype('cpu')
+            x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+        return torch.ops.boatvit.depthwise_conv3x3(x, weight, bias)
 
 
 # a leaf for torch.fx (timm's FX feature extraction): the clustering builds its tree from the token count
@@ -407,7 +467,7 @@ class FeatureSpaceAttention(nn.Module):
         self.float32_clustering = float32_clustering
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         self.attn_drop = attn_drop
-        self.lepe = lepe_conv(dim, **dd)
+        self.lepe = LePEConv(dim, **dd)
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from boatvit import FeatureSpaceAttention, feature_space_attention
-from boatvit.fsla import lepe_conv
+from boatvit.fsla import LePEConv
 
 from naive_fsla import naive_feature_space_attention
 
@@ -170,9 +170,23 @@ def test_no_ddp_bucket_stride_warning():
 
 
 def test_lepe_conv_is_channels_last_and_refuses_bad_widths():
-    conv = lepe_conv(8, dtype=torch.float64)
+    conv = LePEConv(8, dtype=torch.float64)
     assert conv.weight.shape == (8, 1, 3, 3) and conv.weight.dtype == torch.float64
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     for bad in (0, -3, 2.0, True, '8'):
         with pytest.raises(ValueError, match='dim must be a positive int'):
-            lepe_conv(bad)
+            LePEConv(bad)
+
+
+def test_lepe_conv_operator_of_compiled_cpu_graphs():
+    """``boatvit::depthwise_conv3x3`` (what ``LePEConv`` runs inside compiled CPU graphs): torch.library's own checks of
+    its schema, fake tensor and autograd rule, gradients against finite differences, and equal to the module's eager
+    conv, channels-last out."""
+    conv = LePEConv(6, dtype=torch.float64)
+    x = torch.randn(2, 5, 7, 6, dtype=torch.float64).permute(0, 3, 1, 2).requires_grad_()  # channels-last V
+    weight, bias = (p.detach().clone().requires_grad_() for p in (conv.weight, conv.bias))
+    torch.library.opcheck(torch.ops.boatvit.depthwise_conv3x3, (x, weight, bias))
+    assert torch.autograd.gradcheck(torch.ops.boatvit.depthwise_conv3x3, (x, weight, bias))
+    out = torch.ops.boatvit.depthwise_conv3x3(x, weight, bias)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, conv(x), rtol=0, atol=1e-12)

@@ -69,7 +69,7 @@ def test_transformers_gives_the_same_logits_and_preprocessing(saved):
     torch.testing.assert_close(pixels, expected)
     with torch.no_grad():
         # transformers assigns the loaded tensors, which drops the channels-last layout of the LePE conv weights
-        # (lepe_conv); the conv then runs another kernel, equal up to float32 rounding
+        # (LePEConv); the conv then runs another kernel, equal up to float32 rounding
         torch.testing.assert_close(hf_model(pixels).logits, model(pixels), rtol=1e-5, atol=1e-6)
 
 

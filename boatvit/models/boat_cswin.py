@@ -24,7 +24,7 @@ from timm.layers import DropPath, Mlp, register_notrace_module
 from timm.models import generate_default_cfgs, register_model
 from timm.models._input import update_model_input_size
 
-from ..fsla import lepe_conv
+from ..fsla import LePEConv
 from .base import BilateralBlock, BoatTransformer, FslaOptions, boat_cfg, build_boat_model, fsla_in_block, init_weights
 
 __all__ = ['stripe_attention', 'CrossShapedWindowAttention', 'BilateralCSWinBlock', 'BoatCSWinTransformer']
@@ -116,7 +116,7 @@ class CrossShapedWindowAttention(nn.Module):
         self.global_attention = global_attention
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         branch_dim = dim // branches
-        self.lepe = nn.ModuleList([lepe_conv(branch_dim, **dd) for _ in range(branches)])
+        self.lepe = nn.ModuleList([LePEConv(branch_dim, **dd) for _ in range(branches)])
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
