@@ -17,6 +17,7 @@ from .clustering import (
     static_shape,
     trace_safe_cache,
 )
+from .compiled_graphs import OpaqueConv2d, in_compiled_graph
 from .kernels import resolve_backend
 
 __all__ = ['feature_space_attention', 'FeatureSpaceAttention', 'LePEConv']
@@ -66,13 +67,6 @@ def _row_indices(B: int, N: int, heads: int, layout: ClusterLayout, device: torc
         out=(image * heads + head)[0],
         ghost=ghost,
     )
-
-
-def _in_compiled_graph() -> bool:
-    """Whether ``torch.compile`` is tracing for inductor (not ``torch.export``, whose graphs ONNX and other consumers
-    read: those keep plain ATen ops)."""
-    exporting = torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
-    return torch.compiler.is_compiling() and not exporting
 
 
 def _matmul_attention(
@@ -133,7 +127,7 @@ def _cluster_attention(
     if q.device.type != 'cpu' or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if _in_compiled_graph() and not dropout_p:
+    if in_compiled_graph() and not dropout_p:
         return torch.ops.boatvit.matmul_attention(q, k, v, attn_mask, scale)
     return _matmul_attention(q, k, v, attn_mask, scale, dropout_p)
 
@@ -155,7 +149,7 @@ def _(x, index):
 def _index_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x.index_select(0, index)``: the operator above inside ``torch.compile`` graphs, the ATen op elsewhere (eager,
     and the graphs of ``torch.export``, ONNX and TorchScript, which need ops every consumer knows)."""
-    return torch.ops.boatvit.gather_rows(x, index) if _in_compiled_graph() else x.index_select(0, index)
+    return torch.ops.boatvit.gather_rows(x, index) if in_compiled_graph() else x.index_select(0, index)
 
 
 class _GatherRows(torch.autograd.Function):
@@ -322,63 +316,13 @@ def feature_space_attention(
     return out.view(B, N, heads, d).transpose(1, 2)
 
 
-@torch.library.custom_op('boatvit::depthwise_conv3x3', mutates_args=(), device_types='cpu')
-def _depthwise_conv3x3_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """The LePE conv (depthwise 3x3, padding 1) of ``x`` ``(B, C, H, W)``, channels-last out, as one operator of a
-    compiled CPU graph (see :class:`LePEConv`). The operands are already in one dtype (autocast is applied by the
-    caller)."""
-    with torch.autocast('cpu', enabled=False):
-        out = F.conv2d(x, weight, bias, padding=1, groups=x.shape[1])
-    return out.contiguous(memory_format=torch.channels_last)
-
-
-@_depthwise_conv3x3_op.register_fake
-def _(x, weight, bias):
-    return torch.empty_like(x, memory_format=torch.channels_last)
-
-
-def _depthwise_conv3x3_setup(ctx, inputs, output):
-    x, weight, bias = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.has_bias = bias is not None
-
-
-def _depthwise_conv3x3_backward(ctx, grad):
-    x, weight = ctx.saved_tensors
-    channels = weight.shape[0]
-    needs = ctx.needs_input_grad
-    return torch.ops.aten.convolution_backward(
-        grad,
-        x,
-        weight,
-        [channels] if ctx.has_bias else None,
-        [1, 1],  # stride
-        [1, 1],  # padding
-        [1, 1],  # dilation
-        False,
-        [0, 0],
-        channels,
-        [needs[0], needs[1], ctx.has_bias and needs[2]],
-    )
-
-
-_depthwise_conv3x3_op.register_autograd(_depthwise_conv3x3_backward, setup_context=_depthwise_conv3x3_setup)
-
-
-class LePEConv(nn.Conv2d):
+class LePEConv(OpaqueConv2d):
     """The depthwise 3x3 conv of a locally-enhanced positional term (LePE) on V, for inputs fed channels-last (FSLA's
-    V image, CSWin's V stripes).
+    V image, CSWin's V stripes); inside compiled CPU graphs an operator (see ``boatvit.compiled_graphs``).
 
     A channels-last input gives a channels-last weight gradient: strides (9, 1, 3, 1) where a weight made NCHW has
     (9, 9, 3, 1). The values are laid out the same (the second axis has size 1), but DDP compares strides and warns at
     every step, so the weight is made channels-last like its gradient.
-
-    Inside a compiled CPU graph the conv is the operator ``boatvit::depthwise_conv3x3`` (the same oneDNN conv, with
-    its own backward). Inductor's layout optimisation gives every 4-D tensor between the first and the last
-    ``aten.convolution`` of a CPU graph channels-last strides; BOAT's residual stream is a ``(B, H, W, C)`` tensor,
-    which that reads as an ``N x C x H x W`` image, so with LePE convs in every stage it was stored as ``(B, W, C, H)``
-    and every LayerNorm and residual kernel read it by scalar gathers (timm's Swin, with only its stem conv, keeps
-    ``(B, H, W, C)``). Eager calls and exported graphs keep ``aten.convolution``.
     """
 
     def __init__(self, dim: int, device=None, dtype=None):
@@ -387,15 +331,6 @@ class LePEConv(nn.Conv2d):
         super().__init__(dim, dim, kernel_size=3, padding=1, groups=dim, device=device, dtype=dtype)
         weight = self.weight.detach()
         self.weight = nn.Parameter(torch.empty_like(weight, memory_format=torch.channels_last).copy_(weight))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != 'cpu' or not _in_compiled_graph():
-            return super().forward(x)
-        weight, bias = self.weight, self.bias
-        if torch.is_autocast_enabled('cpu'):  # as autocast casts F.conv2d's operands
-            dtype = torch.get_autocast_dtype('cpu')
-            x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
-        return torch.ops.boatvit.depthwise_conv3x3(x, weight, bias)
 
 
 # a leaf for torch.fx (timm's FX feature extraction): the clustering builds its tree from the token count

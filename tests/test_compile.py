@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
+from boatvit.compiled_graphs import OpaqueConv2d
 from boatvit.fsla import LePEConv
 from reduced_models import reduced
 
@@ -104,11 +105,11 @@ def test_compiled_fsla_gathers_rows_with_the_aten_kernel():
 
 
 @pytest.mark.parametrize('family', ['swin', 'cswin'])
-def test_compiled_cpu_graphs_hold_the_lepe_convs_as_an_operator(family):
+def test_compiled_cpu_graphs_hold_the_convs_after_the_stem_as_an_operator(family):
     """Inductor gives every 4-D tensor between the first and the last ``aten.convolution`` of a CPU graph
-    channels-last strides, which stored BOAT-Swin's ``(B, H, W, C)`` residual stream as ``(B, W, C, H)``: the LePE
-    convs are ``boatvit::depthwise_conv3x3`` in compiled CPU graphs (forward and backward), so the only
-    ``aten.convolution`` left is the stem's (and CSWin's patch merging)."""
+    channels-last strides, which stored the ``(B, H, W, C)`` residual stream as ``(B, W, C, H)``: the LePE convs and
+    CSWin's patch-merging convs are ``boatvit::conv2d`` in compiled CPU graphs (forward and backward), so the only
+    ``aten.convolution`` left is the stem's."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
@@ -123,10 +124,37 @@ def test_compiled_cpu_graphs_hold_the_lepe_convs_as_an_operator(family):
     compiled(images(2, SIZE, SIZE)).sum().backward()
     forward, backward = graphs
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    lepe = [m for m in convs if isinstance(m, LePEConv)]
-    assert lepe and forward.count('boatvit.depthwise_conv3x3.default') == len(lepe)
-    assert forward.count('aten.convolution.default') == len(convs) - len(lepe)
+    opaque = [m for m in convs if isinstance(m, OpaqueConv2d)]
+    assert any(isinstance(m, LePEConv) for m in opaque)
+    assert forward.count('boatvit.conv2d.default') == len(opaque)
+    assert forward.count('aten.convolution.default') == len(convs) - len(opaque) == 1
     assert backward.count('aten.convolution_backward.default') == len(convs)
+
+
+def test_opaque_conv_operator():
+    """``boatvit::conv2d``: torch.library's own checks of its schema, fake tensor and autograd rule, gradients against
+    finite differences, equal to ``F.conv2d`` and channels-last out, for a strided conv and LePE's depthwise one;
+    ``OpaqueConv2d`` refuses what the operator does not take."""
+    from torch.nn.functional import conv2d
+
+    x = torch.randn(2, 7, 9, 6, dtype=torch.float64).permute(0, 3, 1, 2).requires_grad_()  # channels-last
+    for stride, padding, groups, out_channels in (
+        ([2, 2], [1, 1], 1, 4),
+        ([1, 1], [1, 1], 6, 6),
+        ([1, 2], [0, 1], 2, 4),
+    ):
+        weight = torch.randn(out_channels, 6 // groups, 3, 3, dtype=torch.float64, requires_grad=True)
+        bias = torch.randn(out_channels, dtype=torch.float64, requires_grad=True)
+        args = (x, weight, bias, stride, padding, groups)
+        torch.library.opcheck(torch.ops.boatvit.conv2d, args)
+        assert torch.autograd.gradcheck(lambda *t: torch.ops.boatvit.conv2d(*t, stride, padding, groups), args[:3])
+        out = torch.ops.boatvit.conv2d(*args)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        expected = conv2d(x, weight, bias, stride=stride, padding=padding, groups=groups)
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    for bad in (dict(dilation=2), dict(padding='same'), dict(padding_mode='reflect')):
+        with pytest.raises(ValueError, match='OpaqueConv2d takes dilation 1'):
+            OpaqueConv2d(4, 4, 3, **bad)
 
 
 @pytest.mark.parametrize('family', ['swin', 'cswin'])

@@ -176,17 +176,3 @@ def test_lepe_conv_is_channels_last_and_refuses_bad_widths():
     for bad in (0, -3, 2.0, True, '8'):
         with pytest.raises(ValueError, match='dim must be a positive int'):
             LePEConv(bad)
-
-
-def test_lepe_conv_operator_of_compiled_cpu_graphs():
-    """``boatvit::depthwise_conv3x3`` (what ``LePEConv`` runs inside compiled CPU graphs): torch.library's own checks of
-    its schema, fake tensor and autograd rule, gradients against finite differences, and equal to the module's eager
-    conv, channels-last out."""
-    conv = LePEConv(6, dtype=torch.float64)
-    x = torch.randn(2, 5, 7, 6, dtype=torch.float64).permute(0, 3, 1, 2).requires_grad_()  # channels-last V
-    weight, bias = (p.detach().clone().requires_grad_() for p in (conv.weight, conv.bias))
-    torch.library.opcheck(torch.ops.boatvit.depthwise_conv3x3, (x, weight, bias))
-    assert torch.autograd.gradcheck(torch.ops.boatvit.depthwise_conv3x3, (x, weight, bias))
-    out = torch.ops.boatvit.depthwise_conv3x3(x, weight, bias)
-    assert out.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(out, conv(x), rtol=0, atol=1e-12)

@@ -24,6 +24,7 @@ from timm.layers import DropPath, Mlp, register_notrace_module
 from timm.models import generate_default_cfgs, register_model
 from timm.models._input import update_model_input_size
 
+from ..compiled_graphs import OpaqueConv2d
 from ..fsla import LePEConv
 from .base import BilateralBlock, BoatTransformer, FslaOptions, boat_cfg, build_boat_model, fsla_in_block, init_weights
 
@@ -218,7 +219,8 @@ class ConvMerging(nn.Module):
         dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
-        self.conv = nn.Conv2d(dim, out_dim, kernel_size=3, stride=2, padding=1, device=device, dtype=dtype)
+        # an operator inside compiled CPU graphs, as the LePE convs: see boatvit.compiled_graphs
+        self.conv = OpaqueConv2d(dim, out_dim, kernel_size=3, stride=2, padding=1, device=device, dtype=dtype)
         self.norm = nn.LayerNorm(out_dim, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
