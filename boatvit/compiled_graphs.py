@@ -4,10 +4,10 @@ convolution that a compiled CPU graph holds as one operator.
 On the CPU inductor turns on its layout optimisation whenever a graph has a convolution, and gives channels-last
 strides to every 4-D intermediate between the first and the last ``aten.convolution`` of the graph. BOAT's residual
 stream is a ``(B, H, W, C)`` tensor, which that reads as an ``N x C x H x W`` image: with a LePE conv in every FSLA
-layer (and CSWin's stripe LePE and patch-merging convs) it was stored as ``(B, W, C, H)``, and every generated
-LayerNorm and residual kernel read it by scalar gathers. timm's Swin, whose only conv is its stem, keeps
-``(B, H, W, C)``. :class:`OpaqueConv2d` runs the same oneDNN conv as an operator inductor does not see as a
-convolution, so only the stem's remains.
+layer up to stage 3, compiled BOAT-Swin stored it as ``(B, W, C, H)``, and every generated LayerNorm and residual
+kernel read it by scalar gathers (BOAT-CSWin's LePE and patch-merging convs span its stages the same way). timm's
+Swin, whose only conv is its stem, keeps ``(B, H, W, C)``. :class:`OpaqueConv2d` runs the same oneDNN conv as an
+operator that inductor does not count as a convolution, so that only the stem's remains.
 """
 
 from __future__ import annotations
