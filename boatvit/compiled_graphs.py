@@ -24,9 +24,8 @@ __all__ = ['in_compiled_graph', 'OpaqueConv2d']
 
 def in_compiled_graph() -> bool:
     """Whether ``torch.compile`` is tracing for inductor (not ``torch.export``, whose graphs ONNX and other consumers
-    read: those keep plain ATen ops)."""
-    exporting = torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
-    return torch.compiler.is_compiling() and not exporting
+    read: those keep plain ATen ops). Eager calls, every FSLA layer's and conv's, stop at the first test."""
+    return torch.compiler.is_compiling() and not (torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export())
 
 
 @torch.library.custom_op('boatvit::conv2d', mutates_args=(), device_types='cpu')
