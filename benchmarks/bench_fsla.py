@@ -99,7 +99,7 @@ def _macs(shape: tuple, batch: int) -> Dict[str, float]:
     SDPA backend is forced because the counter has no formula for the CPU flash kernel."""
     family, side, dim, heads, scale, stripe = shape
     # the clustering as PyTorch ops: the FLOP counter cannot see inside the compiled CPU kernel
-    fsla = FeatureSpaceAttention(dim, heads, scale=scale, clustering_backend='torch').eval()
+    fsla = FeatureSpaceAttention(dim, heads, scale=scale, backend='torch').eval()
     _, window_fn = _window_branch(family, side, dim, heads, stripe)
     x = torch.randn(batch, side, side, dim)
     calls = {'fsla': lambda: fsla(x.view(batch, side * side, dim), (side, side)), 'window': lambda: window_fn(x)}

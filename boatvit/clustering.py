@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch._guards import detect_fake_mode
 
-from .kernels import clustering_kernel, resolve_backend
+from .kernels import cpu_kernels, resolve_backend, use_cpu_kernel
 
 __all__ = [
     'ClusterLayout',
@@ -273,28 +273,6 @@ def _argsort_rows(key: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor
     return (order + offsets).view(-1)
 
 
-def _use_kernel(q: torch.Tensor, backend: str) -> bool:
-    """Whether ``backend`` (resolved) clusters ``q`` with the compiled CPU kernel.
-
-    ``'auto'`` takes it for CPU tensors in eager mode and in ``torch.compile`` graphs (where the operator's fake
-    implementation stands in for it), and keeps the PyTorch ops for tensor subclasses outside compilation, for
-    ``torch.export``, TorchScript traces (FLOP counters read their matmuls) and ONNX, which every consumer
-    understands. ``'kernel'`` takes it wherever the operator can run, and refuses the rest by name.
-    """
-    if backend == 'torch':
-        return False
-    if backend == 'kernel':
-        if q.device.type != 'cpu' or torch.onnx.is_in_onnx_export():
-            where = 'an ONNX export' if q.device.type == 'cpu' else f'a {q.device.type} tensor'
-            raise ValueError(
-                f"the clustering backend 'kernel' runs on CPU tensors only and cannot be exported to "
-                f"ONNX, got {where}: pass backend='auto' or 'torch'."
-            )
-        return True
-    traced = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
-    return q.device.type == 'cpu' and not traced and (torch.compiler.is_compiling() or type(q) is torch.Tensor)
-
-
 @torch.library.custom_op('boatvit::fused_clustering', mutates_args=(), device_types='cpu')
 def _fused_clustering(
     q: torch.Tensor,
@@ -307,10 +285,12 @@ def _fused_clustering(
     """The compiled CPU kernel's padded clustered order ``(B, heads, num_tokens_padded)`` int64 of ``q``
     ``(B, heads, N, d)`` float32/float64, built on first use; where it cannot be built, the PyTorch ops' (after one
     warning) or, if ``required``, a RuntimeError. No gradient: the queries come detached."""
-    kernel = clustering_kernel(required)
-    if kernel is None:
+    kernels = cpu_kernels(required)
+    if kernels is None:
         return _torch_clustered_order(q, _layout_of_levels(q.shape[2], levels), iterations, temperature)
-    return kernel(q if q.stride(-1) == 1 else q.contiguous(), num_tokens_padded, levels, iterations, temperature)
+    return kernels.clustered_order(
+        q if q.stride(-1) == 1 else q.contiguous(), num_tokens_padded, levels, iterations, temperature
+    )
 
 
 @_fused_clustering.register_fake
@@ -334,7 +314,7 @@ def _clustered_order(
     q = q.detach()
     if q.dtype in (torch.float16, torch.bfloat16):
         q = q.float()  # a split decided in half precision moves many tokens
-    if _use_kernel(q, backend):
+    if use_cpu_kernel(q, backend):
         return torch.ops.boatvit.fused_clustering(
             q, n_pad, layout.levels, iterations, float(temperature), backend == 'kernel'
         )

@@ -18,7 +18,7 @@ from .clustering import (
     trace_safe_cache,
 )
 from .compiled_graphs import OpaqueConv2d, in_compiled_graph
-from .kernels import resolve_backend
+from .kernels import cpu_kernels, resolve_backend, use_cpu_kernel
 
 __all__ = ['feature_space_attention', 'FeatureSpaceAttention', 'LePEConv']
 
@@ -201,6 +201,53 @@ def _packed_feature_space_attention(
     projection takes. The clustering reads ``cluster_queries`` ``(B, heads, N, head_dim)`` when given (the queries
     at a higher precision than ``qkv``'s), else the queries of ``qkv``.
 
+    ``backend`` chooses the clustering's implementation and, for CPU inference in float32/float64 (nothing recorded
+    for backward, no dropout), that of the attention inside the clusters: the fused kernel
+    (``boatvit::fused_cluster_attention``) or :func:`_attend_in_clusters`, its oracle and the route everywhere else.
+    """
+    B, N, _, heads, d = static_shape(qkv)
+    if cluster_queries is None:
+        cluster_queries = qkv[:, :, 0].transpose(1, 2)
+    backend = resolve_backend(backend)
+    order = balanced_hierarchical_clustering(
+        cluster_queries, cluster_size, iterations, temperature, return_padded=True, backend=backend
+    )
+    scale = d**-0.5 if scale is None else scale
+    recording = torch.is_grad_enabled() and qkv.requires_grad
+    if not (recording or dropout_p) and qkv.dtype in (torch.float32, torch.float64) and use_cpu_kernel(qkv, backend):
+        return torch.ops.boatvit.fused_cluster_attention(
+            qkv, order, cluster_size, overlap, float(scale), backend == 'kernel'
+        )
+    return _attend_in_clusters(qkv, order, cluster_layout(N, cluster_size), overlap, scale, dropout_p)
+
+
+@torch.library.custom_op('boatvit::fused_cluster_attention', mutates_args=(), device_types='cpu')
+def _fused_cluster_attention(
+    qkv: torch.Tensor, order: torch.Tensor, cluster_size: int, overlap: int, scale: float, required: bool
+) -> torch.Tensor:
+    """:func:`_attend_in_clusters` without dropout by the compiled CPU kernel (``csrc/cluster_attention_cpu.cpp``),
+    built on first use; where it cannot be built, by :func:`_attend_in_clusters` (after one warning) or, if
+    ``required``, a RuntimeError. Inference only: no gradient (the caller routes recording calls elsewhere)."""
+    layout = cluster_layout(qkv.shape[1], cluster_size)
+    kernels = cpu_kernels(required)
+    if kernels is None:
+        return _attend_in_clusters(qkv, order, layout, overlap, scale, 0.0)
+    return kernels.cluster_attention(
+        qkv.contiguous(), order.contiguous(), layout.cluster_size, layout.num_clusters, overlap, scale
+    )
+
+
+@_fused_cluster_attention.register_fake
+def _(qkv, order, cluster_size, overlap, scale, required):
+    return qkv.new_empty((qkv.shape[0], qkv.shape[1], qkv.shape[3] * qkv.shape[4]))
+
+
+def _attend_in_clusters(
+    qkv: torch.Tensor, order: torch.Tensor, layout: ClusterLayout, overlap: int, scale: float, dropout_p: float
+) -> torch.Tensor:
+    """Attention inside the clusters of ``order`` ``(B, heads, layout.padded_tokens)`` (the padded clustered order)
+    by PyTorch ops, for ``qkv`` ``(B, N, 3, heads, head_dim)``; returns ``(B, N, heads * head_dim)`` in token order.
+
     q, k and v are put in clustered order by one row gather (``index_select`` of whole ``head_dim`` rows) straight
     from that layout, so backward scatters into ``qkv`` once; the output goes back to token order by a second one.
     The sibling overlap copies nothing: the keys of cluster 2j are the ``c + overlap`` consecutive slots from its
@@ -211,12 +258,6 @@ def _packed_feature_space_attention(
     attend in two calls.
     """
     B, N, _, heads, d = static_shape(qkv)
-    layout = cluster_layout(N, cluster_size)
-    if cluster_queries is None:
-        cluster_queries = qkv[:, :, 0].transpose(1, 2)
-    order = balanced_hierarchical_clustering(
-        cluster_queries, cluster_size, iterations, temperature, return_padded=True, backend=backend
-    )
     c, num, n_pad = layout.cluster_size, layout.num_clusters, layout.padded_tokens
     rows = _row_indices(B, N, heads, layout, qkv.device)
 
@@ -294,7 +335,9 @@ def feature_space_attention(
         cluster_size, iterations, temperature: clustering parameters, see ``balanced_hierarchical_clustering``.
         overlap: sibling keys and values added to each cluster (20 in BOAT); must be < ``cluster_size``.
         dropout_p: attention dropout probability.
-        backend: the clustering's, see ``balanced_hierarchical_clustering``.
+        backend: the implementation of the clustering (see ``balanced_hierarchical_clustering``) and, in CPU
+            inference in float32/float64, of the attention inside the clusters (the compiled kernel for
+            ``'auto'`` and ``'kernel'``, PyTorch ops for ``'torch'``); the same result either way.
 
     Returns:
         ``(B, heads, N, head_dim)``, tokens in their input order.
@@ -356,7 +399,7 @@ class FeatureSpaceAttention(nn.Module):
         temperature: float = 100.0,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
-        clustering_backend: Optional[str] = None,
+        backend: Optional[str] = None,
         float32_clustering: bool = True,
         device=None,
         dtype=None,
@@ -373,8 +416,9 @@ class FeatureSpaceAttention(nn.Module):
             temperature: soft-assignment temperature multiplier (100).
             attn_drop: attention dropout.
             proj_drop: output dropout.
-            clustering_backend: how the queries are clustered, see ``balanced_hierarchical_clustering``'s
-                ``backend``; None follows ``BOATVIT_CPU_KERNEL``.
+            backend: which implementation clusters the queries (see ``balanced_hierarchical_clustering``'s
+                ``backend``) and, in CPU inference, attends inside the clusters: ``'auto'``, ``'kernel'`` (boatvit's
+                compiled CPU kernels) or ``'torch'`` (PyTorch ops); None follows ``BOATVIT_CPU_KERNEL``.
             float32_clustering: under autocast, a float32 input's queries are computed in float32 by their own
                 matmul for the clustering, which then clusters as without autocast; False clusters the
                 half-precision queries of the qkv Linear (no extra matmul, but most tokens change cluster).
@@ -389,8 +433,8 @@ class FeatureSpaceAttention(nn.Module):
             )
         _check_cluster_args(cluster_size, overlap)
         check_clustering_args(iterations, temperature)
-        if clustering_backend is not None:
-            resolve_backend(clustering_backend)  # a bad name is refused when the model is built
+        if backend is not None:
+            resolve_backend(backend)  # a bad name is refused when the model is built
         self.dim = dim
         self.num_heads = num_heads
         self.scale = scale
@@ -398,7 +442,7 @@ class FeatureSpaceAttention(nn.Module):
         self.overlap = overlap
         self.iterations = iterations
         self.temperature = temperature
-        self.clustering_backend = clustering_backend
+        self.backend = backend
         self.float32_clustering = float32_clustering
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         self.attn_drop = attn_drop
@@ -454,7 +498,7 @@ class FeatureSpaceAttention(nn.Module):
             self.cluster_size,
             self.iterations,
             self.temperature,
-            backend=self.clustering_backend,
+            backend=self.backend,
         )
 
     def forward(self, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
@@ -478,7 +522,7 @@ class FeatureSpaceAttention(nn.Module):
             iterations=self.iterations,
             temperature=self.temperature,
             dropout_p=self.attn_drop if self.training else 0.0,
-            backend=self.clustering_backend,
+            backend=self.backend,
             cluster_queries=self._cluster_queries(x, qkv),
         )
         # V in token order is an NHWC image; the depthwise conv takes it channels-last. It is copied out of qkv since

@@ -1,13 +1,15 @@
-"""boatvit's compiled CPU kernel: the fused balanced hierarchical clustering of ``csrc/clustering_cpu.cpp``.
+"""boatvit's compiled CPU kernels: the fused balanced hierarchical clustering of ``csrc/clustering_cpu.cpp`` and
+FSLA's fused attention inside clusters for inference, ``csrc/cluster_attention_cpu.cpp``.
 
-It is built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; once, then
-loaded from the build cache) and registered as ``torch.ops.boatvit.clustered_order``. Where it cannot be built, the
-eager PyTorch clustering (the same clustering) runs instead, after one warning that names the reason.
+Both are built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; once, then loaded from the
+build cache) into one library, registered as ``torch.ops.boatvit.clustered_order`` and
+``torch.ops.boatvit.cluster_attention``. Where they cannot be built, the PyTorch ops (the same computation) run
+instead, after one warning that names the reason.
 
-The clustering's ``backend`` argument chooses: ``'auto'`` (the kernel where it applies, falling back with a warning
-if it cannot be built), ``'kernel'`` (required: an error if it cannot be built or does not apply) or ``'torch'``
-(the PyTorch ops). ``None`` takes the default from ``BOATVIT_CPU_KERNEL``: ``auto`` (unset), ``on`` (``'kernel'``)
-or ``off`` (``'torch'``).
+The ``backend`` argument of the clustering and of FSLA chooses: ``'auto'`` (the kernels where they apply, falling
+back with a warning if they cannot be built), ``'kernel'`` (required: an error if they cannot be built, or if the
+clustering kernel does not apply) or ``'torch'`` (the PyTorch ops). ``None`` takes the default from
+``BOATVIT_CPU_KERNEL``: ``auto`` (unset), ``on`` (``'kernel'``) or ``off`` (``'torch'``).
 """
 
 from __future__ import annotations
@@ -20,20 +22,28 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 
-__all__ = ['clustering_kernel', 'resolve_backend', 'BACKENDS', 'KERNEL_ENV']
+__all__ = ['CPUKernels', 'cpu_kernels', 'resolve_backend', 'use_cpu_kernel', 'BACKENDS', 'KERNEL_ENV']
 
 KERNEL_ENV = 'BOATVIT_CPU_KERNEL'
 BACKENDS = ('auto', 'kernel', 'torch')
 # the environment variable's values, and the backend each one makes the default
 _ENV_BACKENDS = {'auto': 'auto', 'on': 'kernel', 'off': 'torch'}
-_SOURCE = Path(__file__).parent / 'csrc' / 'clustering_cpu.cpp'
+_SOURCES = [Path(__file__).parent / 'csrc' / name for name in ('clustering_cpu.cpp', 'cluster_attention_cpu.cpp')]
+
+
+class CPUKernels(NamedTuple):
+    """The compiled operators (``torch.ops.boatvit.*``)."""
+
+    clustered_order: Callable
+    cluster_attention: Callable
+
 
 _lock = threading.Lock()
-_loaded: Optional[Callable] = None
+_loaded: Optional[CPUKernels] = None
 _failure: Optional[str] = None
 
 
@@ -63,7 +73,9 @@ def _build_flags() -> Tuple[List[str], str]:
     # with OpenMP compiles; the runtime it links to is the libgomp torch has loaded already
     flags = ['-O3', '-fopenmp']
     if capability in ('AVX2', 'AVX512'):
-        flags += ['-mavx2', '-mfma']
+        # CPU_CAPABILITY selects ATen's AVX2 vector types (at::vec) in the headers, as in torch's own AVX2 build of
+        # its kernels; AVX2's 8 float lanes fit the 32-wide heads better than AVX512's 16 (measured: no faster)
+        flags += ['-mavx2', '-mfma', '-DCPU_CAPABILITY=AVX2', '-DCPU_CAPABILITY_AVX2']
     return flags, capability.lower()
 
 
@@ -90,38 +102,66 @@ def _quiet_ninja_on_path():
         cpp_logger.setLevel(level)
 
 
-def _build() -> Callable:
+def _build() -> CPUKernels:
     flags, capability = _build_flags()
     # torch's build cache reuses a build whose sources, flags and include paths are unchanged, which they are after
     # torch is upgraded in place: its version in the name keeps a build against another torch's ABI from loading
     torch_version = re.sub(r'\W', '_', torch.__version__)
-    name = f'boatvit_clustering_{capability}_torch{torch_version}'
+    name = f'boatvit_cpu_kernels_{capability}_torch{torch_version}'
     root = Path(os.environ.get('TORCH_EXTENSIONS_DIR', Path.home() / '.cache' / 'torch_extensions'))
     build_dir = root / name
     if not (build_dir / f'{name}.so').exists():
-        print(f'boatvit: building the CPU clustering kernel in {build_dir} (once)', file=sys.stderr)
+        print(f'boatvit: building its CPU kernels in {build_dir} (once)', file=sys.stderr)
     build_dir.mkdir(parents=True, exist_ok=True)
     with _quiet_ninja_on_path():
         from torch.utils.cpp_extension import load  # imported late: it looks for CUDA at import
 
         load(
             name,
-            [str(_SOURCE)],
+            [str(source) for source in _SOURCES],
             extra_cflags=flags,
             extra_ldflags=['-fopenmp'],
             build_directory=str(build_dir),
             is_python_module=False,
         )
-    return torch.ops.boatvit.clustered_order
+    return CPUKernels(torch.ops.boatvit.clustered_order, torch.ops.boatvit.cluster_attention)
 
 
-def clustering_kernel(required: bool = False) -> Optional[Callable]:
-    """``torch.ops.boatvit.clustered_order``, built or loaded on the first call; when it cannot be built, None after
-    one warning with the reason, or a RuntimeError if ``required``.
+def use_cpu_kernel(x: torch.Tensor, backend: str) -> bool:
+    """Whether ``backend`` (resolved) runs a compiled CPU kernel on ``x``, where the operation has one.
 
-    The op takes ``(q (B, heads, N, d) float32/float64 CPU with unit stride over d, n_pad, levels, iterations,
-    temperature)``, ``n_pad`` and ``levels`` those of ``cluster_layout(N, cluster_size)``, and returns the padded
-    clustered order ``(B, heads, n_pad)``, like ``balanced_hierarchical_clustering(..., return_padded=True)``.
+    ``'auto'`` takes it for CPU tensors in eager mode and in ``torch.compile`` graphs (where the operators' fake
+    implementations stand in for them), and keeps the PyTorch ops for tensor subclasses outside compilation, for
+    ``torch.export``, TorchScript traces (FLOP counters read their matmuls) and ONNX, which every consumer
+    understands. ``'kernel'`` takes it wherever the operator can run, and refuses the rest by name.
+    """
+    if backend == 'torch':
+        return False
+    if backend == 'kernel':
+        if x.device.type != 'cpu' or torch.onnx.is_in_onnx_export():
+            where = 'an ONNX export' if x.device.type == 'cpu' else f'a {x.device.type} tensor'
+            raise ValueError(
+                f"the backend 'kernel' runs on CPU tensors only and cannot be exported to ONNX, got {where}: pass "
+                f"backend='auto' or 'torch'."
+            )
+        return True
+    traced = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+    return x.device.type == 'cpu' and not traced and (torch.compiler.is_compiling() or type(x) is torch.Tensor)
+
+
+def cpu_kernels(required: bool = False) -> Optional[CPUKernels]:
+    """The compiled operators, built or loaded on the first call; when they cannot be built, None after one warning
+    with the reason, or a RuntimeError if ``required``.
+
+    ``clustered_order`` takes ``(q (B, heads, N, d) float32/float64 CPU with unit stride over d, n_pad, levels,
+    iterations, temperature)``, ``n_pad`` and ``levels`` those of ``cluster_layout(N, cluster_size)``, and returns the
+    padded clustered order ``(B, heads, n_pad)``, like ``balanced_hierarchical_clustering(..., return_padded=True)``.
+
+    ``cluster_attention`` takes ``(qkv (B, N, 3, heads, d) float32/float64 contiguous, order (B, heads, n_pad) int64
+    contiguous, cluster_size, num_clusters, overlap, scale)``, the padded order and its layout's cluster size and
+    count, and returns FSLA's attention output ``(B, N, heads * d)`` in token order (see
+    ``boatvit.fsla._attend_in_clusters``, its oracle). The order must hold every token once per (image, head): a
+    token it leaves out gets no output row.
     """
     global _loaded, _failure
     if _loaded is None and _failure is None:
@@ -134,17 +174,16 @@ def clustering_kernel(required: bool = False) -> Optional[Callable]:
                     _failure = f'{type(error).__name__}: ' + ' | '.join(str(error).strip().splitlines()[-3:])
                     if not required:
                         warnings.warn(
-                            f'boatvit could not build its CPU clustering kernel ({_failure}); the eager PyTorch '
-                            f'clustering runs instead (the same clustering, slower). Install a C++ compiler with '
-                            f'OpenMP and ninja, point TORCH_EXTENSIONS_DIR to a writable directory, or pass '
+                            f'boatvit could not build its CPU kernels ({_failure}); the PyTorch ops run instead (the '
+                            f'same clustering and attention, slower). Install a C++ compiler with OpenMP and ninja, '
+                            f'point TORCH_EXTENSIONS_DIR to a writable directory, or pass '
                             f"backend='torch' (or set {KERNEL_ENV}=off) to silence this.",
                             RuntimeWarning,
                             stacklevel=2,
                         )
     if _loaded is None and required:
         raise RuntimeError(
-            f"the clustering backend 'kernel' (or {KERNEL_ENV}=on) was required but the CPU clustering "
-            f"kernel could not be built: {_failure}. Pass backend='auto' or 'torch' to run the PyTorch "
-            'ops.'
+            f"the backend 'kernel' (or {KERNEL_ENV}=on) was required but boatvit's CPU kernels could not be "
+            f"built: {_failure}. Pass backend='auto' or 'torch' to run the PyTorch ops."
         )
     return _loaded

@@ -96,6 +96,6 @@ def reference_fixture(request, swin_fixture, cswin_fixture) -> ReferenceFixture:
 
 @pytest.fixture(params=['kernel', 'torch'])
 def backend(request) -> str:
-    """Runs a test with the compiled CPU clustering kernel (required: a failed build fails the test) and with the
+    """Runs a test with boatvit's compiled CPU kernels (required: a failed build fails the test) and with the
     PyTorch ops, chosen by the ``backend`` argument."""
     return request.param

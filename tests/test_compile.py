@@ -173,14 +173,11 @@ def test_dynamic_shapes_compile_and_match_eager(family):
     assert counter.frame_count == 1
 
 
-def test_compiled_cpu_inference_keeps_the_matmul_attention():
-    """CPU inference attends on the clusters by matmul, softmax, matmul (faster than the CPU flash kernel on 49 x 69
-    clusters); in a compiled graph it is the operator ``boatvit::matmul_attention``, so inductor's attention pattern
-    matcher cannot rewrite it as that kernel (it did: 10 flash-attention calls per BOAT-Swin-T forward)."""
+def _inference_graph_ops(layer: torch.nn.Module, x: torch.Tensor, size) -> set:
+    """The call targets of ``layer``'s compiled inference graph (aot_autograd, no inductor); checks that the compiled
+    layer gives the eager output."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
-
-    from boatvit import FeatureSpaceAttention
 
     graphs = []
 
@@ -188,12 +185,34 @@ def test_compiled_cpu_inference_keeps_the_matmul_attention():
         graphs.append({str(n.target) for n in graph_module.graph.nodes if n.op == 'call_function'})
         return make_boxed_func(graph_module.forward)
 
-    layer = FeatureSpaceAttention(16, 2).eval()
-    x = torch.randn(2, 22 * 22, 16)
+    torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True, backend=aot_autograd(fw_compiler=record))
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x, (22, 22)), layer(x, (22, 22)), rtol=0, atol=0)
+        torch.testing.assert_close(compiled(x, size), layer(x, size), rtol=0, atol=0)
     (graph,) = graphs
+    return graph
+
+
+def test_compiled_cpu_inference_holds_the_fused_cluster_attention():
+    """CPU inference in float32 attends inside the clusters by the fused kernel: a compiled graph holds it as the
+    operator ``boatvit::fused_cluster_attention``, with no row gather and no attention op of its own."""
+    from boatvit import FeatureSpaceAttention
+
+    graph = _inference_graph_ops(FeatureSpaceAttention(16, 2).eval(), torch.randn(2, 22 * 22, 16), (22, 22))
+    assert 'boatvit.fused_cluster_attention.default' in graph
+    assert not {op for op in graph if any(name in op for name in ('gather', 'index_select', 'matmul', 'softmax'))}
+
+
+def test_compiled_cpu_inference_keeps_the_matmul_attention():
+    """Without the kernels (and under CPU autocast, whose half-precision qkv the kernel does not take) inference
+    attends on the clusters by matmul, softmax, matmul (faster than the CPU flash kernel on 49 x 69 clusters); in a
+    compiled graph it is the operator ``boatvit::matmul_attention``, so inductor's attention pattern matcher cannot
+    rewrite it as that kernel (it did: 10 flash-attention calls per BOAT-Swin-T forward)."""
+    from boatvit import FeatureSpaceAttention
+
+    layer = FeatureSpaceAttention(16, 2).eval()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        graph = _inference_graph_ops(layer, torch.randn(2, 22 * 22, 16), (22, 22))
     assert 'boatvit.matmul_attention.default' in graph
     assert not {op for op in graph if 'softmax' in op or 'scaled_dot_product' in op}
 
@@ -202,7 +221,7 @@ def test_dynamic_shapes_with_the_pytorch_clustering():
     """The same for the clustering by PyTorch ops (the route of every device but the CPU), ghosts included."""
     from boatvit import FeatureSpaceAttention
 
-    layer = FeatureSpaceAttention(16, 2, clustering_backend='torch').eval()
+    layer = FeatureSpaceAttention(16, 2, backend='torch').eval()
     compiled = torch.compile(layer, dynamic=True, fullgraph=True, backend='aot_eager')
     with torch.no_grad():
         for batch in (2, 3, 5):

@@ -65,7 +65,7 @@ def test_module_matches_naive_with_lepe_and_projection():
 
 def test_fixture_output(reference_fixture, backend):
     info = reference_fixture.meta['first_fsla']
-    module = FeatureSpaceAttention(info['dim'], info['num_heads'], scale=info['scale'], clustering_backend=backend)
+    module = FeatureSpaceAttention(info['dim'], info['num_heads'], scale=info['scale'], backend=backend)
     module = module.double().eval()
     module.load_state_dict(reference_fixture.first_fsla_weights())
     side = int(info['tokens'] ** 0.5)
@@ -128,8 +128,9 @@ class _OnGrid(torch.nn.Module):
 @pytest.mark.parametrize('size', [(20, 20), (15, 26)], ids=['no-ghosts', 'ghosts'])
 def test_torch_jit_trace_equals_eager(size):
     """fvcore counts FLOPs from a TorchScript trace: the trace is specialised to the token count (as a compiled
-    graph is), and on another input of that size it gives the eager output."""
-    layer = _OnGrid(FeatureSpaceAttention(32, 2).double().eval(), size)
+    graph is), and on another input of that size it gives the eager output. A trace records the PyTorch ops (the CPU
+    kernels are left out of traced graphs), so the eager layer runs them too, for exact equality."""
+    layer = _OnGrid(FeatureSpaceAttention(32, 2, backend='torch').double().eval(), size)
     x, other = (
         torch.randn(2, size[0] * size[1], 32, dtype=torch.float64, generator=torch.Generator().manual_seed(s))
         for s in (0, 1)

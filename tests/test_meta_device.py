@@ -77,8 +77,6 @@ def test_fsla_backend_reaches_every_fsla():
         args = reduced_kwargs(family)
         model = timm.create_model(name, fsla_backend='torch', **args)
         fslas = [m for m in model.modules() if isinstance(m, boatvit.FeatureSpaceAttention)]
-        assert fslas and {m.clustering_backend for m in fslas} == {'torch'}, family
+        assert fslas and {m.backend for m in fslas} == {'torch'}, family
         default = timm.create_model(name, **args)
-        assert {m.clustering_backend for m in default.modules() if isinstance(m, boatvit.FeatureSpaceAttention)} == {
-            None
-        }
+        assert {m.backend for m in default.modules() if isinstance(m, boatvit.FeatureSpaceAttention)} == {None}

@@ -67,7 +67,7 @@ class FslaOptions:
         scale: attention logit scale; None means ``head_dim ** -0.5``.
         cluster_size: tokens per cluster.
         overlap: sibling tokens each cluster also attends to.
-        backend: the clustering backend (``FeatureSpaceAttention``'s ``clustering_backend``).
+        backend: the FSLA's implementation (``FeatureSpaceAttention``'s ``backend``).
     """
 
     drop_path: bool
@@ -113,7 +113,7 @@ class BilateralBlock(nn.Module):
                 overlap=fsla.overlap,
                 attn_drop=attn_drop,
                 proj_drop=proj_drop,
-                clustering_backend=fsla.backend,
+                backend=fsla.backend,
                 device=device,
                 dtype=dtype,
             )

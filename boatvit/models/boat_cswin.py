@@ -284,7 +284,7 @@ class BoatCSWinTransformer(BoatTransformer):
                 depend on); None means head_dim^-0.5, as the paper's attention.
             fsla_cluster_size: tokens per FSLA cluster (49).
             fsla_overlap: sibling tokens each cluster also attends to (20).
-            fsla_backend: the FSLA's clustering backend (``FeatureSpaceAttention``'s ``clustering_backend``);
+            fsla_backend: the FSLA's implementation (``FeatureSpaceAttention``'s ``backend``): its kernels or not;
                 None follows the ``BOATVIT_CPU_KERNEL`` default.
             output_stride: timm's feature stride argument; only 32 (or None): BOAT has no dilated variant.
             device, dtype: where and in which dtype every parameter is created (timm's factory arguments;
