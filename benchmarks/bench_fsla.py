@@ -62,21 +62,23 @@ def _git_show(root: Path, rev: str, path: str) -> Optional[str]:
 
 
 def _fsla_at(rev: str) -> ModuleType:
-    """``boatvit/fsla.py`` (with the ``clustering.py`` it imports, and from the CPU kernel on ``kernels.py`` and its
-    C++ source) as they were at git revision ``rev``."""
+    """``boatvit/fsla.py`` (with the ``clustering.py``, ``compiled_graphs.py`` and ``kernels.py`` it imports, and the
+    CPU kernels' C++ sources) as they were at git revision ``rev``."""
     root = Path(__file__).resolve().parent.parent
     package = Path(tempfile.mkdtemp()) / 'boatvit_before'
     (package / 'csrc').mkdir(parents=True)
     (package / '__init__.py').write_text('')
-    for name in ('clustering.py', 'fsla.py', 'kernels.py', 'csrc/clustering_cpu.cpp'):
+    sources = ('clustering_cpu.cpp', 'cluster_attention_cpu.cpp')
+    for name in ('clustering.py', 'fsla.py', 'compiled_graphs.py', 'kernels.py', *(f'csrc/{c}' for c in sources)):
         source = _git_show(root, rev, f'boatvit/{name}')
         if source is None and name in ('clustering.py', 'fsla.py'):
             raise SystemExit(f'--before {rev}: boatvit/{name} is not in that revision (git show failed)')
-        if name.startswith('csrc/') and source is not None and source != (root / 'boatvit' / name).read_text():
+        current = root / 'boatvit' / name
+        if name.startswith('csrc/') and source != (current.read_text() if current.exists() else None):
             # both builds would register the torch.ops.boatvit namespace, which one process allows once
             raise SystemExit(
-                f'--before {rev}: its CPU kernel differs from the current one and two cannot load in '
-                f'one process; compare with BOATVIT_CPU_KERNEL=off, or check that revision out'
+                f'--before {rev}: its CPU kernels differ from the current ones ({name}) and two builds cannot '
+                f'load in one process; compare with BOATVIT_CPU_KERNEL=off, or check that revision out'
             )
         if source is not None:
             (package / name).write_text(source)
