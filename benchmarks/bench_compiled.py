@@ -4,7 +4,7 @@ Pairs, every model built once and all timed in one interleaved loop per mode (``
 
 * compiled ``boat_swin_tiny_224`` / compiled timm ``swin_tiny_patch4_window7_224``;
 * compiled ``boat_cswin_tiny_224`` / its compiled FSLA-free variant (``fsla_blocks=none``);
-* compiled BOAT / eager BOAT, for both families (the eager model clusters with the CPU kernel where it is built).
+* compiled BOAT / eager BOAT, for both families (the eager model runs boatvit's CPU kernels where they are built).
 
 The first call of each model (which compiles it) is timed on its own and reported as ``first_call_s``, apart from the
 timed figures. ``--clustering`` adds where a compiled BOAT forward spends its time in the clustering: every FSLA
