@@ -138,7 +138,7 @@ def main(argv=None) -> None:
         '--device',
         default='meta',
         choices=('meta', 'cpu'),
-        help='meta: the route of an accelerator, no data (default); cpu: the CPU route with boatvit's CPU kernels',
+        help="meta: the route of an accelerator, no data (default); cpu: the CPU route with boatvit's CPU kernels",
     )
     parser.add_argument('--batch', type=positive_int, default=8)
     parser.add_argument('--shapes', default=','.join(SHAPES), help=f'comma-separated subset of {list(SHAPES)}')
