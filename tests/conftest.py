@@ -94,6 +94,19 @@ def reference_fixture(request, swin_fixture, cswin_fixture) -> ReferenceFixture:
     return swin_fixture if request.param == 'swin' else cswin_fixture
 
 
+@pytest.fixture
+def kernels_fail_to_build(monkeypatch) -> None:
+    """boatvit's CPU kernels as on a machine without a C++ compiler: nothing loaded yet, and the build fails."""
+    import boatvit.kernels as kernels
+
+    def no_compiler():
+        raise OSError('no C++ compiler found')
+
+    monkeypatch.setattr(kernels, '_loaded', None)
+    monkeypatch.setattr(kernels, '_failure', None)
+    monkeypatch.setattr(kernels, '_build', no_compiler)
+
+
 @pytest.fixture(params=['kernel', 'torch'])
 def backend(request) -> str:
     """Runs a test with boatvit's compiled CPU kernels (required: a failed build fails the test) and with the

@@ -84,13 +84,7 @@ def test_the_kernel_runs_in_cpu_inference_only(monkeypatch, case):
         torch.jit.trace(lambda q: feature_space_attention(q, k, v), q, check_trace=False)
 
 
-def test_failed_build_falls_back_to_the_pytorch_ops_or_raises_when_required(monkeypatch):
-    def no_compiler():
-        raise OSError('no C++ compiler found')
-
-    monkeypatch.setattr(kernels, '_loaded', None)
-    monkeypatch.setattr(kernels, '_failure', None)
-    monkeypatch.setattr(kernels, '_build', no_compiler)
+def test_failed_build_falls_back_to_the_pytorch_ops_or_raises_when_required(kernels_fail_to_build):
     q, k, v = _qkv((2, 2, 150, 8), 2)
     with pytest.warns(RuntimeWarning, match='could not build its CPU kernels.*no C\\+\\+ compiler'):
         fallback = feature_space_attention(q, k, v, backend='auto')

@@ -177,13 +177,7 @@ def test_bad_setting_is_refused_by_name(monkeypatch):
         balanced_hierarchical_clustering(torch.randn(1, 1, 196, 4), backend='fast')
 
 
-def test_failed_build_warns_once_then_runs_eager_or_raises_when_required(monkeypatch):
-    def no_compiler():
-        raise OSError('no C++ compiler found')
-
-    monkeypatch.setattr(kernels, '_loaded', None)
-    monkeypatch.setattr(kernels, '_failure', None)
-    monkeypatch.setattr(kernels, '_build', no_compiler)
+def test_failed_build_warns_once_then_runs_eager_or_raises_when_required(kernels_fail_to_build):
     q = torch.randn(1, 2, 196, 4, dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match='could not build its CPU kernels.*no C\\+\\+ compiler'):
         fallback = balanced_hierarchical_clustering(q, backend='auto')
