@@ -201,9 +201,9 @@ def _packed_feature_space_attention(
     projection takes. The clustering reads ``cluster_queries`` ``(B, heads, N, head_dim)`` when given (the queries
     at a higher precision than ``qkv``'s), else the queries of ``qkv``.
 
-    ``backend`` chooses the clustering's implementation and, for CPU inference in float32/float64 (nothing recorded
-    for backward, no dropout), that of the attention inside the clusters: the fused kernel
-    (``boatvit::fused_cluster_attention``) or :func:`_attend_in_clusters`, its oracle and the route everywhere else.
+    ``backend`` chooses the clustering's implementation and, for CPU tensors in float32/float64 without attention
+    dropout, that of the attention inside the clusters: the fused kernel (``boatvit::fused_cluster_attention``, with
+    a fused backward) or :func:`_attend_in_clusters`, its oracle and the route everywhere else.
     """
     B, N, _, heads, d = static_shape(qkv)
     if cluster_queries is None:
@@ -213,8 +213,7 @@ def _packed_feature_space_attention(
         cluster_queries, cluster_size, iterations, temperature, return_padded=True, backend=backend
     )
     scale = d**-0.5 if scale is None else scale
-    recording = torch.is_grad_enabled() and qkv.requires_grad
-    if not (recording or dropout_p) and qkv.dtype in (torch.float32, torch.float64) and use_cpu_kernel(qkv, backend):
+    if not dropout_p and qkv.dtype in (torch.float32, torch.float64) and use_cpu_kernel(qkv, backend):
         return torch.ops.boatvit.fused_cluster_attention(
             qkv, order, cluster_size, overlap, float(scale), backend == 'kernel'
         )
@@ -227,7 +226,8 @@ def _fused_cluster_attention(
 ) -> torch.Tensor:
     """:func:`_attend_in_clusters` without dropout by the compiled CPU kernel (``csrc/cluster_attention_cpu.cpp``),
     built on first use; where it cannot be built, by :func:`_attend_in_clusters` (after one warning) or, if
-    ``required``, a RuntimeError. Inference only: no gradient (the caller routes recording calls elsewhere)."""
+    ``required``, a RuntimeError. Its gradient is the kernel's backward (``boatvit::fused_cluster_attention_backward``),
+    which keeps nothing from the forward but ``qkv`` and ``order``."""
     layout = cluster_layout(qkv.shape[1], cluster_size)
     kernels = cpu_kernels(required)
     if kernels is None:
@@ -240,6 +240,51 @@ def _fused_cluster_attention(
 @_fused_cluster_attention.register_fake
 def _(qkv, order, cluster_size, overlap, scale, required):
     return qkv.new_empty((qkv.shape[0], qkv.shape[1], qkv.shape[3] * qkv.shape[4]))
+
+
+@torch.library.custom_op('boatvit::fused_cluster_attention_backward', mutates_args=(), device_types='cpu')
+def _fused_cluster_attention_backward(
+    grad: torch.Tensor, qkv: torch.Tensor, order: torch.Tensor, cluster_size: int, overlap: int, scale: float
+) -> torch.Tensor:
+    """The gradient of ``boatvit::fused_cluster_attention`` with respect to ``qkv``, for its output's gradient
+    ``grad`` ``(B, N, heads * head_dim)``: the kernel's backward, which recomputes every cluster's probabilities; or,
+    where the kernels are not built (the forward then ran :func:`_attend_in_clusters`), autograd through that."""
+    layout = cluster_layout(qkv.shape[1], cluster_size)
+    kernels = cpu_kernels()
+    if kernels is None:
+        with torch.enable_grad():
+            leaf = qkv.detach().requires_grad_()
+            (grad_qkv,) = torch.autograd.grad(_attend_in_clusters(leaf, order, layout, overlap, scale, 0.0), leaf, grad)
+        return grad_qkv
+    return kernels.cluster_attention_backward(
+        grad.contiguous(),
+        qkv.contiguous(),
+        order.contiguous(),
+        layout.cluster_size,
+        layout.num_clusters,
+        overlap,
+        scale,
+    )
+
+
+@_fused_cluster_attention_backward.register_fake
+def _(grad, qkv, order, cluster_size, overlap, scale):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+def _save_for_the_backward(ctx, inputs, output) -> None:
+    qkv, order, cluster_size, overlap, scale, _ = inputs
+    ctx.save_for_backward(qkv, order)
+    ctx.arguments = (cluster_size, overlap, scale)
+
+
+def _fused_cluster_attention_gradient(ctx, grad):
+    qkv, order = ctx.saved_tensors
+    grad_qkv = torch.ops.boatvit.fused_cluster_attention_backward(grad, qkv, order, *ctx.arguments)
+    return grad_qkv, None, None, None, None, None
+
+
+_fused_cluster_attention.register_autograd(_fused_cluster_attention_gradient, setup_context=_save_for_the_backward)
 
 
 def _attend_in_clusters(

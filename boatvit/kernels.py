@@ -1,10 +1,10 @@
 """boatvit's compiled CPU kernels: the fused balanced hierarchical clustering of ``csrc/clustering_cpu.cpp`` and
-FSLA's fused attention inside clusters for inference, ``csrc/cluster_attention_cpu.cpp``.
+FSLA's fused attention inside clusters with its backward, ``csrc/cluster_attention_cpu.cpp``.
 
 Both are built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; once, then loaded from the
-build cache) into one library, registered as ``torch.ops.boatvit.clustered_order`` and
-``torch.ops.boatvit.cluster_attention``. Where they cannot be built, the PyTorch ops (the same computation) run
-instead, after one warning that names the reason.
+build cache) into one library, registered as ``torch.ops.boatvit.clustered_order``,
+``torch.ops.boatvit.cluster_attention`` and ``torch.ops.boatvit.cluster_attention_backward``. Where they cannot be
+built, the PyTorch ops (the same computation) run instead, after one warning that names the reason.
 
 The ``backend`` argument of the clustering and of FSLA chooses: ``'auto'`` (the kernels where they apply, falling
 back with a warning if they cannot be built), ``'kernel'`` (required: an error if they cannot be built, or if the
@@ -40,6 +40,7 @@ class CPUKernels(NamedTuple):
 
     clustered_order: Callable
     cluster_attention: Callable
+    cluster_attention_backward: Callable
 
 
 _lock = threading.Lock()
@@ -124,7 +125,8 @@ def _build() -> CPUKernels:
             build_directory=str(build_dir),
             is_python_module=False,
         )
-    return CPUKernels(torch.ops.boatvit.clustered_order, torch.ops.boatvit.cluster_attention)
+    ops = torch.ops.boatvit
+    return CPUKernels(ops.clustered_order, ops.cluster_attention, ops.cluster_attention_backward)
 
 
 def use_cpu_kernel(x: torch.Tensor, backend: str) -> bool:
@@ -160,8 +162,9 @@ def cpu_kernels(required: bool = False) -> Optional[CPUKernels]:
     ``cluster_attention`` takes ``(qkv (B, N, 3, heads, d) float32/float64 contiguous, order (B, heads, n_pad) int64
     contiguous, cluster_size, num_clusters, overlap, scale)``, the padded order and its layout's cluster size and
     count, and returns FSLA's attention output ``(B, N, heads * d)`` in token order (see
-    ``boatvit.fsla._attend_in_clusters``, its oracle). The order must hold every token once per (image, head): a
-    token it leaves out gets no output row.
+    ``boatvit.fsla._attend_in_clusters``, its oracle); ``cluster_attention_backward`` takes the output's gradient
+    ``(B, N, heads * d)`` contiguous, then the same arguments, and returns the gradient of ``qkv``. The order must
+    hold every token once per (image, head): a token it leaves out gets no output row and no gradient row.
     """
     global _loaded, _failure
     if _loaded is None and _failure is None:

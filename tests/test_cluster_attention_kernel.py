@@ -1,12 +1,12 @@
-"""The fused CPU kernel of FSLA's attention inside clusters (boatvit/csrc/cluster_attention_cpu.cpp): its routing,
-arguments and fallback. Its outputs against the naive FSLA and the reference fixtures are in test_fsla.py (the
-``backend`` fixture runs every parity test of CPU inference through it)."""
+"""The fused CPU kernel of FSLA's attention inside clusters (boatvit/csrc/cluster_attention_cpu.cpp): its backward,
+routing, arguments and fallback. Its outputs against the naive FSLA and the reference fixtures are in test_fsla.py (the
+``backend`` fixture runs every parity test of the CPU route through it, inference and training)."""
 
 import pytest
 import torch
 
 import boatvit.kernels as kernels
-from boatvit import cluster_layout, feature_space_attention
+from boatvit import FeatureSpaceAttention, cluster_layout, feature_space_attention
 from boatvit.clustering import balanced_hierarchical_clustering
 from boatvit.fsla import _attend_in_clusters
 from boatvit.kernels import CPUKernels, cpu_kernels
@@ -57,24 +57,20 @@ def _forbid_the_attention_kernel(monkeypatch):
         raise AssertionError('the attention kernel ran')
 
     kernels_ = cpu_kernels(required=True)
-    monkeypatch.setattr(kernels, '_loaded', CPUKernels(kernels_.clustered_order, forbidden))
+    monkeypatch.setattr(kernels, '_loaded', CPUKernels(kernels_.clustered_order, forbidden, forbidden))
 
 
-@pytest.mark.parametrize(
-    'case',
-    ['autograd', 'dropout', 'bfloat16', 'torch backend', 'traced'],
-)
-def test_the_kernel_runs_in_cpu_inference_only(monkeypatch, case):
-    """Calls that record autograd (the kernel has no backward), drop attention weights, hold half-precision q, k, v
-    (CPU autocast), ask for the PyTorch ops or are traced keep the PyTorch route; plain CPU inference takes the
-    kernel."""
+@pytest.mark.parametrize('case', ['dropout', 'bfloat16', 'torch backend', 'traced'])
+def test_the_kernel_runs_on_float_cpu_tensors_without_dropout(monkeypatch, case):
+    """Calls that drop attention weights, hold half-precision q, k, v (CPU autocast), ask for the PyTorch ops or
+    are traced keep the PyTorch route; CPU inference and training in float32/float64 take the kernel."""
     q, k, v = _qkv((1, 2, 196, 8), 1, torch.float32)
     _forbid_the_attention_kernel(monkeypatch)
     with pytest.raises(AssertionError, match='attention kernel ran'):
         feature_space_attention(q, k, v)
-    if case == 'autograd':
-        feature_space_attention(q.requires_grad_(), k, v).sum().backward()
-    elif case == 'dropout':
+    with pytest.raises(AssertionError, match='attention kernel ran'):
+        feature_space_attention(q.clone().requires_grad_(), k, v)
+    if case == 'dropout':
         feature_space_attention(q, k, v, dropout_p=0.1)
     elif case == 'bfloat16':
         feature_space_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
@@ -82,6 +78,46 @@ def test_the_kernel_runs_in_cpu_inference_only(monkeypatch, case):
         feature_space_attention(q, k, v, backend='torch')
     else:
         torch.jit.trace(lambda q: feature_space_attention(q, k, v), q, check_trace=False)
+
+
+@pytest.mark.parametrize(
+    'n, cluster_size, overlap',
+    [(196, 49, 20), (150, 49, 20), (49, 49, 20), (90, 10, 3), (80, 10, 0), (43, 10, 9)],
+    ids=['no-ghosts', 'ghosts', 'one-cluster', 'ghost-pairs', 'no-overlap', 'largest-overlap'],
+)
+def test_backward_equals_the_pytorch_route(n, cluster_size, overlap):
+    """The kernel's backward (every cluster's probabilities recomputed; a key's gradient from both clusters of its
+    pair) against autograd through the PyTorch route, float64, on the same clusters; and gradcheck's numerical
+    derivative on a small case."""
+    qkv = torch.randn(2, n, 3, 2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    order = balanced_hierarchical_clustering(qkv[:, :, 0].transpose(1, 2), cluster_size, return_padded=True)
+    grad = torch.randn(2, n, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    layout = cluster_layout(n, cluster_size)
+    leaf = qkv.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(_attend_in_clusters(leaf, order, layout, overlap, 0.3, 0.0), leaf, grad)
+    leaf = qkv.clone().requires_grad_()
+    out = torch.ops.boatvit.fused_cluster_attention(leaf, order, cluster_size, overlap, 0.3, True)
+    (got,) = torch.autograd.grad(out, leaf, grad)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    if n <= 50:
+        torch.autograd.gradcheck(
+            lambda x: torch.ops.boatvit.fused_cluster_attention(x, order, cluster_size, overlap, 0.3, True),
+            qkv.clone().requires_grad_(),
+        )
+
+
+def test_training_step_of_a_layer_equals_the_pytorch_route():
+    """A FeatureSpaceAttention training step (LePE, projections, float32) gives the PyTorch route's gradients."""
+    torch.manual_seed(0)
+    layers = [FeatureSpaceAttention(32, 2, backend=backend) for backend in ('kernel', 'torch')]
+    layers[1].load_state_dict(layers[0].state_dict())
+    x = torch.randn(2, 28 * 28, 32)
+    grads = []
+    for layer in layers:
+        layer(x, (28, 28)).square().mean().backward()
+        grads.append([p.grad for p in layer.parameters()])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_failed_build_falls_back_to_the_pytorch_ops_or_raises_when_required(kernels_fail_to_build):
@@ -126,8 +162,14 @@ def test_op_checks_its_arguments():
             op(qkv, corrupt, 63, 4, 20, 0.5)
 
 
-def test_operator_passes_opcheck():
-    """The Python operator around the kernel (the one compiled graphs hold): its fake implementation, schema and
-    dispatch, by torch.library.opcheck."""
+def test_operators_pass_opcheck():
+    """The Python operators around the kernel (those compiled graphs hold): their fake implementations, schemas,
+    dispatch and autograd registration, by torch.library.opcheck."""
     qkv, order = _packed(dtype=torch.float64)
-    torch.library.opcheck(torch.ops.boatvit.fused_cluster_attention.default, (qkv, order, 49, 20, 0.25, True))
+    torch.library.opcheck(
+        torch.ops.boatvit.fused_cluster_attention.default, (qkv.requires_grad_(), order, 49, 20, 0.25, True)
+    )
+    grad = torch.randn(1, 250, 16, dtype=torch.float64)
+    torch.library.opcheck(
+        torch.ops.boatvit.fused_cluster_attention_backward.default, (grad, qkv.detach(), order, 49, 20, 0.25)
+    )

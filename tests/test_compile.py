@@ -76,14 +76,11 @@ def test_compiled_training_step_has_eager_gradients(family):
         torch.testing.assert_close(g, e, **CLOSE, msg=name)
 
 
-def test_compiled_fsla_gathers_rows_with_the_aten_kernel():
-    """Inside a compiled graph the FSLA row gathers, forward and backward, are ``boatvit::gather_rows`` operators
-    (which inductor calls, instead of generating a loop of indirect loads); nothing scatters with adds (inductor's
-    atomic adds on the CPU) and the key windows have no unfold backward."""
+def _training_graphs(layer: torch.nn.Module, x: torch.Tensor, size) -> tuple:
+    """The call targets of ``layer``'s compiled forward and backward graphs (aot_autograd, no inductor), after one
+    backward; checks that the compiled layer gives the eager output."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
-
-    from boatvit import FeatureSpaceAttention
 
     graphs = []
 
@@ -91,17 +88,41 @@ def test_compiled_fsla_gathers_rows_with_the_aten_kernel():
         graphs.append({str(n.target) for n in graph_module.graph.nodes if n.op == 'call_function'})
         return make_boxed_func(graph_module.forward)
 
-    layer = FeatureSpaceAttention(16, 2)
-    x = torch.randn(2, 22 * 22, 16, requires_grad=True)  # 3 levels and 4 ghosts
+    torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True, backend=aot_autograd(fw_compiler=record, bw_compiler=record))
-    compiled(x, (22, 22)).sum().backward()
-    forward, backward = graphs
-    for graph in (forward, backward):
-        assert 'boatvit.gather_rows.default' in graph
-        assert not {op for op in graph if 'index_select' in op}
-    assert not {op for op in backward if any(s in op for s in ('index_add', 'index_put', 'scatter_add', 'unfold'))}
+    compiled(x, size).sum().backward()
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x, (22, 22)), layer(x, (22, 22)), **CLOSE)
+        torch.testing.assert_close(compiled(x, size), layer(x, size), **CLOSE)
+    forward, backward = graphs[:2]
+    return forward, backward
+
+
+def test_compiled_fsla_gathers_rows_with_the_aten_kernel():
+    """On the PyTorch route (GPUs, CPU autocast, backend='torch') the FSLA row gathers of a compiled graph, forward
+    and backward, are ``boatvit::gather_rows`` operators (which inductor calls, instead of generating a loop of
+    indirect loads); nothing scatters with adds (inductor's atomic adds on the CPU) and the key windows have no
+    unfold backward."""
+    from boatvit import FeatureSpaceAttention
+
+    x = torch.randn(2, 22 * 22, 16, requires_grad=True)  # 3 levels and 4 ghosts
+    forward, backward = _training_graphs(FeatureSpaceAttention(16, 2, backend='torch'), x, (22, 22))
+    # (the forward's clustering, PyTorch ops on this route, has index_selects of its own: it is not differentiated)
+    assert 'boatvit.gather_rows.default' in forward and 'boatvit.gather_rows.default' in backward
+    scatters = ('index_select', 'index_add', 'index_put', 'scatter_add', 'unfold')
+    assert not {op for op in backward if any(s in op for s in scatters)}
+
+
+def test_compiled_cpu_training_holds_the_fused_cluster_attention_and_its_backward():
+    """In float32 on the CPU a compiled training graph attends by the fused kernel and differentiates it by the
+    kernel's backward operator: no row gathers or attention ops of its own in either graph."""
+    from boatvit import FeatureSpaceAttention
+
+    x = torch.randn(2, 22 * 22, 16, requires_grad=True)
+    forward, backward = _training_graphs(FeatureSpaceAttention(16, 2), x, (22, 22))
+    assert 'boatvit.fused_cluster_attention.default' in forward
+    assert 'boatvit.fused_cluster_attention_backward.default' in backward
+    for graph in (forward, backward):
+        assert not {op for op in graph if any(name in op for name in ('gather', 'index_select', 'softmax', 'bmm'))}
 
 
 @pytest.mark.parametrize('family', ['swin', 'cswin'])

@@ -46,8 +46,8 @@ def test_autocast_does_not_change_the_clustering():
 
 
 def test_attention_route_sdpa_only_while_autograd_records(monkeypatch):
-    """CPU inference attends by matmul (the faster route there); autograd-recording calls keep SDPA, whose kernels
-    store no attention probabilities for backward."""
+    """The PyTorch route (GPUs, or backend='torch'): CPU inference attends by matmul (the faster route there);
+    autograd-recording calls keep SDPA, whose kernels store no attention probabilities for backward."""
     sdpa = torch.nn.functional.scaled_dot_product_attention
     calls = []
     monkeypatch.setattr(
@@ -57,7 +57,7 @@ def test_attention_route_sdpa_only_while_autograd_records(monkeypatch):
     )
     q, k, v = torch.randn(3, 1, 2, 196, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
     with torch.inference_mode():
-        feature_space_attention(q, k, v)
+        feature_space_attention(q, k, v, backend='torch')
     assert calls == []
-    feature_space_attention(q.requires_grad_(), k, v)
+    feature_space_attention(q.requires_grad_(), k, v, backend='torch')
     assert len(calls) == 2  # the even and the odd clusters

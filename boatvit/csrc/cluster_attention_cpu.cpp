@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -130,74 +131,228 @@ void unnormalised_softmax(scalar_t* S, int64_t lds, int64_t M, int64_t N, scalar
   }
 }
 
-template <typename scalar_t>
-void attend(const at::Tensor& qkv, const at::Tensor& order, at::Tensor& out, int64_t cluster_size,
-            int64_t num_clusters, int64_t overlap, double scale_value) {
-  using Vec = Vectorized<scalar_t>;
-  constexpr int64_t L = Vec::size();
-  // the products' register blocks: 4 query rows by 3 vectors of keys, 3 rows by 4 vectors of the head dimension
-  constexpr int64_t kKeyVectors = 3, kValueVectors = 4, kPad = 4 * L;
-  const int64_t B = qkv.size(0), N = qkv.size(1), heads = qkv.size(3), d = qkv.size(4), n_pad = order.size(2);
-  const bool one_cluster = num_clusters == 1;
-  const int64_t groups = one_cluster ? 1 : num_clusters / 2;  // a group: one sibling pair, or the single cluster
-  const int64_t group_slots = one_cluster ? n_pad : 2 * cluster_size;
-  const int64_t keys = one_cluster ? n_pad : cluster_size + overlap;
-  const int64_t token_stride = 3 * heads * d;
-  const scalar_t scale = static_cast<scalar_t>(scale_value);
-  const scalar_t* qkv_data = qkv.data_ptr<scalar_t>();
-  const int64_t* order_data = order.data_ptr<int64_t>();
-  scalar_t* out_data = out.data_ptr<scalar_t>();
-  std::atomic<bool> bad_order{false};
+// Where every (image, head, group) finds its rows: a group is one sibling pair of clusters (or the single cluster)
+// of one (image, head), the unit of work of one thread.
+struct Layout {
+  int64_t B, N, heads, d, n_pad, cluster_size, overlap;
+  bool one_cluster;
+  int64_t groups, group_slots, keys, token_stride;
 
-  at::parallel_for(0, B * heads * groups, 1, [&](int64_t begin, int64_t end) {
-    // q and v rows of the group's slots, its keys transposed (d x slots: the logits' product reads key columns
-    // as vectors), one cluster's logits and output; padded for the products' reads past a row's end
-    std::vector<scalar_t> q(group_slots * d), k_t(d * group_slots + kPad), v(group_slots * d + kPad);
-    std::vector<scalar_t> logits(cluster_size * keys + kPad), o(cluster_size * d + kPad), inv(cluster_size);
-    std::vector<int64_t> masked;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / groups, group = task % groups, b = bh / heads, h = bh % heads;
-      const int64_t* slots = order_data + bh * n_pad + group * group_slots;
-      for (int64_t p = 0; p < group_slots; ++p) {
-        if (slots[p] < 0 || slots[p] >= n_pad) {
-          bad_order = true;
-          return;
-        }
-        const scalar_t* q_row = qkv_data + (b * N + std::min(slots[p], N - 1)) * token_stride + h * d;
-        const scalar_t* k_row = q_row + heads * d;
-        const scalar_t* v_row = k_row + heads * d;
-        std::copy(q_row, q_row + d, q.data() + p * d);
-        for (int64_t i = 0; i < d; ++i) k_t[i * group_slots + p] = k_row[i];
-        std::copy(v_row, v_row + d, v.data() + p * d);
+  Layout(const at::Tensor& qkv, const at::Tensor& order, int64_t cluster_size_, int64_t num_clusters, int64_t overlap_)
+      : B(qkv.size(0)),
+        N(qkv.size(1)),
+        heads(qkv.size(3)),
+        d(qkv.size(4)),
+        n_pad(order.size(2)),
+        cluster_size(cluster_size_),
+        overlap(overlap_),
+        one_cluster(num_clusters == 1),
+        groups(num_clusters == 1 ? 1 : num_clusters / 2),
+        group_slots(num_clusters == 1 ? order.size(2) : 2 * cluster_size_),
+        keys(num_clusters == 1 ? order.size(2) : cluster_size_ + overlap_),
+        token_stride(3 * qkv.size(3) * qkv.size(4)) {}
+
+  int64_t clusters_per_group() const { return one_cluster ? 1 : 2; }
+  // cluster 2j attends to the keys from its own start, cluster 2j + 1 to those ending at its end
+  int64_t first_key(int64_t cluster) const { return cluster == 0 ? 0 : cluster_size - overlap; }
+};
+
+// Runs body(b, h, slots) for every group, spread over threads; slots are the group's group_slots entries of the
+// order. An entry outside [0, n_pad) stops the work and raises once the threads are done.
+template <typename Body>
+void for_each_group(const Layout& layout, const at::Tensor& order, const Body& body) {
+  const int64_t* order_data = order.data_ptr<int64_t>();
+  std::atomic<bool> bad_order{false};
+  at::parallel_for(0, layout.B * layout.heads * layout.groups, 1, [&](int64_t begin, int64_t end) {
+    auto state = body.make_state();
+    for (int64_t task = begin; task < end && !bad_order; ++task) {
+      const int64_t bh = task / layout.groups, group = task % layout.groups;
+      const int64_t* slots = order_data + bh * layout.n_pad + group * layout.group_slots;
+      for (int64_t p = 0; p < layout.group_slots; ++p) {
+        if (slots[p] < 0 || slots[p] >= layout.n_pad) bad_order = true;
       }
-      for (int64_t cluster = 0; cluster < (one_cluster ? 1 : 2); ++cluster) {
-        const int64_t first_query = cluster * cluster_size, first_key = cluster == 0 ? 0 : cluster_size - overlap;
-        masked.clear();
-        for (int64_t j = 0; j < keys; ++j) {
-          if (slots[first_key + j] >= N) masked.push_back(j);
-        }
-        product<scalar_t, 4, kKeyVectors>(q.data() + first_query * d, d, k_t.data() + first_key, group_slots,
-                                          logits.data(), keys, cluster_size, keys, d);
-        unnormalised_softmax<scalar_t>(logits.data(), keys, cluster_size, keys, scale, masked, inv.data());
-        product<scalar_t, 3, kValueVectors>(logits.data(), keys, v.data() + first_key * d, d, o.data(), d,
-                                            cluster_size, d, keys);
-        for (int64_t r = 0; r < cluster_size; ++r) {
-          const int64_t token = slots[first_query + r];
-          if (token >= N) continue;  // a ghost query: dropped
-          scalar_t* out_row = out_data + ((b * N + token) * heads + h) * d;
-          const scalar_t* o_row = o.data() + r * d;
-          int64_t i = 0;
-          for (; i + L <= d; i += L) (Vec::loadu(o_row + i) * Vec(inv[r])).store(out_row + i);
-          for (; i < d; ++i) out_row[i] = o_row[i] * inv[r];
-        }
-      }
+      if (!bad_order) body(state, bh / layout.heads, bh % layout.heads, slots);
     }
   });
   TORCH_CHECK(!bad_order, "cluster_attention: order holds a slot index outside [0, n_pad)");
 }
 
-at::Tensor cluster_attention(const at::Tensor& qkv, const at::Tensor& order, int64_t cluster_size,
-                             int64_t num_clusters, int64_t overlap, double scale) {
+// The q, k or v row (part 0, 1, 2) of the token in a slot; a ghost slot (index >= N) reads the last real token.
+template <typename scalar_t>
+inline const scalar_t* qkv_row(const scalar_t* qkv, const Layout& layout, int64_t b, int64_t h, int64_t slot,
+                               int64_t part) {
+  return qkv + (b * layout.N + std::min(slot, layout.N - 1)) * layout.token_stride + (part * layout.heads + h) * layout.d;
+}
+
+template <typename scalar_t>
+inline void copy_row(const scalar_t* from, scalar_t* to, int64_t d, scalar_t factor = scalar_t(1)) {
+  using Vec = Vectorized<scalar_t>;
+  int64_t i = 0;
+  for (; i + Vec::size() <= d; i += Vec::size()) (Vec::loadu(from + i) * Vec(factor)).store(to + i);
+  for (; i < d; ++i) to[i] = from[i] * factor;
+}
+
+// rows x cols (leading dimension ld_from) into cols x rows (leading dimension ld_to)
+template <typename scalar_t>
+inline void transpose(const scalar_t* from, int64_t ld_from, scalar_t* to, int64_t ld_to, int64_t rows, int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) to[j * ld_to + i] = from[i * ld_from + j];
+}
+
+// The columns of the ghost keys among a cluster's keys.
+inline void masked_keys(const Layout& layout, const int64_t* slots, int64_t first_key, std::vector<int64_t>& masked) {
+  masked.clear();
+  for (int64_t j = 0; j < layout.keys; ++j) {
+    if (slots[first_key + j] >= layout.N) masked.push_back(j);
+  }
+}
+
+// the products' register blocks: 4 query rows by 3 vectors of keys, 3 rows by 4 vectors of the head dimension
+constexpr int64_t kKeyRows = 4, kKeyVectors = 3, kHeadRows = 3, kHeadVectors = 4;
+
+template <typename scalar_t>
+struct Forward {
+  const Layout& layout;
+  const scalar_t* qkv;
+  scalar_t* out;
+  scalar_t scale;
+
+  // q and v rows of the group's slots, its keys transposed (d x slots: the logits' product reads key columns as
+  // vectors), one cluster's logits and output; padded for the products' reads past a row's end
+  struct State {
+    std::vector<scalar_t> q, k_t, v, logits, o, inv;
+    std::vector<int64_t> masked;
+  };
+
+  State make_state() const {
+    const int64_t pad = kHeadVectors * Vectorized<scalar_t>::size(), G = layout.group_slots, d = layout.d;
+    const int64_t c = layout.cluster_size;
+    return State{std::vector<scalar_t>(G * d + pad), std::vector<scalar_t>(d * G + pad),
+                 std::vector<scalar_t>(G * d + pad), std::vector<scalar_t>(c * layout.keys + pad),
+                 std::vector<scalar_t>(c * d + pad), std::vector<scalar_t>(c), {}};
+  }
+
+  void operator()(State& st, int64_t b, int64_t h, const int64_t* slots) const {
+    const int64_t G = layout.group_slots, d = layout.d, c = layout.cluster_size, m = layout.keys;
+    for (int64_t p = 0; p < G; ++p) {
+      copy_row(qkv_row(qkv, layout, b, h, slots[p], 0), st.q.data() + p * d, d);
+      const scalar_t* k_row = qkv_row(qkv, layout, b, h, slots[p], 1);
+      for (int64_t i = 0; i < d; ++i) st.k_t[i * G + p] = k_row[i];
+      copy_row(qkv_row(qkv, layout, b, h, slots[p], 2), st.v.data() + p * d, d);
+    }
+    for (int64_t cluster = 0; cluster < layout.clusters_per_group(); ++cluster) {
+      const int64_t first_query = cluster * c, first_key = layout.first_key(cluster);
+      masked_keys(layout, slots, first_key, st.masked);
+      product<scalar_t, kKeyRows, kKeyVectors>(st.q.data() + first_query * d, d, st.k_t.data() + first_key, G,
+                                               st.logits.data(), m, c, m, d);
+      unnormalised_softmax<scalar_t>(st.logits.data(), m, c, m, scale, st.masked, st.inv.data());
+      product<scalar_t, kHeadRows, kHeadVectors>(st.logits.data(), m, st.v.data() + first_key * d, d, st.o.data(), d,
+                                                 c, d, m);
+      for (int64_t r = 0; r < c; ++r) {
+        const int64_t token = slots[first_query + r];
+        if (token >= layout.N) continue;  // a ghost query: dropped
+        copy_row(st.o.data() + r * d, out + ((b * layout.N + token) * layout.heads + h) * d, d, st.inv[r]);
+      }
+    }
+  }
+};
+
+// The gradient of the attention with respect to q, k and v, recomputing each cluster's probabilities P (nothing is
+// kept from the forward but its inputs): with dO the output's gradient, dP = dO V^T, dS = P * (dP - rowsum(P * dP))
+// * scale (rowsum(P * dP) is rowsum(dO * O)), dQ = dS K, dK = dS^T Q and dV = P^T dO. A key row gets gradient from
+// both clusters of its pair (the sibling's window overlaps it), all within the group: every real token's q, k and v
+// gradient rows are written once, by the thread of its group, and ghost slots write nothing.
+template <typename scalar_t>
+struct Backward {
+  const Layout& layout;
+  const scalar_t* qkv;
+  const scalar_t* grad_out;
+  scalar_t* grad_qkv;
+  scalar_t scale;
+
+  struct State {
+    std::vector<scalar_t> q, k, k_t, v_t, grad_o, grad_k, grad_v, probs, grad_s, transposed, block, inv;
+    std::vector<int64_t> masked;
+  };
+
+  State make_state() const {
+    const int64_t pad = kHeadVectors * Vectorized<scalar_t>::size(), G = layout.group_slots, d = layout.d;
+    const int64_t c = layout.cluster_size, m = layout.keys;
+    auto buffer = [](int64_t size) { return std::vector<scalar_t>(size); };
+    return State{buffer(G * d + pad), buffer(G * d + pad), buffer(d * G + pad), buffer(d * G + pad),
+                 buffer(G * d + pad), buffer(G * d),       buffer(G * d),       buffer(c * m + pad),
+                 buffer(c * m + pad), buffer(m * c),       buffer(m * d + pad), buffer(c),
+                 {}};
+  }
+
+  void operator()(State& st, int64_t b, int64_t h, const int64_t* slots) const {
+    const int64_t G = layout.group_slots, d = layout.d, c = layout.cluster_size, m = layout.keys, N = layout.N;
+    for (int64_t p = 0; p < G; ++p) {
+      copy_row(qkv_row(qkv, layout, b, h, slots[p], 0), st.q.data() + p * d, d);
+      const scalar_t* k_row = qkv_row(qkv, layout, b, h, slots[p], 1);
+      const scalar_t* v_row = qkv_row(qkv, layout, b, h, slots[p], 2);
+      copy_row(k_row, st.k.data() + p * d, d);
+      for (int64_t i = 0; i < d; ++i) {
+        st.k_t[i * G + p] = k_row[i];
+        st.v_t[i * G + p] = v_row[i];
+      }
+      // a ghost query's output was dropped: its gradient is zero
+      scalar_t* grad_o_row = st.grad_o.data() + p * d;
+      if (slots[p] < N) {
+        copy_row(grad_out + ((b * N + slots[p]) * layout.heads + h) * d, grad_o_row, d);
+      } else {
+        std::fill(grad_o_row, grad_o_row + d, scalar_t(0));
+      }
+    }
+    std::fill(st.grad_k.begin(), st.grad_k.end(), scalar_t(0));
+    std::fill(st.grad_v.begin(), st.grad_v.end(), scalar_t(0));
+    for (int64_t cluster = 0; cluster < layout.clusters_per_group(); ++cluster) {
+      const int64_t first_query = cluster * c, first_key = layout.first_key(cluster);
+      masked_keys(layout, slots, first_key, st.masked);
+      scalar_t* probs = st.probs.data();
+      scalar_t* grad_s = st.grad_s.data();
+      product<scalar_t, kKeyRows, kKeyVectors>(st.q.data() + first_query * d, d, st.k_t.data() + first_key, G, probs,
+                                               m, c, m, d);
+      unnormalised_softmax<scalar_t>(probs, m, c, m, scale, st.masked, st.inv.data());
+      for (int64_t r = 0; r < c; ++r) copy_row(probs + r * m, probs + r * m, m, st.inv[r]);
+      product<scalar_t, kKeyRows, kKeyVectors>(st.grad_o.data() + first_query * d, d, st.v_t.data() + first_key, G,
+                                               grad_s, m, c, m, d);
+      for (int64_t r = 0; r < c; ++r) {
+        const scalar_t* p_row = probs + r * m;
+        scalar_t* s_row = grad_s + r * m;
+        scalar_t rowsum = 0;
+        for (int64_t j = 0; j < m; ++j) rowsum += p_row[j] * s_row[j];
+        for (int64_t j = 0; j < m; ++j) s_row[j] = p_row[j] * (s_row[j] - rowsum) * scale;
+      }
+      // dQ of the cluster's real queries, straight to their rows
+      product<scalar_t, kHeadRows, kHeadVectors>(grad_s, m, st.k.data() + first_key * d, d, st.block.data(), d, c, d,
+                                                 m);
+      for (int64_t r = 0; r < c; ++r) {
+        const int64_t token = slots[first_query + r];
+        if (token < N) copy_row(st.block.data() + r * d, grad_qkv + (b * N + token) * layout.token_stride + h * d, d);
+      }
+      // dV and dK of the window, added to the group's
+      const std::pair<scalar_t*, const scalar_t*> to_window[2] = {{probs, st.grad_o.data()}, {grad_s, st.q.data()}};
+      scalar_t* window_grads[2] = {st.grad_v.data(), st.grad_k.data()};
+      for (int64_t which = 0; which < 2; ++which) {
+        transpose(to_window[which].first, m, st.transposed.data(), c, c, m);
+        product<scalar_t, kHeadRows, kHeadVectors>(st.transposed.data(), c, to_window[which].second + first_query * d,
+                                                   d, st.block.data(), d, m, d, c);
+        scalar_t* grads = window_grads[which] + first_key * d;
+        for (int64_t i = 0; i < m * d; ++i) grads[i] += st.block[i];
+      }
+    }
+    for (int64_t p = 0; p < G; ++p) {
+      if (slots[p] >= N) continue;
+      scalar_t* row = grad_qkv + (b * N + slots[p]) * layout.token_stride + h * d;
+      copy_row(st.grad_k.data() + p * d, row + layout.heads * d, d);
+      copy_row(st.grad_v.data() + p * d, row + 2 * layout.heads * d, d);
+    }
+  }
+};
+
+void check_arguments(const at::Tensor& qkv, const at::Tensor& order, int64_t cluster_size, int64_t num_clusters,
+                     int64_t overlap) {
   TORCH_CHECK(qkv.device().is_cpu() && order.device().is_cpu(), "cluster_attention: CPU tensors only");
   TORCH_CHECK(qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kDouble,
               "cluster_attention: qkv must be float32 or float64, got ", qkv.scalar_type());
@@ -213,12 +368,38 @@ at::Tensor cluster_attention(const at::Tensor& qkv, const at::Tensor& order, int
                   (num_clusters == 1 || (overlap >= 0 && overlap < cluster_size)),
               "cluster_attention: (cluster_size, num_clusters, overlap) = (", cluster_size, ", ", num_clusters, ", ",
               overlap, ") is not a cluster layout of the N tokens and the order's n_pad");
+}
+
+at::Tensor cluster_attention(const at::Tensor& qkv, const at::Tensor& order, int64_t cluster_size,
+                             int64_t num_clusters, int64_t overlap, double scale) {
+  check_arguments(qkv, order, cluster_size, num_clusters, overlap);
   auto out = at::empty({qkv.size(0), qkv.size(1), qkv.size(3) * qkv.size(4)}, qkv.options());
   if (qkv.size(1) == 0) return out;
+  const Layout layout(qkv, order, cluster_size, num_clusters, overlap);
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "cluster_attention", [&] {
-    attend<scalar_t>(qkv, order, out, cluster_size, num_clusters, overlap, scale);
+    const Forward<scalar_t> forward{layout, qkv.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                    static_cast<scalar_t>(scale)};
+    for_each_group(layout, order, forward);
   });
   return out;
+}
+
+at::Tensor cluster_attention_backward(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& order,
+                                      int64_t cluster_size, int64_t num_clusters, int64_t overlap, double scale) {
+  check_arguments(qkv, order, cluster_size, num_clusters, overlap);
+  TORCH_CHECK(grad_out.scalar_type() == qkv.scalar_type() && grad_out.is_contiguous() &&
+                  grad_out.sizes() == at::IntArrayRef({qkv.size(0), qkv.size(1), qkv.size(3) * qkv.size(4)}),
+              "cluster_attention_backward: grad_out must be a contiguous (B, N, heads * head_dim) tensor of qkv's "
+              "dtype");
+  auto grad_qkv = at::empty_like(qkv);
+  if (qkv.size(1) == 0) return grad_qkv;
+  const Layout layout(qkv, order, cluster_size, num_clusters, overlap);
+  AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "cluster_attention_backward", [&] {
+    const Backward<scalar_t> backward{layout, qkv.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
+                                      grad_qkv.data_ptr<scalar_t>(), static_cast<scalar_t>(scale)};
+    for_each_group(layout, order, backward);
+  });
+  return grad_qkv;
 }
 
 }  // namespace
@@ -228,4 +409,8 @@ TORCH_LIBRARY_FRAGMENT(boatvit, m) {
       "cluster_attention(Tensor qkv, Tensor order, int cluster_size, int num_clusters, int overlap, float scale) -> "
       "Tensor");
   m.impl("cluster_attention", c10::DispatchKey::CPU, &cluster_attention);
+  m.def(
+      "cluster_attention_backward(Tensor grad_out, Tensor qkv, Tensor order, int cluster_size, int num_clusters, "
+      "int overlap, float scale) -> Tensor");
+  m.impl("cluster_attention_backward", c10::DispatchKey::CPU, &cluster_attention_backward);
 }
