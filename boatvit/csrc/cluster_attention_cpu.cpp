@@ -1,6 +1,6 @@
-// FSLA's attention inside clusters for CPU inference, fused: the route of boatvit/fsla.py
+// FSLA's attention inside clusters on the CPU, fused, forward and backward: the route of boatvit/fsla.py
 // (_attend_in_clusters: a row gather into clustered order, attention on every cluster, a row gather back to token
-// order), which stays its fallback and its test oracle.
+// order; autograd through it), which stays its fallback and its test oracle.
 //
 // That route writes q, k and v in clustered order, the logits and the probabilities of every cluster and the
 // clustered output to memory, and reads each back: several passes over tens of MB per layer at BOAT's first stage,
@@ -8,7 +8,8 @@
 // one thread from start to end: its q, k and v rows are gathered straight from the packed qkv projection into
 // buffers that stay in the core's cache, both clusters attend there (two small matrix products and a softmax), and
 // each query's output row is written straight to its token's place in the output. Only the compulsory traffic
-// reaches memory: q, k and v read once, the output written once.
+// reaches memory: q, k and v read once, the output written once (in backward: q, k, v and the output's gradient
+// read once, the gradients of q, k and v written once).
 //
 // Layout (boatvit.clustering.ClusterLayout): the padded clustered order holds num_clusters clusters of cluster_size
 // slots; a ghost slot holds an index >= N (it reads the last real token, is masked as a key and its output is
