@@ -125,6 +125,12 @@ def test_failed_build_falls_back_to_the_pytorch_ops_or_raises_when_required(kern
     with pytest.warns(RuntimeWarning, match='could not build its CPU kernels.*no C\\+\\+ compiler'):
         fallback = feature_space_attention(q, k, v, backend='auto')
     assert torch.equal(fallback, feature_space_attention(q, k, v, backend='torch'))
+    # training too: the operator's backward differentiates the PyTorch route it fell back to
+    grads = [
+        torch.autograd.grad(feature_space_attention(q.requires_grad_(), k, v, backend=b).sum(), q)[0]
+        for b in ('auto', 'torch')
+    ]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
     with pytest.raises(RuntimeError, match="backend 'kernel'.*could not be built.*no C\\+\\+ compiler"):
         feature_space_attention(q, k, v, backend='kernel')
 
