@@ -164,10 +164,14 @@ class _GatherRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, unread: bool) -> torch.Tensor:
+    def forward(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, unread: bool) -> torch.Tensor:
+        return _index_rows(x, index)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # apart from forward: torch.func transforms need it so
+        _, _, inverse, unread = inputs
         ctx.save_for_backward(inverse)
         ctx.unread = unread
-        return _index_rows(x, index)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -248,14 +252,14 @@ def _fused_cluster_attention_backward(
 ) -> torch.Tensor:
     """The gradient of ``boatvit::fused_cluster_attention`` with respect to ``qkv``, for its output's gradient
     ``grad`` ``(B, N, heads * head_dim)``: the kernel's backward, which recomputes every cluster's probabilities; or,
-    where the kernels are not built (the forward then ran :func:`_attend_in_clusters`), autograd through that."""
+    where the kernels are not built (the forward then ran :func:`_attend_in_clusters`), the vector-Jacobian product
+    of that (``torch.func``: an operator's implementation runs below autograd, where ``torch.autograd`` records
+    nothing)."""
     layout = cluster_layout(qkv.shape[1], cluster_size)
     kernels = cpu_kernels()
     if kernels is None:
-        with torch.enable_grad():
-            leaf = qkv.detach().requires_grad_()
-            (grad_qkv,) = torch.autograd.grad(_attend_in_clusters(leaf, order, layout, overlap, scale, 0.0), leaf, grad)
-        return grad_qkv
+        _, vjp = torch.func.vjp(lambda x: _attend_in_clusters(x, order, layout, overlap, scale, 0.0), qkv)
+        return vjp(grad)[0]
     return kernels.cluster_attention_backward(
         grad.contiguous(),
         qkv.contiguous(),
