@@ -129,14 +129,16 @@ def _build() -> CPUKernels:
     return CPUKernels(ops.clustered_order, ops.cluster_attention, ops.cluster_attention_backward)
 
 
-def use_cpu_kernel(x: torch.Tensor, backend: str) -> bool:
-    """Whether ``backend`` (resolved) runs a compiled CPU kernel on ``x``, where the operation has one.
+def use_cpu_kernel(x: torch.Tensor, backend: Optional[str]) -> bool:
+    """Whether ``backend`` (one of :data:`BACKENDS`, or None for the ``BOATVIT_CPU_KERNEL`` default) runs a compiled
+    CPU kernel on ``x``, where the operation has one.
 
     ``'auto'`` takes it for CPU tensors in eager mode and in ``torch.compile`` graphs (where the operators' fake
     implementations stand in for them), and keeps the PyTorch ops for tensor subclasses outside compilation, for
     ``torch.export``, TorchScript traces (FLOP counters read their matmuls) and ONNX, which every consumer
     understands. ``'kernel'`` takes it wherever the operator can run, and refuses the rest by name.
     """
+    backend = resolve_backend(backend)
     if backend == 'torch':
         return False
     if backend == 'kernel':

@@ -161,6 +161,12 @@ def test_op_checks_its_arguments():
     for size, num, overlap in ((62, 4, 20), (63, 3, 20), (84, 3, 20), (63, 4, 63), (63, 4, -1)):
         with pytest.raises(RuntimeError, match='not a cluster layout'):
             op(qkv, order, size, num, overlap, 0.5)
+    backward = cpu_kernels(required=True).cluster_attention_backward
+    grad = torch.randn(1, 250, 16)
+    assert backward(grad, qkv, order, 63, 4, 20, 0.5).shape == qkv.shape
+    for bad_grad in (grad[:, :249], grad.double(), grad.transpose(1, 2).contiguous().view(1, 250, 16)[:, ::2]):
+        with pytest.raises(RuntimeError, match='grad_out must be a contiguous \\(B, N, heads \\* head_dim\\)'):
+            backward(bad_grad, qkv, order, 63, 4, 20, 0.5)
     for bad in (-1, 252):
         corrupt = order.clone()
         corrupt[0, 1, 100] = bad

@@ -169,6 +169,13 @@ def test_kernel_is_left_out_of_traced_graphs(monkeypatch):
         balanced_hierarchical_clustering(meta, backend='kernel')
 
 
+def test_routing_refuses_an_unknown_backend_by_name():
+    from boatvit.kernels import use_cpu_kernel
+
+    with pytest.raises(ValueError, match="backend must be one of \\('auto', 'kernel', 'torch'\\).*'fast'"):
+        use_cpu_kernel(torch.zeros(1), 'fast')
+
+
 def test_bad_setting_is_refused_by_name(monkeypatch):
     monkeypatch.setenv(KERNEL_ENV, 'fast')
     with pytest.raises(ValueError, match="BOATVIT_CPU_KERNEL='fast'.*'auto', 'on', 'off'"):

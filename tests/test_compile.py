@@ -76,21 +76,32 @@ def test_compiled_training_step_has_eager_gradients(family):
         torch.testing.assert_close(g, e, **CLOSE, msg=name)
 
 
-def _training_graphs(layer: torch.nn.Module, x: torch.Tensor, size) -> tuple:
-    """The call targets of ``layer``'s compiled forward and backward graphs (aot_autograd, no inductor), after one
-    backward; checks that the compiled layer gives the eager output."""
+def _recorded_graphs(module: torch.nn.Module, *args, train: bool) -> tuple:
+    """``module`` compiled (aot_autograd, no inductor) and the call targets of its graphs, one list per graph: the
+    forward of one call and, if ``train``, the backward of its output's sum."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
     graphs = []
 
     def record(graph_module, example_inputs):
-        graphs.append({str(n.target) for n in graph_module.graph.nodes if n.op == 'call_function'})
+        graphs.append([str(n.target) for n in graph_module.graph.nodes if n.op == 'call_function'])
         return make_boxed_func(graph_module.forward)
 
     torch._dynamo.reset()
-    compiled = torch.compile(layer, fullgraph=True, backend=aot_autograd(fw_compiler=record, bw_compiler=record))
-    compiled(x, size).sum().backward()
+    compiled = torch.compile(module, fullgraph=True, backend=aot_autograd(fw_compiler=record, bw_compiler=record))
+    if train:
+        compiled(*args).sum().backward()
+    else:
+        with torch.no_grad():
+            compiled(*args)
+    return compiled, graphs
+
+
+def _training_graphs(layer: torch.nn.Module, x: torch.Tensor, size) -> tuple:
+    """The call targets of ``layer``'s compiled forward and backward graphs after one backward; checks that the
+    compiled layer gives the eager output."""
+    compiled, graphs = _recorded_graphs(layer, x, size, train=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, size), layer(x, size), **CLOSE)
     forward, backward = graphs[:2]
@@ -131,19 +142,8 @@ def test_compiled_cpu_graphs_hold_the_convs_after_the_stem_as_an_operator(family
     channels-last strides, which stored the ``(B, H, W, C)`` residual stream as ``(B, W, C, H)``: the LePE convs and
     CSWin's patch-merging convs are ``boatvit::conv2d`` in compiled CPU graphs (forward and backward), so the only
     ``aten.convolution`` left is the stem's."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs = []
-
-    def record(graph_module, example_inputs):
-        graphs.append([str(n.target) for n in graph_module.graph.nodes if n.op == 'call_function'])
-        return make_boxed_func(graph_module.forward)
-
     model = compile_model(family, img_size=SIZE).train()
-    compiled = torch.compile(model, fullgraph=True, backend=aot_autograd(fw_compiler=record, bw_compiler=record))
-    compiled(images(2, SIZE, SIZE)).sum().backward()
-    forward, backward = graphs
+    _, (forward, backward) = _recorded_graphs(model, images(2, SIZE, SIZE), train=True)
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     opaque = [m for m in convs if isinstance(m, OpaqueConv2d)]
     assert any(isinstance(m, LePEConv) for m in opaque)
@@ -194,23 +194,12 @@ def test_dynamic_shapes_compile_and_match_eager(family):
     assert counter.frame_count == 1
 
 
-def _inference_graph_ops(layer: torch.nn.Module, x: torch.Tensor, size) -> set:
-    """The call targets of ``layer``'s compiled inference graph (aot_autograd, no inductor); checks that the compiled
-    layer gives the eager output."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs = []
-
-    def record(graph_module, example_inputs):
-        graphs.append({str(n.target) for n in graph_module.graph.nodes if n.op == 'call_function'})
-        return make_boxed_func(graph_module.forward)
-
-    torch._dynamo.reset()
-    compiled = torch.compile(layer, fullgraph=True, backend=aot_autograd(fw_compiler=record))
+def _inference_graph_ops(layer: torch.nn.Module, x: torch.Tensor, size) -> list:
+    """The call targets of ``layer``'s compiled inference graph; checks that the compiled layer gives the eager
+    output."""
+    compiled, (graph,) = _recorded_graphs(layer, x, size, train=False)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, size), layer(x, size), rtol=0, atol=0)
-    (graph,) = graphs
     return graph
 
 
