@@ -103,8 +103,10 @@ def parse_spec(spec: str) -> tuple:
 
 
 def compile_model(model: nn.Module, backend: str = 'inductor') -> nn.Module:
-    """``torch.compile`` with ``fullgraph=True``: a graph break would run part of the model eagerly unnoticed."""
-    return torch.compile(model, fullgraph=True, backend=backend)
+    """``torch.compile`` with ``fullgraph=True`` (a graph break would run part of the model eagerly unnoticed) and
+    ``dynamic=False``: every batch size gets the static-shape graph a process compiling only that size gets, where
+    dynamo's automatic dynamic shapes would make a later batch size of the same model class a dynamic-shape graph."""
+    return torch.compile(model, fullgraph=True, backend=backend, dynamic=False)
 
 
 def build_model(
