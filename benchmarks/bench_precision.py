@@ -11,6 +11,12 @@ fp16 autocast in three ways:
 * ``whole_model``: the input the layer gets in a forward under autocast (as on a CPU, where autocast's LayerNorm
   hands FSLA a half-precision input, and every earlier layer ran in half precision), clustered under autocast.
 
+And under TF32, emulated on the CPU (:func:`emulated_tf32`: the float32 inputs of every convolution, Linear and
+FSLA product rounded to TF32's 10 mantissa bits, as an Ampere or later GPU's tensor cores read them): ``convs``,
+what PyTorch does on such a GPU by default in float32 (cuDNN convolutions in TF32, matmuls not), as a whole forward;
+``matmuls``, what ``torch.set_float32_matmul_precision('high')`` adds, for the layer given its float32 input
+(its qkv Linear and the clustering's products, on the PyTorch route a GPU takes) and as a whole forward.
+
 A token agrees when it is in the same cluster (a run of ``cluster_layout(N).cluster_sizes()`` in the order) in
 both; the figures are the share of agreeing (image, head, token) triples, per layer and over all layers with more
 than one cluster. Beside them, what the whole forward under autocast changes in the output: the logits' relative L2
@@ -25,10 +31,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import timm
 import torch
+import torch.nn.functional as F
 
 from benchmarks.common import environment, positive_int, print_table, write_json
 from boatvit import FeatureSpaceAttention, cluster_layout
@@ -55,6 +62,66 @@ def fsla_inputs(model: torch.nn.Module, images: torch.Tensor, dtype=None) -> Lis
         for hook in hooks:
             hook.remove()
     return seen
+
+
+def _to_tf32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A float32 tensor rounded to TF32 (10 explicit mantissa bits, to nearest, ties to even); others as they are."""
+    if t is None or t.dtype != torch.float32:
+        return t
+    bits = t.view(torch.int32)
+    return ((bits + 0xFFF + ((bits >> 13) & 1)) & ~0x1FFF).view(torch.float32)
+
+
+@contextlib.contextmanager
+def emulated_tf32(convolutions: bool, matmuls: bool) -> Iterator[None]:
+    """Round the float32 inputs of ``F.conv2d`` (``convolutions``) and of ``F.linear``, ``torch.bmm`` and
+    ``torch.matmul`` (``matmuls``) to TF32 while the body runs: every model convolution and Linear, and the FSLA's
+    clustering and cluster attention products on the PyTorch route (timm's window attention multiplies with ``@``,
+    which stays float32). Products still accumulate in float32, as on the tensor cores."""
+    saved = {'conv2d': F.conv2d, 'linear': F.linear, 'bmm': torch.bmm, 'matmul': torch.matmul}
+    if convolutions:
+        F.conv2d = lambda x, w, *args, **kwargs: saved['conv2d'](_to_tf32(x), _to_tf32(w), *args, **kwargs)
+    if matmuls:
+        F.linear = lambda x, w, b=None: saved['linear'](_to_tf32(x), _to_tf32(w), b)
+        torch.bmm = lambda a, b: saved['bmm'](_to_tf32(a), _to_tf32(b))
+        torch.matmul = lambda a, b: saved['matmul'](_to_tf32(a), _to_tf32(b))
+    try:
+        yield
+    finally:
+        F.conv2d, F.linear, torch.bmm, torch.matmul = saved['conv2d'], saved['linear'], saved['bmm'], saved['matmul']
+
+
+def tf32_agreement(model: torch.nn.Module, images: torch.Tensor) -> List[Dict[str, Any]]:
+    """One row per FSLA layer with several clusters: the agreeing share under emulated TF32 (see the module doc),
+    every layer on the PyTorch route (``backend='torch'``), which the products of a GPU run through."""
+    layers = [m for m in model.modules() if isinstance(m, FeatureSpaceAttention)]
+    backends = [m.backend for m in layers]
+    for m in layers:
+        m.backend = 'torch'
+    try:
+        reference = fsla_inputs(model, images)
+        with emulated_tf32(convolutions=True, matmuls=False):
+            convs = fsla_inputs(model, images)
+        with emulated_tf32(convolutions=True, matmuls=True):
+            matmuls = fsla_inputs(model, images)
+        rows = []
+        for (name, layer, x, size), (_, _, x_convs, _), (_, _, x_matmuls, _) in zip(reference, convs, matmuls):
+            if cluster_layout(x.shape[1], layer.cluster_size).levels == 0:
+                continue
+            with torch.no_grad():
+                expected = token_clusters(layer.cluster_order(x, size), layer.cluster_size)
+                got = {'tf32_convs_whole_model': layer.cluster_order(x_convs, size)}
+                with emulated_tf32(convolutions=True, matmuls=True):
+                    got['tf32_matmuls_float32_input'] = layer.cluster_order(x, size)
+                    got['tf32_matmuls_whole_model'] = layer.cluster_order(x_matmuls, size)
+            row = {'layer': name, 'tokens': x.shape[1]}
+            for column, order in got.items():
+                row[column] = 100 * (token_clusters(order, layer.cluster_size) == expected).float().mean().item()
+            rows.append(row)
+    finally:
+        for m, backend in zip(layers, backends):
+            m.backend = backend
+    return rows
 
 
 def output_change(model: torch.nn.Module, images: torch.Tensor) -> Dict[str, Dict[str, float]]:
@@ -150,8 +217,22 @@ def main() -> None:
         totals,
         ['amp', 'logits_rel_l2', 'same_top1'],
     )
+    tf32_rows = tf32_agreement(model, images)
+    tf32_columns = ('tf32_convs_whole_model', 'tf32_matmuls_float32_input', 'tf32_matmuls_whole_model')
+    weight = sum(r['tokens'] for r in tf32_rows)
+    if weight:
+        tf32_rows.append(
+            {
+                'layer': 'all (token-weighted)',
+                'tokens': weight,
+                **{c: sum(r[c] * r['tokens'] for r in tf32_rows) / weight for c in tf32_columns},
+            }
+        )
+    print_table(
+        'TF32, emulated on the CPU: % of tokens in their float32 cluster', tf32_rows, ['layer', 'tokens', *tf32_columns]
+    )
     name = Path(args.weights).name if args.weights else args.model
-    payload = {'environment': environment(args), 'source': what, 'layers': rows, 'totals': totals}
+    payload = {'environment': environment(args), 'source': what, 'layers': rows, 'totals': totals, 'tf32': tf32_rows}
     write_json(args, f'bench_precision_{name}_{args.img_size}', payload)
 
 

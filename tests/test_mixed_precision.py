@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.bench_precision import agreement, output_change
+from benchmarks.bench_precision import _to_tf32, agreement, emulated_tf32, output_change, tf32_agreement
 from boatvit import FeatureSpaceAttention, balanced_hierarchical_clustering, cluster_layout
 from boatvit.clustering import token_clusters
 
@@ -138,3 +138,36 @@ def test_bench_precision_measures_what_fsla_controls():
         assert 0 <= row['rounded_queries'] <= 100 and 0 <= row['whole_model'] <= 100
     change = output_change(model, images(2, 112, 120))
     assert set(change) == set(AMP) and all(0 <= c['logits_rel_l2'] < HALF_RTOL for c in change.values())
+
+
+def test_tf32_emulation_rounds_to_ten_mantissa_bits():
+    """``_to_tf32`` against rounding the significand to 11 bits (``frexp``, ``torch.round`` ties to even), ties
+    included; the emulation rounds what F.linear and torch.bmm read and puts the functions back afterwards."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10000, generator=g) * 10.0 ** torch.randint(-20, 20, (10000,), generator=g)
+    one = torch.tensor([1 + 2**-11, 1 + 3 * 2**-11, -(1 + 2**-11), 0.0, 2.0**-126])
+    for t in (x, one):
+        mantissa, exponent = torch.frexp(t.double())
+        expected = torch.ldexp(torch.round(mantissa * 2**11) / 2**11, exponent.double()).float()
+        assert torch.equal(_to_tf32(t), expected)
+    assert _to_tf32(one)[:2].tolist() == [1.0, 1 + 2**-9]
+    a, b = torch.randn(3, 4, 5, generator=g), torch.randn(3, 5, 6, generator=g)
+    linear, bmm = F.linear, torch.bmm
+    with emulated_tf32(convolutions=True, matmuls=True):
+        got = torch.bmm(a, b)
+        got_linear = F.linear(a, b[0].T)
+    assert F.linear is linear and torch.bmm is bmm
+    torch.testing.assert_close(got, (_to_tf32(a).double() @ _to_tf32(b).double()).float())
+    torch.testing.assert_close(got_linear, (_to_tf32(a).double() @ _to_tf32(b[0]).double()).float())
+    assert not torch.allclose(got, torch.bmm(a, b), rtol=1e-6, atol=0)
+
+
+def test_bench_precision_tf32_columns():
+    model = reduced('swin', img_size=(112, 120)).eval()
+    backends = [m.backend for m in model.modules() if isinstance(m, FeatureSpaceAttention)]
+    rows = tf32_agreement(model, images(1, 112, 120))
+    assert {r['tokens'] for r in rows} >= {840}
+    for row in rows:
+        for column in ('tf32_convs_whole_model', 'tf32_matmuls_float32_input', 'tf32_matmuls_whole_model'):
+            assert 0 <= row[column] <= 100
+    assert [m.backend for m in model.modules() if isinstance(m, FeatureSpaceAttention)] == backends
