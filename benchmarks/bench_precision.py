@@ -91,18 +91,31 @@ def emulated_tf32(convolutions: bool, matmuls: bool) -> Iterator[None]:
         F.conv2d, F.linear, torch.bmm, torch.matmul = saved['conv2d'], saved['linear'], saved['bmm'], saved['matmul']
 
 
-def tf32_agreement(model: torch.nn.Module, images: torch.Tensor) -> List[Dict[str, Any]]:
-    """One row per FSLA layer with several clusters: the agreeing share under emulated TF32 (see the module doc),
-    every layer on the PyTorch route (``backend='torch'``), which the products of a GPU run through."""
+TF32 = {'convs': dict(convolutions=True, matmuls=False), 'matmuls': dict(convolutions=True, matmuls=True)}
+
+
+@contextlib.contextmanager
+def _pytorch_route(model: torch.nn.Module) -> Iterator[None]:
+    """Every FSLA layer of ``model`` on the PyTorch route (``backend='torch'``), which a GPU's products run through
+    and :func:`emulated_tf32` reaches (the CPU kernels are compiled code), while the body runs."""
     layers = [m for m in model.modules() if isinstance(m, FeatureSpaceAttention)]
     backends = [m.backend for m in layers]
     for m in layers:
         m.backend = 'torch'
     try:
+        yield
+    finally:
+        for m, backend in zip(layers, backends):
+            m.backend = backend
+
+
+def tf32_agreement(model: torch.nn.Module, images: torch.Tensor) -> List[Dict[str, Any]]:
+    """One row per FSLA layer with several clusters: the agreeing share under emulated TF32 (see the module doc)."""
+    with _pytorch_route(model):
         reference = fsla_inputs(model, images)
-        with emulated_tf32(convolutions=True, matmuls=False):
+        with emulated_tf32(**TF32['convs']):
             convs = fsla_inputs(model, images)
-        with emulated_tf32(convolutions=True, matmuls=True):
+        with emulated_tf32(**TF32['matmuls']):
             matmuls = fsla_inputs(model, images)
         rows = []
         for (name, layer, x, size), (_, _, x_convs, _), (_, _, x_matmuls, _) in zip(reference, convs, matmuls):
@@ -111,31 +124,37 @@ def tf32_agreement(model: torch.nn.Module, images: torch.Tensor) -> List[Dict[st
             with torch.no_grad():
                 expected = token_clusters(layer.cluster_order(x, size), layer.cluster_size)
                 got = {'tf32_convs_whole_model': layer.cluster_order(x_convs, size)}
-                with emulated_tf32(convolutions=True, matmuls=True):
+                with emulated_tf32(**TF32['matmuls']):
                     got['tf32_matmuls_float32_input'] = layer.cluster_order(x, size)
                     got['tf32_matmuls_whole_model'] = layer.cluster_order(x_matmuls, size)
             row = {'layer': name, 'tokens': x.shape[1]}
             for column, order in got.items():
                 row[column] = 100 * (token_clusters(order, layer.cluster_size) == expected).float().mean().item()
             rows.append(row)
-    finally:
-        for m, backend in zip(layers, backends):
-            m.backend = backend
     return rows
 
 
+def _logits_change(logits: torch.Tensor, expected: torch.Tensor) -> Dict[str, float]:
+    return {
+        'logits_rel_l2': ((logits - expected).norm() / expected.norm()).item(),
+        'same_top1': 100 * (logits.argmax(-1) == expected.argmax(-1)).float().mean().item(),
+    }
+
+
 def output_change(model: torch.nn.Module, images: torch.Tensor) -> Dict[str, Dict[str, float]]:
-    """Per autocast dtype: the logits' relative L2 distance from float32, and the % of images with the same top-1."""
+    """Per autocast dtype, and per emulated TF32 setting (``tf32_convs``, ``tf32_matmuls``, on the PyTorch route):
+    the logits' relative L2 distance from float32, and the % of images with the same top-1."""
     with torch.no_grad():
         expected = model(images)
         out = {}
         for amp, dtype in AMP.items():
             with torch.autocast('cpu', dtype=dtype):
-                logits = model(images).float()
-            out[amp] = {
-                'logits_rel_l2': ((logits - expected).norm() / expected.norm()).item(),
-                'same_top1': 100 * (logits.argmax(-1) == expected.argmax(-1)).float().mean().item(),
-            }
+                out[amp] = _logits_change(model(images).float(), expected)
+        with _pytorch_route(model):
+            expected = model(images)
+            for setting, kwargs in TF32.items():
+                with emulated_tf32(**kwargs):
+                    out[f'tf32_{setting}'] = _logits_change(model(images), expected)
     return out
 
 
@@ -231,8 +250,20 @@ def main() -> None:
     print_table(
         'TF32, emulated on the CPU: % of tokens in their float32 cluster', tf32_rows, ['layer', 'tokens', *tf32_columns]
     )
+    print_table(
+        'the whole forward under emulated TF32 against float32 (the PyTorch route)',
+        [{'tf32': f'tf32_{s}', **outputs[f'tf32_{s}']} for s in TF32],
+        ['tf32', 'logits_rel_l2', 'same_top1'],
+    )
     name = Path(args.weights).name if args.weights else args.model
-    payload = {'environment': environment(args), 'source': what, 'layers': rows, 'totals': totals, 'tf32': tf32_rows}
+    payload = {
+        'environment': environment(args),
+        'source': what,
+        'layers': rows,
+        'totals': totals,
+        'tf32': tf32_rows,
+        'tf32_outputs': {s: outputs[f'tf32_{s}'] for s in TF32},
+    }
     write_json(args, f'bench_precision_{name}_{args.img_size}', payload)
 
 
