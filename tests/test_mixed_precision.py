@@ -139,9 +139,8 @@ def test_bench_precision_measures_what_fsla_controls():
     change = output_change(model, images(2, 112, 120))
     assert set(change) == {*AMP, 'tf32_convs', 'tf32_matmuls'}
     assert all(0 <= c['logits_rel_l2'] < HALF_RTOL and 0 <= c['same_top1'] <= 100 for c in change.values())
-    # TF32 rounds only the products' inputs (to fp16's 10 mantissa bits), autocast the activations too: the logits
-    # move, and less than under autocast
-    assert 0 < change['tf32_matmuls']['logits_rel_l2'] < min(change[amp]['logits_rel_l2'] for amp in AMP)
+    # the emulated TF32 rounding reaches the logits (how far depends on the tokens it moves, as under autocast)
+    assert change['tf32_convs']['logits_rel_l2'] > 0 and change['tf32_matmuls']['logits_rel_l2'] > 0
 
 
 def test_tf32_emulation_rounds_to_ten_mantissa_bits():
