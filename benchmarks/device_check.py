@@ -97,8 +97,8 @@ GPU_PLAN = Plan(
     warmup=3,
 )
 # the dry run: the GPU plan's models, modes and number of batches (so it compiles as many graphs), at tiny widths
-# and depths (FSLA in the 2nd block of stage 1 of BOAT-Swin, in every block of BOAT-CSWin), every compilation a few
-# times cheaper; the fixture checks cover both families at their own sizes
+# and depths (FSLA in the 2nd block of stage 1 of BOAT-Swin, in the one block of every BOAT-CSWin stage), every
+# compilation a few times cheaper; the fixture checks cover both families at their own sizes
 _TINY_SWIN = dict(embed_dim=16, depths=(2, 1, 1, 1), num_heads=(1, 1, 2, 2), num_classes=10)
 _TINY_CSWIN = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2), num_classes=10)
 DRY_PLAN = Plan(

@@ -233,6 +233,8 @@ def export_onnx(
     _check_opset(opset)
     if not isinstance(check_batches, int) or isinstance(check_batches, bool) or check_batches < 1:
         raise ValueError(f'check_batches must be a positive int, got {check_batches!r}.')
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f'seed must be an int, got {seed!r}.')
     path = Path(path)
     if path.is_dir() or not path.parent.is_dir():
         raise ValueError(f'{path}: the output must be a file in an existing directory.')

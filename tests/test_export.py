@@ -112,6 +112,8 @@ def test_export_rejects_bad_arguments(tmp_path):
         export_onnx(model, out, opset=13)
     with pytest.raises(ValueError, match='check_batches must be a positive int, got 0'):
         export_onnx(model, out, check_batches=0)
+    with pytest.raises(ValueError, match="seed must be an int, got '0'"):
+        export_onnx(model, out, seed='0')
     with pytest.raises(ValueError, match='img_size takes one positive int'):
         export_onnx(model, out, img_size='64')
     with pytest.raises(ValueError, match='built for 64x64 images, got 96x96'):
