@@ -49,20 +49,18 @@ _failure: Optional[str] = None
 
 
 def resolve_backend(backend: Optional[str]) -> str:
-    """The clustering backend to run, one of :data:`BACKENDS`: ``backend`` itself, or for None the default that
-    ``BOATVIT_CPU_KERNEL`` sets (``auto``, ``on`` or ``off``; unset is ``auto``)."""
+    """The backend to run (the clustering's and the cluster attention's), one of :data:`BACKENDS`: ``backend`` itself,
+    or for None the default that ``BOATVIT_CPU_KERNEL`` sets (``auto``, ``on`` or ``off``; unset is ``auto``)."""
     if backend is None:
         setting = os.environ.get(KERNEL_ENV, 'auto')
         if setting.strip().lower() not in _ENV_BACKENDS:
             raise ValueError(
                 f'{KERNEL_ENV}={setting!r} is not one of {tuple(_ENV_BACKENDS)}: unset it or set it to '
-                f"'off' to use the eager clustering, 'on' to require the compiled kernel."
+                f"'off' to use the PyTorch ops, 'on' to require the compiled kernels."
             )
         return _ENV_BACKENDS[setting.strip().lower()]
     if backend not in BACKENDS:
-        raise ValueError(
-            f'clustering backend must be one of {BACKENDS} or None (the default from {KERNEL_ENV}), got {backend!r}.'
-        )
+        raise ValueError(f'backend must be one of {BACKENDS} or None (the default from {KERNEL_ENV}), got {backend!r}.')
     return backend
 
 
