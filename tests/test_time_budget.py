@@ -134,7 +134,7 @@ def test_a_budgeted_run_trains_the_planned_schedule_ends_annealed_and_resumes_wi
     # the run's own set-up time shifts the plan by at most an epoch
     assert abs(config['epochs'] - plan.epochs) <= 1 and config['epochs'] > 2
     assert config['warmup_epochs'] == pytest.approx(0.05 * config['epochs'], abs=1e-3)
-    assert config['time_budget'] == '5m' and (config['train_batches'] or 8) <= 8
+    assert config['time_budget'] == '3m' and (config['train_batches'] or 8) <= 8
     assert f'the schedule is {config["epochs"]} epochs' in out_text and 'measured 0.5 images/s training' in out_text
     assert len(measured) == 1
 
