@@ -896,7 +896,8 @@ def _measure_run(
     start = time.perf_counter()
     trial.train_one_epoch(train_loader, 0)
     guess = time.perf_counter() - start
-    updates = int(min(50, max(3, min(20.0, 0.02 * budget) / guess)))
+    updates = int(min(50, len(train_loader) // config.grad_accum, max(3, min(20.0, 0.02 * budget) / guess)))
+    updates = max(1, updates)
     trial.updates_per_epoch = updates
     start = time.perf_counter()
     trial.train_one_epoch(train_loader, 0)
