@@ -9,7 +9,7 @@ import torch
 
 from .errors import UsageError
 
-__all__ = ['AMP_DTYPES', 'CLI_EXTRA', 'resolve_device', 'autocast', 'out_of_memory', 'require_extra']
+__all__ = ['AMP_DTYPES', 'CLI_EXTRA', 'resolve_device', 'autocast', 'fast_bf16', 'out_of_memory', 'require_extra']
 
 #: ``--amp`` value -> autocast dtype; 'none' runs float32
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -44,6 +44,18 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix products run faster than float32 on ``device``: every CUDA GPU boatvit supports, and CPUs
+    with bf16 matrix units (Intel AMX, or AVX512-BF16 on Intel and AMD)."""
+    if device.type == 'cuda':
+        return True
+    if device.type != 'cpu':
+        return False
+    # torch's own CPU feature probes; private, so a torch without them counts as a CPU without the units
+    probes = ('_is_amx_tile_supported', '_is_avx512_bf16_supported')
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
 def out_of_memory(error: BaseException) -> bool:

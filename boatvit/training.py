@@ -61,7 +61,7 @@ from .runs import (
     write_json,
     write_metrics,
 )
-from .runtime import AMP_DTYPES, autocast, out_of_memory, require_extra, resolve_device
+from .runtime import AMP_DTYPES, autocast, fast_bf16, out_of_memory, require_extra, resolve_device
 from .time_budget import StepTimes, format_duration, parse_duration, plan_schedule
 from .weights import (
     Weights,
@@ -230,12 +230,15 @@ class TrainConfig:
         return self.mixup > 0 or self.cutmix > 0
 
 
-def config_from_values(given: Mapping[str, Any], recipe: Optional[str] = None) -> Tuple[TrainConfig, Optional[str]]:
+def config_from_values(
+    given: Mapping[str, Any], recipe: Optional[str] = None, device: str = 'auto'
+) -> Tuple[TrainConfig, Optional[str]]:
     """The recipe overridden by the values given; returns the config and the recipe name, and says which recipe is
     in use and why (rank 0).
 
     Without ``recipe``: the family's fine-tuning preset with ``weights``, the embedded default when the data are
-    the digits (or not given), else the small-data preset. With ``weights``, the model, its arguments and image
+    the digits (or not given), else the small-data preset, fitted to an image folder's images and to ``device``
+    (`boatvit.recipes.fit_to_data`; the flags given override it). With ``weights``, the model, its arguments and image
     size default to those of the weights (`boatvit.weights.resolve_model`), and another ``img_size`` gets the
     Swin windows ``set_input_size`` would choose. ``clip_grad`` and ``ema_decay`` of 0 and ``aa`` of ``'none'``
     switch those off (the command line cannot type None).
@@ -256,7 +259,7 @@ def config_from_values(given: Mapping[str, Any], recipe: Optional[str] = None) -
     if recipe == SMALL_DATA_RECIPE and not given.get('dataset'):  # fitted to the image folder it trains on
         summary = folder_summary(given['data'], given.get('train_split', 'train'))
         if summary is not None:
-            fitted_values, fitted = fit_to_data(*summary)
+            fitted_values, fitted = fit_to_data(*summary, fast_bf16=fast_bf16(resolve_device(device)))
             values.update(fitted_values)
     model_kwargs = dict(values.get('model_kwargs', {}), **given.pop('model_kwargs', {}))
     values.update(given, model_kwargs=model_kwargs)
