@@ -87,7 +87,8 @@ def own_clusters(weights: Path, image: Path):
 
 
 def expected_highlight(layer, head: int, token: int):
-    """The index of the pointed token's cluster, its tokens, and the sibling tokens its query also attends to (`_attend_in_clusters`)."""
+    """The index of the pointed token's cluster, its tokens, and the sibling tokens its query also attends to
+    (`boatvit.fsla._attend_in_clusters`)."""
     order, _, sizes, padded, overlap = layer
     runs = torch.split(order[head], sizes)
     k = next(i for i, run in enumerate(runs) if token in run.tolist())
@@ -123,7 +124,9 @@ def browser():
 
 
 def tokens(driver, css: str):
-    return sorted(driver.execute_script(f"return Array.from(document.querySelectorAll('{css}'), r => +r.dataset.token)"))
+    """The tokens of the cells that ``css`` selects: what the page shows."""
+    script = f"return Array.from(document.querySelectorAll('{css}'), r => +r.dataset.token)"
+    return sorted(driver.execute_script(script))
 
 
 def point_at(driver, row: int, col: int, grid):
