@@ -19,7 +19,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import timm
@@ -45,6 +45,7 @@ from .data import (
 )
 from .errors import TrainingDivergedError, UsageError
 from .evaluation import evaluate
+from .loggers import TensorBoardLog, check_logger, open_run_log
 from .recipes import DEFAULT_RECIPE, FINETUNE_RECIPES, RECIPES, SMALL_DATA_RECIPE
 from .runs import (
     CONFIG_FILE,
@@ -89,7 +90,7 @@ def _field(default: Any, group: str, help: str = '', **flag: Any) -> Any:
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Everything that decides what a run computes; saved as the run's ``config.json``.
+    """Everything that decides what a run computes (and where it logs); saved as the run's ``config.json``.
 
     The optimizer, schedule and augmentation defaults are the BOAT-Swin reference recipe's (`boatvit.recipes` holds
     the named presets, the embedded default among them). Each field is a ``boatvit train`` flag; its metadata holds
@@ -175,6 +176,13 @@ class TrainConfig:
         None, 'run', 'at most N batches per epoch, for training and for validation (smoke tests)'
     )
     seed: int = _field(0, 'run', 'seed of the initial weights, the data order and the augmentation')
+    log: Optional[str] = _field(
+        None,
+        'run',
+        "also log to TensorBoard: 'tensorboard' (RUN_DIR/tensorboard; pip install 'boatvit[tensorboard]'); a resumed"
+        ' run keeps its logger',
+        metavar='LOGGER',
+    )
 
     def __post_init__(self):
         # JSON turns tuples into lists; keep them hashable and comparable after a resume
@@ -191,6 +199,7 @@ class TrainConfig:
             raise UsageError(f'--ema-decay must lie in (0, 1), e.g. 0.9998, got {self.ema_decay}')
         if self.amp not in AMP_DTYPES:
             raise UsageError(f'--amp must be one of {sorted(AMP_DTYPES)}, got {self.amp!r}')
+        check_logger(self.log)
         if self.uses_mixup and self.batch_size % 2:
             raise UsageError(
                 f'mixup and cutmix pair images within a batch; use an even --batch-size, not {self.batch_size}'
@@ -391,8 +400,17 @@ class Trainer:
         self.scaler.load_state_dict(state['scaler'])
         self.num_updates = state['num_updates']
 
-    def train_one_epoch(self, loader, epoch: int, progress: bool) -> Dict[str, float]:
+    def train_one_epoch(
+        self,
+        loader,
+        epoch: int,
+        progress: bool,
+        on_step: Optional[Callable[[int, Dict[str, float]], None]] = None,
+    ) -> Dict[str, float]:
         """One pass over ``updates_per_epoch * grad_accum`` batches; returns mean loss, last lr and images/s.
+
+        ``on_step(step, values)`` is called after every optimizer step with its number and this process's mean loss
+        over its micro-batches, the lr it used and the images of all processes per second since the step before.
 
         Stops with a `TrainingDivergedError` at the first non-finite loss. The optimizer steps that the fp16 loss
         scaler skips for non-finite gradients (while it lowers its scale) are its normal working, not a divergence.
@@ -402,6 +420,7 @@ class Trainer:
         batches = self.updates_per_epoch * config.grad_accum
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         start = time.perf_counter()
+        step_start, loss_before = start, 0.0
         bar = tqdm(total=batches, desc=f'epoch {epoch + 1}/{config.epochs}', unit='batch', disable=not progress)
         for i, (images, targets) in enumerate(itertools.islice(loader, batches)):
             images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
@@ -423,7 +442,16 @@ class Trainer:
                 self.scaler.scale(loss / config.grad_accum).backward()
             loss_sum += loss.detach()
             if step_now:
+                lr = self.lr
                 self._step()
+                if on_step is not None:
+                    # loss_sum.item() waits for the device, as the finiteness check above already does every batch
+                    now, loss_now = time.perf_counter(), loss_sum.item()
+                    images = config.grad_accum * config.batch_size * self.world_size
+                    step_loss = (loss_now - loss_before) / config.grad_accum
+                    speed = images / (now - step_start)
+                    on_step(self.num_updates, {'loss': step_loss, 'lr': lr, 'images_per_s': speed})
+                    step_start, loss_before = now, loss_now
             bar.update()
             if progress and (i % 10 == 0 or i + 1 == batches):
                 seen = (i + 1) * config.batch_size * self.world_size
@@ -576,12 +604,15 @@ def _write_run_config(
     )
 
 
-def _train_and_validate(trainer: Trainer, train_loader, val_loader, epoch: int, progress: bool) -> Dict[str, Any]:
+def _train_and_validate(
+    trainer: Trainer, train_loader, val_loader, epoch: int, progress: bool, log: Optional[TensorBoardLog]
+) -> Dict[str, Any]:
     """One epoch of training and its validation (of the EMA too): the epoch's metrics row."""
     config, device = trainer.config, trainer.device
     epoch_start = time.perf_counter()
     try:
-        row = {'epoch': epoch + 1, **trainer.train_one_epoch(train_loader, epoch, progress)}
+        on_step = None if log is None else log.step
+        row = {'epoch': epoch + 1, **trainer.train_one_epoch(train_loader, epoch, progress, on_step)}
     except RuntimeError as e:
         if out_of_memory(e):
             raise UsageError(
@@ -740,17 +771,25 @@ def fit(
 
     weights_metadata = _weights_metadata(config, classes, data_config, ema=trainer.ema is not None)
     best = max(history, key=lambda row: row['eval_top1'], default=None)
-    for epoch in range(start_epoch, config.epochs):
-        train_loader.sampler.set_epoch(epoch)
-        row = _train_and_validate(trainer, train_loader, val_loader, epoch, progress)
-        _check_finite_weights(trainer, epoch)  # before it can count as the best or be saved
-        history.append(row)
-        is_best = best is None or row['eval_top1'] > best['eval_top1']
-        if is_best:
-            best = row
-        ranks_rng = _gather_rng(world_size)
-        if rank == 0:
-            _save_epoch(run_dir, trainer, history, ranks_rng, weights_metadata, is_best)
+    resumed_at = None if resume_state is None else trainer.num_updates
+    log = open_run_log(config.log, run_dir, read_run_config(run_dir), resumed_at) if rank == 0 else None
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            train_loader.sampler.set_epoch(epoch)
+            row = _train_and_validate(trainer, train_loader, val_loader, epoch, progress, log)
+            _check_finite_weights(trainer, epoch)  # before it can count as the best or be saved
+            history.append(row)
+            is_best = best is None or row['eval_top1'] > best['eval_top1']
+            if is_best:
+                best = row
+            ranks_rng = _gather_rng(world_size)
+            if rank == 0:
+                _save_epoch(run_dir, trainer, history, ranks_rng, weights_metadata, is_best)
+                if log is not None:
+                    log.epoch(trainer.num_updates, row)
+    finally:
+        if log is not None:
+            log.close()
     return history
 
 
