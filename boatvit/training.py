@@ -180,8 +180,10 @@ class TrainConfig:
         None,
         'run',
         "also log to TensorBoard: 'tensorboard' (RUN_DIR/tensorboard; pip install 'boatvit[tensorboard]'); a resumed"
-        ' run keeps its logger',
+        ' run keeps its logger. Under torchrun spell it --logger: torchrun refuses --log as an ambiguous prefix of'
+        ' its own --log-dir and --logs-specs',
         metavar='LOGGER',
+        aliases=('--logger',),
     )
 
     def __post_init__(self):

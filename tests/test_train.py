@@ -276,7 +276,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
             'two',
             '--batch-size',
             '4',
-            '--log',
+            '--logger',  # --log's spelling for torchrun, whose parser takes --log for its own --log-dir
             'tensorboard',
         ],
         check=True,
