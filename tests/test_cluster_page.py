@@ -6,6 +6,7 @@ by a hook here, cut into runs of ``cluster_layout(...).cluster_sizes()``), not f
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -227,3 +228,27 @@ def test_bad_page_requests_are_refused_by_name(tmp_path, page, extra, message, c
     assert cli.main(argv + extra) == 2
     assert message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_cswin_page_holds_stripes_and_the_global_stage(tmp_path, page):
+    """A small untrained BOAT-CSWin: every FSLA layer's data, stripes in stages 1-3 and global attention in stage 4."""
+    _, images, _ = page
+    out = tmp_path / 'cswin.html'
+    kwargs = ['embed_dim=16', 'depths=(1,1,1,1)', 'num_heads=(2,2,2,2)']
+    assert (
+        cli.main(
+            ['clusters', str(images[0]), '--model', 'boat_cswin_tiny_224', '--model-kwargs', *kwargs, '-o', str(out)]
+        )
+        == 0
+    )
+    text = out.read_text()
+    start = text.index('id="boatvit-data">') + len('id="boatvit-data">')
+    data = json.loads(text[start : text.index('</script>', start)])
+    assert [layer['name'] for layer in data['layers']] == [f'layers.{i}.blocks.0' for i in range(4)]
+    assert [len(layer['regions']) for layer in data['layers']] == [2, 2, 2, 1]
+    assert [layer['grid'] for layer in data['layers']] == [[56, 56], [28, 28], [14, 14], [7, 7]]
+    (image,) = data['images']
+    assert image['top'] == []  # an untrained model has no classifier
+    for layer, slots in zip(data['layers'], image['slots']):
+        assert len(slots) == layer['heads'] == 2
+        assert all(sorted(head) == list(range(layer['grid'][0] * layer['grid'][1])) for head in slots)
