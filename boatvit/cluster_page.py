@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 from timm.models.swin_transformer import SwinTransformerBlock, window_partition
 
-from .cluster_pictures import LayerClusters, check_output_folder, cluster_slots, none_read, open_cluster_model
+from .cluster_pictures import LayerClusters, check_output_folder, cluster_slots, none_readable, open_cluster_model
 from .errors import UsageError
 from .prediction import class_names
 from .runs import atomic_path
@@ -154,7 +154,7 @@ def write_cluster_page(
             }
         )
     if not shown:
-        raise none_read(paths, skipped)
+        raise none_readable(paths, skipped)
     # every image has the model's input size, so a layer's grid and neighbourhoods are those of any of them
     data = {
         'model': opened.name,

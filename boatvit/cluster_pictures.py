@@ -38,6 +38,7 @@ __all__ = [
     'ClusterModel',
     'open_cluster_model',
     'check_output_folder',
+    'none_readable',
     'ClusterDrawings',
     'draw_clusters',
 ]
@@ -282,7 +283,7 @@ def check_output_folder(out: Path) -> None:
         raise UsageError(f'{out}: the directory {out.parent} does not exist; create it first')
 
 
-def none_read(paths: Sequence[Path], skipped: Sequence[str]) -> UnreadableImageError:
+def none_readable(paths: Sequence[Path], skipped: Sequence[str]) -> UnreadableImageError:
     """The error for several images none of which could be read."""
     return UnreadableImageError(f'none of the {len(paths)} images could be read: {"; ".join(skipped[:3])}')
 
@@ -354,7 +355,7 @@ def draw_clusters(
         plot_clusters(opened.plain(pixels), {n: lab[0] for n, lab in labels.items()}, target, heads, panel_px)
         drawings.written.append(target)
     if not drawings.written:
-        raise none_read(paths, drawings.skipped)
+        raise none_readable(paths, drawings.skipped)
     return drawings
 
 

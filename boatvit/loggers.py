@@ -26,7 +26,7 @@ from typing import Any, Mapping, Optional
 from .errors import UsageError
 from .runtime import require_extra
 
-__all__ = ['LOGGERS', 'check_logger', 'TensorBoardLog', 'open_run_log']
+__all__ = ['LOGGERS', 'check_logger', 'TensorBoardLog']
 
 #: ``--log`` value -> (module to import, pip package); each is also the name of boatvit's extra that installs it
 LOGGERS = {'tensorboard': ('tensorboard', 'tensorboard')}
@@ -68,15 +68,7 @@ class TensorBoardLog:
         for name, value in row.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.writer.add_scalar(f'epoch/{name}', value, step)
-        self.writer.flush()  # an epoch's numbers are on disk when its checkpoint is
+        self.writer.flush()  # on disk with the epoch's checkpoint, not when the writer's timer fires
 
     def close(self) -> None:
         self.writer.close()
-
-
-def open_run_log(
-    name: Optional[str], run_dir: Path, config: Mapping[str, Any], resumed_at: Optional[int]
-) -> Optional[TensorBoardLog]:
-    """The logger ``name`` (a key of `LOGGERS`) for a run, or None for ``name`` None."""
-    check_logger(name)
-    return None if name is None else TensorBoardLog(run_dir, config, resumed_at)

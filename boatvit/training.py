@@ -45,7 +45,7 @@ from .data import (
 )
 from .errors import TrainingDivergedError, UsageError
 from .evaluation import evaluate
-from .loggers import TensorBoardLog, check_logger, open_run_log
+from .loggers import TensorBoardLog, check_logger
 from .recipes import DEFAULT_RECIPE, FINETUNE_RECIPES, RECIPES, SMALL_DATA_RECIPE
 from .runs import (
     CONFIG_FILE,
@@ -774,7 +774,8 @@ def fit(
     weights_metadata = _weights_metadata(config, classes, data_config, ema=trainer.ema is not None)
     best = max(history, key=lambda row: row['eval_top1'], default=None)
     resumed_at = None if resume_state is None else trainer.num_updates
-    log = open_run_log(config.log, run_dir, read_run_config(run_dir), resumed_at) if rank == 0 else None
+    # TensorBoard is the one logger (loggers.LOGGERS); config.log was checked when the config was made
+    log = TensorBoardLog(run_dir, read_run_config(run_dir), resumed_at) if rank == 0 and config.log else None
     try:
         for epoch in range(start_epoch, config.epochs):
             train_loader.sampler.set_epoch(epoch)
