@@ -336,7 +336,7 @@ def draw_clusters(
         targets = _png_names(paths, out)
     else:
         if out.suffix.lower() != '.png':
-            raise UsageError(f'{out}: the output must be a .png file, or a .html page (boatvit.cluster_page)')
+            raise UsageError(f'{out}: the output must be a .png file (or .html for the interactive page)')
         check_output_folder(out)
         targets = [out]
     if panel_px < 64:
