@@ -63,7 +63,7 @@ def out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
 
 
-def require_extra(module: str, package: str, needed_for: str) -> None:
-    """Raise a `UsageError` naming ``pip install 'boatvit[cli]'`` when the optional ``module`` is not installed."""
+def require_extra(module: str, package: str, needed_for: str, extra: str = CLI_EXTRA) -> None:
+    """Raise a `UsageError` naming ``pip install 'boatvit[<extra>]'`` when the optional ``module`` is not installed."""
     if importlib.util.find_spec(module) is None:
-        raise UsageError(f"{needed_for} needs {package}, which is not installed; pip install 'boatvit[{CLI_EXTRA}]'")
+        raise UsageError(f"{needed_for} needs {package}, which is not installed; pip install 'boatvit[{extra}]'")

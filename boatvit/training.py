@@ -49,6 +49,7 @@ from .errors import TrainingDivergedError, UsageError
 from .evaluation import evaluate
 from .image_cache import CACHE_MODES, InMemoryImages, cache_split, collate_samples
 from .batch_augment import BatchAugment
+from .loggers import TensorBoardLog, check_logger
 from .recipes import DEFAULT_RECIPE, FINETUNE_RECIPES, RECIPES, SMALL_DATA_RECIPE, fit_to_data
 from .runs import (
     CONFIG_FILE,
@@ -94,7 +95,7 @@ def _field(default: Any, group: str, help: str = '', **flag: Any) -> Any:
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Everything that decides what a run computes; saved as the run's ``config.json``.
+    """Everything that decides what a run computes (and where it logs); saved as the run's ``config.json``.
 
     The optimizer, schedule and augmentation defaults are the BOAT-Swin reference recipe's (`boatvit.recipes` holds
     the named presets, the embedded default among them). Each field is a ``boatvit train`` flag; its metadata holds
@@ -197,6 +198,15 @@ class TrainConfig:
         None, 'run', 'at most N batches per epoch, for training and for validation (smoke tests)'
     )
     seed: int = _field(0, 'run', 'seed of the initial weights, the data order and the augmentation')
+    log: Optional[str] = _field(
+        None,
+        'run',
+        "also log to TensorBoard: 'tensorboard' (RUN_DIR/tensorboard; pip install 'boatvit[tensorboard]'); a resumed"
+        ' run keeps its logger. Under torchrun spell it --logger: torchrun refuses --log as an ambiguous prefix of'
+        ' its own --log-dir and --logs-specs',
+        metavar='LOGGER',
+        aliases=('--logger',),
+    )
 
     def __post_init__(self):
         # JSON turns tuples into lists; keep them hashable and comparable after a resume
@@ -220,6 +230,7 @@ class TrainConfig:
             raise UsageError(f'--ema-decay must lie in (0, 1), e.g. 0.9998, got {self.ema_decay}')
         if self.amp not in AMP_DTYPES:
             raise UsageError(f'--amp must be one of {sorted(AMP_DTYPES)}, got {self.amp!r}')
+        check_logger(self.log)
         if self.uses_mixup and self.batch_size % 2:
             raise UsageError(
                 f'mixup and cutmix pair images within a batch; use an even --batch-size, not {self.batch_size}'
@@ -440,15 +451,23 @@ class Trainer:
         self.num_updates = state['num_updates']
 
     def train_one_epoch(
-        self, loader, epoch: int, bar: Optional[tqdm] = None, on_probe: Optional[Callable[[float], None]] = None
+        self,
+        loader,
+        epoch: int,
+        bar: Optional[tqdm] = None,
+        on_probe: Optional[Callable[[float], None]] = None,
+        on_step: Optional[Callable[[int, Dict[str, float]], None]] = None,
     ) -> Dict[str, float]:
         """One pass over ``updates_per_epoch * grad_accum`` batches; returns mean loss, last lr and images/s.
 
         ``bar``, the run's progress bar, advances by one per batch. ``on_probe`` is called once with the seconds a
         batch took, averaged over batches 2 to 21 (the first pays for allocations and kernel builds), or over the
-        epoch's when it is shorter. Stops with a `TrainingDivergedError` at the first non-finite loss. The
-        optimizer steps that the fp16 loss scaler skips for non-finite gradients (while it lowers its scale) are its
-        normal working, not a divergence.
+        epoch's when it is shorter. ``on_step(step, values)`` is called after every optimizer step with its number
+        and this process's mean loss over its micro-batches, the lr it used and the images of all processes per
+        second since the step before.
+
+        Stops with a `TrainingDivergedError` at the first non-finite loss. The optimizer steps that the fp16 loss
+        scaler skips for non-finite gradients (while it lowers its scale) are its normal working, not a divergence.
         """
         config = self.config
         self.model.train()
@@ -456,6 +475,7 @@ class Trainer:
         probe_at = min(PROBE_BATCHES, batches - 1)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         start = probe_start = time.perf_counter()
+        step_start, loss_before = start, 0.0
         if bar is not None:
             bar.set_description(f'epoch {epoch + 1}/{config.epochs}')
         for i, (images, targets) in enumerate(itertools.islice(loader, batches)):
@@ -478,7 +498,16 @@ class Trainer:
                 self.scaler.scale(loss / config.grad_accum).backward()
             loss_sum += loss.detach()
             if step_now:
+                lr = self.lr
                 self._step()
+                if on_step is not None:
+                    # loss_sum.item() waits for the device, as the finiteness check above already does every batch
+                    now, loss_now = time.perf_counter(), loss_sum.item()
+                    images = config.grad_accum * config.batch_size * self.world_size
+                    step_loss = (loss_now - loss_before) / config.grad_accum
+                    speed = images / (now - step_start)
+                    on_step(self.num_updates, {'loss': step_loss, 'lr': lr, 'images_per_s': speed})
+                    step_start, loss_before = now, loss_now
             if i == 0:
                 probe_start = time.perf_counter()
             elif i == probe_at and on_probe is not None:
@@ -668,13 +697,20 @@ def _write_run_config(
 
 
 def _train_and_validate(
-    trainer: Trainer, train_loader, val_loader, epoch: int, bar: Optional[tqdm], on_probe: Optional[Callable]
+    trainer: Trainer,
+    train_loader,
+    val_loader,
+    epoch: int,
+    bar: Optional[tqdm],
+    on_probe: Optional[Callable],
+    log: Optional[TensorBoardLog],
 ) -> Dict[str, Any]:
     """One epoch of training and its validation (of the EMA too): the epoch's metrics row."""
     config, device = trainer.config, trainer.device
     epoch_start = time.perf_counter()
     try:
-        row = {'epoch': epoch + 1, **trainer.train_one_epoch(train_loader, epoch, bar, on_probe)}
+        on_step = None if log is None else log.step
+        row = {'epoch': epoch + 1, **trainer.train_one_epoch(train_loader, epoch, bar, on_probe, on_step)}
     except RuntimeError as e:
         if out_of_memory(e):
             raise UsageError(
@@ -858,19 +894,28 @@ def fit(
                 f' {config.epochs - start_epoch} epochs on this machine'
             )
 
-    for epoch in range(start_epoch, config.epochs):
-        train_loader.sampler.set_epoch(epoch)
-        on_probe = say_how_long if epoch == start_epoch else None
-        row = _train_and_validate(trainer, train_loader, val_loader, epoch, bar, on_probe)
-        _check_finite_weights(trainer, epoch)  # before it can count as the best or be saved
-        history.append(row)
-        is_best = best is None or row['eval_top1'] > best['eval_top1']
-        if is_best:
-            best = row
-        ranks_rng = _gather_rng(world_size)
-        if rank == 0:
-            _save_epoch(run_dir, trainer, history, ranks_rng, weights_metadata, is_best)
-    bar.close()
+    resumed_at = None if resume_state is None else trainer.num_updates
+    # TensorBoard is the one logger (loggers.LOGGERS); config.log was checked when the config was made
+    log = TensorBoardLog(run_dir, read_run_config(run_dir), resumed_at) if rank == 0 and config.log else None
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            train_loader.sampler.set_epoch(epoch)
+            on_probe = say_how_long if epoch == start_epoch else None
+            row = _train_and_validate(trainer, train_loader, val_loader, epoch, bar, on_probe, log)
+            _check_finite_weights(trainer, epoch)  # before it can count as the best or be saved
+            history.append(row)
+            is_best = best is None or row['eval_top1'] > best['eval_top1']
+            if is_best:
+                best = row
+            ranks_rng = _gather_rng(world_size)
+            if rank == 0:
+                _save_epoch(run_dir, trainer, history, ranks_rng, weights_metadata, is_best)
+                if log is not None:
+                    log.epoch(trainer.num_updates, row)
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
     return history
 
 
