@@ -32,6 +32,7 @@ from benchmarks.common import RESULTS_DIR, environment, load_average, print_tabl
 
 # the twin: the same model, recipe and budget, every bilateral block without its FSLA
 MODELS = {'boat': [], 'twin': ['--model-kwargs', 'fsla_blocks=none']}
+SUMMARY_COLUMNS = ['model', 'budget', 'runs', 'mean_top1', 'min_top1', 'max_top1', 'epochs', 'wall_min']
 
 
 def _run_key(model: str, budget: str, seed: int, extra: List[str]) -> str:
@@ -76,6 +77,7 @@ def run_one(data: Path, output: Path, model: str, budget: str, seed: int, extra:
         'model_name': config['config']['model'],
         'img_size': config['config']['img_size'],
         'curve': curve,
+        'threads': os.environ.get('OMP_NUM_THREADS', 'all cores'),
         'load_average_after': load_average(),
         'stdout': trained.stdout[-4000:],
     }
@@ -136,7 +138,25 @@ def main() -> None:
     parser.add_argument('--extra', nargs=argparse.REMAINDER, default=[], help='more flags for every train command')
     parser.add_argument('--output', type=Path, default=Path('runs/bench_cifar'), help='parent of the run directories')
     parser.add_argument('--json', type=Path, default=RESULTS_DIR / 'bench_cifar.json')
+    parser.add_argument(
+        '--threads',
+        type=int,
+        default=None,
+        help='torch threads of each run (OMP_NUM_THREADS; default: all cores). Two benchmarks of one thread each run'
+        ' side by side on two cores without slowing each other the way two-thread runs sharing cores do',
+    )
+    parser.add_argument(
+        '--summarise', type=Path, nargs='+', default=None, metavar='JSON', help='only tabulate and plot these files'
+    )
     args = parser.parse_args()
+    if args.summarise:
+        runs = [run for path in args.summarise for run in json.loads(path.read_text())['runs']]
+        print_table(f'CIFAR-10, {len(runs)} runs', summarise(runs), SUMMARY_COLUMNS)
+        plot(runs, args.json.with_suffix('.png'))
+        print(f'wrote {args.json.with_suffix(".png")}')
+        return
+    if args.threads:
+        os.environ['OMP_NUM_THREADS'] = str(args.threads)
     if not (args.data / 'train').is_dir() or not (args.data / 'val').is_dir():
         raise SystemExit(f'{args.data} needs train/ and val/ folders of class folders (CIFAR-10 as JPEG folders)')
     threads = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
@@ -157,11 +177,7 @@ def main() -> None:
             print(f'  top-1 {payload["runs"][-1]["eval_top1"]:.2f} %', flush=True)
     payload['summary'] = summarise(payload['runs'])
     args.json.write_text(json.dumps(payload, indent=2))
-    print_table(
-        f'CIFAR-10, {len(payload["runs"])} runs',
-        payload['summary'],
-        ['model', 'budget', 'runs', 'mean_top1', 'min_top1', 'max_top1', 'epochs', 'wall_min'],
-    )
+    print_table(f'CIFAR-10, {len(payload["runs"])} runs', payload['summary'], SUMMARY_COLUMNS)
     plot(payload['runs'], args.json.with_suffix('.png'))
     print(f'wrote {args.json} and {args.json.with_suffix(".png")}')
 
