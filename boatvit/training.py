@@ -622,35 +622,24 @@ def _set_transforms(config: TrainConfig, model: torch.nn.Module, train_ds, val_d
     config."""
     data_config = eval_data_config(model, img_size=config.img_size, crop_pct=config.crop_pct)
     val_ds.transform = create_transform(**data_config, is_training=False)
-    if isinstance(train_ds, InMemoryImages) and config.aa is None and not config.no_aug:
-        train_ds.batch_transform = BatchAugment(
-            data_config['input_size'][1:],
-            scale=config.scale,
-            ratio=config.ratio,
-            hflip=config.hflip,
-            color_jitter=config.color_jitter,
-            mean=data_config['mean'],
-            std=data_config['std'],
-            re_prob=config.reprob,
-            re_mode=config.remode,
-            interpolation=data_config['interpolation'],
-        )
-        return data_config
-    train_ds.transform = create_transform(
-        data_config['input_size'],
-        is_training=True,
-        no_aug=config.no_aug,
+    # timm's create_transform and BatchAugment take these under the same names
+    augmentation = dict(
         scale=config.scale,
         ratio=config.ratio,
         hflip=config.hflip,
         color_jitter=config.color_jitter,
-        auto_augment=config.aa,
         interpolation=data_config['interpolation'],
         mean=data_config['mean'],
         std=data_config['std'],
         re_prob=config.reprob,
         re_mode=config.remode,
     )
+    if isinstance(train_ds, InMemoryImages) and config.aa is None and not config.no_aug:
+        train_ds.batch_transform = BatchAugment(data_config['input_size'][1:], **augmentation)
+    else:
+        train_ds.transform = create_transform(
+            data_config['input_size'], is_training=True, no_aug=config.no_aug, auto_augment=config.aa, **augmentation
+        )
     return data_config
 
 
@@ -953,8 +942,9 @@ def _measure_run(
     val_batches = min(2, len(val_loader))
     start = time.perf_counter()
     images = evaluate(unwrap_model(model), itertools.islice(val_loader, val_batches), device, config.amp)['images']
-    per_image = (time.perf_counter() - start) / max(1, images)
-    eval_epoch = per_image * len(val_loader.dataset) * world_size * (2 if trial.ema is not None else 1)
+    # evaluate counts the images of every process, each of which validates its own shard meanwhile
+    per_image = (time.perf_counter() - start) / max(1, images / world_size)
+    eval_epoch = per_image * len(val_loader.dataset) * (2 if trial.ema is not None else 1)
     start = time.perf_counter()
     for _ in range(2):  # last.pt, and the weights twice (last and best) are about as much again
         torch.save(trial.state_dict(), io.BytesIO())

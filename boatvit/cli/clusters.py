@@ -52,39 +52,29 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    panel = {} if args.panel_size is None else {'panel_px': args.panel_size}
-    if args.output.lower().endswith(PAGE_SUFFIXES):
-        return _page(args, panel)
-    drawn = draw_clusters(
-        args.images[0] if len(args.images) == 1 else args.images,
-        args.output,
+    # what the page and the PNGs take alike
+    common = dict(
         weights=args.weights,
         model=args.model,
         model_kwargs=args.model_kwargs,
         use_ema=args.ema,
         layers=args.layer,
-        heads=args.heads,
-        **panel,
+        **({} if args.panel_size is None else {'panel_px': args.panel_size}),
     )
+    if args.output.lower().endswith(PAGE_SUFFIXES):
+        return _page(args, common)
+    images = args.images[0] if len(args.images) == 1 else args.images
+    drawn = draw_clusters(images, args.output, heads=args.heads, **common)
     _warn(args, drawn.name, drawn.skipped)
     for path in drawn.written:
         print(f'wrote {path}: {len(drawn.layers)} FSLA layer(s) of {drawn.name}')
     return 0
 
 
-def _page(args: argparse.Namespace, panel: dict) -> int:
+def _page(args: argparse.Namespace, common: dict) -> int:
     if args.heads:
         raise UsageError(f'--heads {" ".join(map(str, args.heads))}: a page shows every head; --heads is for PNGs')
-    page = write_cluster_page(
-        args.images,
-        args.output,
-        weights=args.weights,
-        model=args.model,
-        model_kwargs=args.model_kwargs,
-        use_ema=args.ema,
-        layers=args.layer,
-        **panel,
-    )
+    page = write_cluster_page(args.images, args.output, **common)
     _warn(args, page.name, page.skipped)
     shown = len(args.images) - len(page.skipped)
     print(
