@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from benchmarks.common import environment, positive_int, print_table, write_json
 from boatvit import FeatureSpaceAttention, cluster_layout
 from boatvit.clustering import token_clusters
-from boatvit.data import DigitsDataset, eval_transform
+from boatvit.data import DigitsDataset, eval_transform, find_images, open_image
 from boatvit.weights import load_model
 
 AMP = {'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -194,7 +194,10 @@ def main() -> None:
     parser.add_argument('--img-size', type=positive_int, default=224, help='square input size (default: 224)')
     parser.add_argument('--batch', type=positive_int, default=2, help='images (default: 2)')
     parser.add_argument(
-        '--images', choices=('random', 'digits'), default='random', help="normal noise, or the digits' val images"
+        '--images',
+        default='random',
+        help="'random' (normal noise), 'digits' (the digits' val images) or a folder of images (the first --batch of"
+        ' its sorted images, e.g. CIFAR-10 val/)',
     )
     parser.add_argument('--threads', type=positive_int, default=2, help='CPU threads (torch.set_num_threads)')
     parser.add_argument('--json', type=Path, default=None, help='where to write the results (default: results/)')
@@ -213,6 +216,12 @@ def main() -> None:
         transform = eval_transform(model, metadata, args.img_size)
         ds = DigitsDataset('val', img_size=args.img_size)
         images = torch.stack([transform(ds[i][0]) for i in range(args.batch)])
+    elif args.images != 'random':
+        transform = eval_transform(model, metadata, args.img_size)
+        paths = find_images([args.images])
+        # spread over the sorted list, so a folder of class folders gives every class
+        picked = [paths[i * len(paths) // args.batch] for i in range(args.batch)]
+        images = torch.stack([transform(open_image(p)) for p in picked])
     else:
         images = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(0))
     rows = agreement(model, images)
