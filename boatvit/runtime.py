@@ -1,15 +1,27 @@
-"""What the library runs on: device resolution, autocast, telling out-of-memory errors, optional packages."""
+"""What the library runs on: device resolution, the process group torchrun describes, autocast, telling
+out-of-memory errors, optional packages."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
+from typing import Tuple
 
 import torch
+import torch.distributed as dist
 
 from .errors import UsageError
 
-__all__ = ['AMP_DTYPES', 'CLI_EXTRA', 'resolve_device', 'autocast', 'out_of_memory', 'require_extra']
+__all__ = [
+    'AMP_DTYPES',
+    'CLI_EXTRA',
+    'resolve_device',
+    'init_distributed',
+    'autocast',
+    'out_of_memory',
+    'require_extra',
+]
 
 #: ``--amp`` value -> autocast dtype; 'none' runs float32
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -38,6 +50,20 @@ def _available(device_type: str) -> bool:
     return bool(getattr(backend, 'is_available', lambda: False)())
 
 
+def init_distributed(device_name: str) -> Tuple[int, int, torch.device]:
+    """Join the process group torchrun describes in the environment (NCCL on GPUs, gloo on the CPU); returns rank,
+    world size and this process's device (its ``LOCAL_RANK`` GPU). One process, no torchrun: ``(0, 1, device)``."""
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    device = resolve_device(device_name)
+    if world_size == 1:
+        return 0, 1, device
+    if device.type == 'cuda':
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
+        torch.cuda.set_device(device)
+    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return dist.get_rank(), world_size, device
+
+
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
     """Mixed precision for ``amp`` in :data:`AMP_DTYPES`; 'none' runs float32."""
     dtype = AMP_DTYPES[amp]
@@ -51,7 +77,8 @@ def out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
 
 
-def require_extra(module: str, package: str, needed_for: str) -> None:
-    """Raise a `UsageError` naming ``pip install 'boatvit[cli]'`` when the optional ``module`` is not installed."""
+def require_extra(module: str, package: str, needed_for: str, extra: str = CLI_EXTRA) -> None:
+    """Raise a `UsageError` naming ``pip install 'boatvit[<extra>]'`` when the optional ``module`` is not
+    installed."""
     if importlib.util.find_spec(module) is None:
-        raise UsageError(f"{needed_for} needs {package}, which is not installed; pip install 'boatvit[{CLI_EXTRA}]'")
+        raise UsageError(f"{needed_for} needs {package}, which is not installed; pip install 'boatvit[{extra}]'")
