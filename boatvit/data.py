@@ -329,3 +329,35 @@ def open_image(path: Path) -> Image.Image:
         raise UnreadableImageError(f'{path}: too large to open safely ({e})') from e
     except _DECODE_ERRORS as e:
         raise UnreadableImageError(f'{path}: not a readable image ({type(e).__name__}: {e})') from e
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files for a loader to decode in its workers: item ``i`` is ``(i, pixels, None)``, or ``(i, None,
+    reason)`` for a file `open_image` cannot read, so that one bad file is reported in its row instead of stopping
+    the loader. Batch them with :func:`collate_image_files`.
+
+    Args:
+        paths: the image files.
+        transform: PIL image to a ``(3, H, W)`` tensor (`eval_transform`).
+    """
+
+    def __init__(self, paths: Sequence[Path], transform: Callable[[Image.Image], torch.Tensor]):
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Tuple[int, Optional[torch.Tensor], Optional[str]]:
+        try:
+            return index, self.transform(open_image(self.paths[index])), None
+        except UnreadableImageError as e:
+            return index, None, str(e)
+
+
+def collate_image_files(
+    items: Sequence[Tuple[int, Optional[torch.Tensor], Optional[str]]],
+) -> Tuple[List[int], Optional[torch.Tensor], List[Optional[str]]]:
+    """A batch of :class:`ImageFiles` items: the indices, the readable images stacked ``(B', 3, H, W)`` (None when
+    none is), and each item's error (None for a readable one)."""
+    pixels = [p for _, p, _ in items if p is not None]
+    return [i for i, _, _ in items], torch.stack(pixels) if pixels else None, [e for _, _, e in items]
