@@ -177,6 +177,10 @@ def predict_images(
         UsageError: bad arguments, images or weights, named.
     """
     _check_arguments(topk, batch_size, amp)
+    if int(os.environ.get('WORLD_SIZE', '1')) > 1:
+        raise UsageError(
+            'under torchrun pass --results-file: its processes share the images and merge their rows into that file'
+        )
     images = find_images(paths)
     loaded = _load_classifier(weights, model, model_kwargs, use_ema)
     run_on = resolve_device(device)
@@ -205,7 +209,7 @@ class PredictionSummary:
         predicted: images predicted by this run.
         failed: images this run could not read (their rows hold the error).
         already: images that had a row before this run (``resume``), not predicted again.
-        seconds: from the first batch asked of the loader to the last row written, on this process.
+        seconds: from the first batch asked of the loader to this process's last row written.
         main_process: whether this process reports (rank 0, or the only process).
     """
 
@@ -218,6 +222,7 @@ class PredictionSummary:
 
     @property
     def images_per_s(self) -> float:
+        """Images of all processes together per second of this one (they run side by side)."""
         return (self.predicted + self.failed) / self.seconds if self.seconds else 0.0
 
 

@@ -60,7 +60,8 @@ def flat_row(entry: Mapping[str, Any], k: int) -> Dict[str, Any]:
     ``{'image', 'error'}``)."""
     row: Dict[str, Any] = dict.fromkeys(result_columns(k))
     row['image'] = entry['image']
-    row['error'] = entry.get('error')
+    # one line per row in every format: a newline inside a CSV cell would hide a torn row from the resume
+    row['error'] = entry['error'].replace('\n', ' ') if 'error' in entry else None
     for pred in entry.get('predictions', ()):
         r = pred['rank']
         row[f'name_{r}'], row[f'index_{r}'], row[f'probability_{r}'] = pred['name'], pred['index'], pred['probability']

@@ -210,6 +210,7 @@ def test_amp_and_compile_run_and_overwrite_replaces(tmp_path, nano, photos, monk
         ('other topk', 'it was written with --topk 5, not 2; pass --topk 5'),
         ('no record', 'there is no out.csv.meta.json beside it'),
         ('resume alone', '--resume applies to a --results-file'),
+        ('torchrun, no file', 'under torchrun pass --results-file'),
         ('no pyarrow', "a .parquet results file needs pyarrow, which is not installed; pip install 'boatvit[parquet]'"),
     ],
 )
@@ -236,6 +237,9 @@ def test_bad_input_is_refused_by_name_and_nothing_is_overwritten(
             (tmp_path / 'out.csv.meta.json').unlink()
     elif case == 'resume alone':
         argv[1:3] = ['--resume']
+    elif case == 'torchrun, no file':
+        monkeypatch.setenv('WORLD_SIZE', '2')
+        argv[1:3] = []
     elif case == 'no pyarrow':
         import importlib.util
 
