@@ -42,7 +42,7 @@ from boatvit.runs import save_weights
 
 # case -> (model, input size, images, batch)
 CASES = {
-    '32': ('boat_swin_nano_32', 32, 512, 64),
+    '32': ('boat_swin_nano_32', 32, 256, 64),
     '224': ('boat_swin_tiny_224', 224, 64, 16),
 }
 COLUMNS = ['case', 'model', 'workers', 'batch', 'images', 'forward_img_s', 'predict_img_s', 'ratio']
@@ -129,7 +129,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_device_args(parser)
     parser.add_argument('--cases', nargs='+', choices=sorted(CASES), default=list(CASES), help='input sizes')
-    parser.add_argument('--images', type=positive_int, help='images per case (default: 512 at 32 px, 64 at 224)')
+    parser.add_argument('--images', type=positive_int, help='images per case (default: 256 at 32 px, 64 at 224)')
     parser.add_argument(
         '--workers', type=non_negative_int, nargs='+', default=[0, 1], help='data-loader processes to time'
     )
