@@ -33,6 +33,7 @@ from benchmarks.common import (
     non_negative_int,
     positive_int,
     print_table,
+    ratio,
     setup,
     sync,
     write_json,
@@ -42,10 +43,21 @@ from boatvit.runs import save_weights
 
 # case -> (model, input size, images, batch)
 CASES = {
-    '32': ('boat_swin_nano_32', 32, 256, 64),
+    '32': ('boat_swin_nano_32', 32, 1024, 64),
     '224': ('boat_swin_tiny_224', 224, 64, 16),
 }
-COLUMNS = ['case', 'model', 'workers', 'batch', 'images', 'forward_img_s', 'predict_img_s', 'ratio']
+COLUMNS = [
+    'case',
+    'model',
+    'workers',
+    'batch',
+    'images',
+    'forward_img_s',
+    'predict_img_s',
+    'ratio',
+    'round_ratio_q1',
+    'round_ratio_q3',
+]
 
 
 def write_photos(folder: Path, count: int, size: int, seed: int = 0) -> None:
@@ -108,6 +120,7 @@ def run_case(args: argparse.Namespace, case: str, root: Path) -> List[Dict[str, 
             for key in list(passes)[r % 2 :] + list(passes)[: r % 2]:
                 seconds[key].append(passes[key]())
         forward, predicted = (images / median(seconds[key]) for key in ('forward', 'predict'))
+        spread = ratio(seconds, 'forward', 'predict')  # forward time over predict time: predict's share of the speed
         rows.append(
             {
                 'case': f'{size} px',
@@ -118,6 +131,8 @@ def run_case(args: argparse.Namespace, case: str, root: Path) -> List[Dict[str, 
                 'forward_img_s': forward,
                 'predict_img_s': predicted,
                 'ratio': predicted / forward,
+                'round_ratio_q1': spread['round_ratio_q1'],
+                'round_ratio_q3': spread['round_ratio_q3'],
                 'seconds': seconds,
             }
         )
@@ -129,7 +144,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_device_args(parser)
     parser.add_argument('--cases', nargs='+', choices=sorted(CASES), default=list(CASES), help='input sizes')
-    parser.add_argument('--images', type=positive_int, help='images per case (default: 256 at 32 px, 64 at 224)')
+    parser.add_argument('--images', type=positive_int, help='images per case (default: 1024 at 32 px, 64 at 224)')
     parser.add_argument(
         '--workers', type=non_negative_int, nargs='+', default=[0, 1], help='data-loader processes to time'
     )
@@ -140,10 +155,11 @@ def main() -> None:
     args.repeats = 3 if args.repeats is None else args.repeats
     args.warmup = 1 if args.warmup is None else args.warmup
     setup(args)
+    env = environment(args)
     with tempfile.TemporaryDirectory() as tmp:
         rows = [row for case in args.cases for row in run_case(args, case, Path(tmp))]
     print_table('predict against the bare forward pass (images/s)', rows, COLUMNS)
-    write_json(args, 'bench_predict', {'environment': environment(args), 'rows': rows})
+    write_json(args, 'bench_predict', {'environment': env, 'rows': rows})
 
 
 if __name__ == '__main__':
