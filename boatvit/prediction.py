@@ -26,7 +26,7 @@ from tqdm import tqdm
 from .data import ImageFiles, collate_image_files, default_workers, eval_transform, find_images, shard
 from .errors import UnreadableImageError, UsageError
 from .results_file import ResultsFile, check_results_path, flat_row
-from .runtime import AMP_DTYPES, autocast, init_distributed, resolve_device
+from .runtime import AMP_DTYPES, autocast, init_distributed, out_of_memory, resolve_device
 from .weights import LoadedModel, load_model
 
 __all__ = ['class_names', 'predict_batches', 'predict', 'predict_images', 'predict_to_file', 'PredictionSummary']
@@ -70,6 +70,9 @@ def predict_batches(
     Yields:
         ``{'image': str, 'predictions': [{'rank', 'index', 'name', 'probability'}, ...]}`` per image, or
         ``{'image': str, 'error': str}`` for one that cannot be read.
+
+    Raises:
+        UsageError: a batch that does not fit in the device's memory.
     """
     k = min(topk, len(names))
     loader = torch.utils.data.DataLoader(
@@ -86,8 +89,15 @@ def predict_batches(
                 count = len(pixels)
                 if fixed_batch and count < batch_size:
                     pixels = pixels[torch.arange(batch_size) % count]
-                with autocast(device, amp):
-                    logits = model(pixels.to(device, non_blocking=True))
+                try:
+                    with autocast(device, amp):
+                        logits = model(pixels.to(device, non_blocking=True))
+                except RuntimeError as e:
+                    if out_of_memory(e):
+                        raise UsageError(
+                            f'--batch-size {batch_size} does not fit in memory on {device}; lower it'
+                        ) from e
+                    raise
                 probs, top = logits[:count].float().softmax(dim=-1).topk(k, dim=-1)
                 read = (entry for entry in entries if 'error' not in entry)
                 for entry, p, idx in zip(read, probs.tolist(), top.tolist()):

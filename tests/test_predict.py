@@ -15,7 +15,8 @@ from sklearn.datasets import load_sample_image
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
 
 from boatvit import cli
-from boatvit.prediction import class_names
+from boatvit.errors import UsageError
+from boatvit.prediction import class_names, predict_batches
 from boatvit.runs import save_weights
 from test_data import make_image_folder, write_16_bit_png, write_png_header
 
@@ -166,3 +167,13 @@ def test_predict_top1_accuracy_equals_eval_top1(tmp_path, capsys):
     assert len(rows) == 18 and len({row['name_1'] for row in rows}) > 1  # not one class for every image
     hits = sum(row['name_1'] == Path(row['image']).parent.name for row in rows)
     assert 100 * hits / len(rows) == pytest.approx(top1, abs=1e-9)
+
+
+def test_a_batch_too_large_for_memory_says_lower_the_batch_size(images):
+    class OutOfMemory(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 99 GB")
+
+    batches = predict_batches(OutOfMemory(), [images / 'china.jpg'], lambda image: torch.zeros(3, 8, 8), ['a'], 1, 32)
+    with pytest.raises(UsageError, match='--batch-size 32 does not fit in memory on cpu; lower it'):
+        next(batches)
