@@ -245,10 +245,22 @@ def eval_data_config(
 
 
 def eval_transform(
-    model: torch.nn.Module, metadata: Optional[Mapping[str, Any]] = None, img_size: Optional[ImageSize] = None
+    model: torch.nn.Module,
+    metadata: Optional[Mapping[str, Any]] = None,
+    img_size: Optional[ImageSize] = None,
+    normalize: bool = True,
 ) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL image to the normalised ``(3, H, W)`` tensor the model evaluates on (see `eval_data_config`)."""
-    return create_transform(**eval_data_config(model, metadata, img_size), is_training=False)
+    """PIL image to the normalised ``(3, H, W)`` tensor the model evaluates on (see `eval_data_config`); with
+    ``normalize=False`` to the uint8 ``(3, H, W)`` tensor before that, for `normalize_images` to finish."""
+    return create_transform(**eval_data_config(model, metadata, img_size), is_training=False, normalize=normalize)
+
+
+def normalize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 ``(B, 3, H, W)`` images to the float32 ones the model takes, with the same operations in the same order
+    as torchvision's ``ToTensor`` and ``Normalize`` on each image (so the same floats), but once per batch and on the
+    images' device: a GPU gets a quarter of the bytes and does the arithmetic."""
+    mean_, std_ = (torch.as_tensor(v, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) for v in (mean, std))
+    return images.float().div_(255).sub_(mean_).div_(std_)
 
 
 def find_images(paths: Sequence[str]) -> List[Path]:

@@ -23,7 +23,16 @@ from PIL import Image
 from timm.data import ImageNetInfo
 from tqdm import tqdm
 
-from .data import ImageFiles, collate_image_files, default_workers, eval_transform, find_images, shard
+from .data import (
+    ImageFiles,
+    collate_image_files,
+    default_workers,
+    eval_data_config,
+    eval_transform,
+    find_images,
+    normalize_images,
+    shard,
+)
 from .errors import UnreadableImageError, UsageError
 from .results_file import ResultsFile, check_results_path, flat_row
 from .runtime import AMP_DTYPES, autocast, init_distributed, out_of_memory, resolve_device
@@ -56,6 +65,7 @@ def predict_batches(
     amp: str = 'none',
     fixed_batch: bool = False,
     progress: bool = True,
+    normalize: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
 ) -> Iterator[List[Dict[str, Any]]]:
     """Top-``topk`` classes and softmax probabilities of ``images``, one list of entries per batch, in order.
 
@@ -66,6 +76,8 @@ def predict_batches(
         fixed_batch: every forward gets ``batch_size`` images, the last batch and those with unreadable images padded
             with copies: a ``torch.compile``d model then runs one graph instead of compiling one per size.
         progress: a progress bar (when there are 2 images or more).
+        normalize: ``(mean, std)`` when ``transform`` stops at uint8 images (`boatvit.data.eval_transform` with
+            ``normalize=False``): each batch is then normalised on ``device`` (`boatvit.data.normalize_images`).
 
     Yields:
         ``{'image': str, 'predictions': [{'rank', 'index', 'name', 'probability'}, ...]}`` per image, or
@@ -89,9 +101,12 @@ def predict_batches(
                 count = len(pixels)
                 if fixed_batch and count < batch_size:
                     pixels = pixels[torch.arange(batch_size) % count]
+                pixels = pixels.to(device, non_blocking=True)
+                if normalize is not None:
+                    pixels = normalize_images(pixels, *normalize)
                 try:
                     with autocast(device, amp):
-                        logits = model(pixels.to(device, non_blocking=True))
+                        logits = model(pixels)
                 except RuntimeError as e:
                     if out_of_memory(e):
                         raise UsageError(
@@ -159,6 +174,15 @@ def _load_classifier(
     return loaded
 
 
+def _uint8_pixels(loaded: LoadedModel) -> Dict[str, Any]:
+    """The eval transform up to uint8 images, and the mean and std that `predict_batches` normalises them with."""
+    config = eval_data_config(loaded.model, loaded.metadata)
+    return {
+        'transform': eval_transform(loaded.model, loaded.metadata, normalize=False),
+        'normalize': (config['mean'], config['std']),
+    }
+
+
 def _runnable(loaded: LoadedModel, device: torch.device, compile: bool) -> torch.nn.Module:
     """The model on ``device``, in eval mode, ``torch.compile``d (inductor, static shapes) when asked."""
     model = loaded.model.eval().to(device)
@@ -198,14 +222,14 @@ def predict_images(
         predict_batches(
             _runnable(loaded, run_on, compile),
             images,
-            eval_transform(loaded.model, loaded.metadata),
-            class_names(loaded.model.num_classes, loaded.metadata),
+            names=class_names(loaded.model.num_classes, loaded.metadata),
             topk=topk,
             batch_size=batch_size,
             device=run_on,
             workers=default_workers() if workers is None else workers,
             amp=amp,
             fixed_batch=compile,
+            **_uint8_pixels(loaded),
         )
     )
 
@@ -328,8 +352,7 @@ def predict_to_file(
         batches = predict_batches(
             _runnable(loaded, run_on, compile),
             list(shard(todo, rank, world_size)),
-            eval_transform(loaded.model, loaded.metadata),
-            names,
+            names=names,
             topk=topk,
             batch_size=batch_size,
             device=run_on,
@@ -337,6 +360,7 @@ def predict_to_file(
             amp=amp,
             fixed_batch=compile,
             progress=progress and rank == 0,
+            **_uint8_pixels(loaded),
         )
         predicted = failed = 0
         start = time.perf_counter()
