@@ -43,7 +43,7 @@ from boatvit.runs import save_weights
 
 # case -> (model, input size, images, batch)
 CASES = {
-    '32': ('boat_swin_nano_32', 32, 1024, 64),
+    '32': ('boat_swin_nano_32', 32, 4096, 64),
     '224': ('boat_swin_tiny_224', 224, 64, 16),
 }
 COLUMNS = [
@@ -144,7 +144,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_device_args(parser)
     parser.add_argument('--cases', nargs='+', choices=sorted(CASES), default=list(CASES), help='input sizes')
-    parser.add_argument('--images', type=positive_int, help='images per case (default: 1024 at 32 px, 64 at 224)')
+    parser.add_argument('--images', type=positive_int, help='images per case (default: 4096 at 32 px, 64 at 224)')
     parser.add_argument(
         '--workers', type=non_negative_int, nargs='+', default=[0, 1], help='data-loader processes to time'
     )
