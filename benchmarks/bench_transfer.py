@@ -18,6 +18,11 @@ the target classes apart better than an untrained model's. Accuracy only, no tim
 
     python -m benchmarks.bench_transfer                      # 3 seeds, 5 images per class, both scenarios
     python -m benchmarks.bench_transfer --seeds 5 --shots 10 --scenarios new-classes
+    python -m benchmarks.bench_transfer --scenarios photos --photos /data/cifar10   # real photos, 10 and 50 per class
+
+``photos`` (CIFAR-10 as image folders): the source is BOAT trained from scratch (``boatvit train --data`` with its
+fitted defaults and ``--source-budget``) on the first five classes, the target the other five with 10 and 50
+photos per class (``--photo-shots``); the same four runs and probes, with crops and flips as augmentation.
 """
 
 from __future__ import annotations
@@ -44,6 +49,21 @@ from boatvit.weights import load_model
 # the same in every run so that only the starting weights and the optimiser settings differ
 DIGITS_AUG = dict(
     {k: RECIPES['digits'][k] for k in ('hflip', 'color_jitter', 'scale', 'ratio', 'reprob', 'crop_pct')}, aa='none'
+)
+
+# photos (CIFAR-10's classes): crops and flips, the same in every run; float32 everywhere, so that the runs from
+# scratch (whose fitted recipe would pick bf16 on some machines) and from weights differ only in where they start
+PHOTO_AUG = dict(
+    hflip=0.5,
+    scale=(0.35, 1.0),
+    ratio=(3 / 4, 4 / 3),
+    color_jitter=0.0,
+    reprob=0.0,
+    aa='none',
+    mixup=0.0,
+    cutmix=0.0,
+    crop_pct=1.0,
+    amp='none',
 )
 
 # scenario: (source classes, source images per class, target classes, target class-name prefix)
@@ -137,21 +157,73 @@ def scenario(
             tmp / f'{name}-target-seed{seed}', splits, target_classes, args.shots, seed, target_images, prefix
         )
         same = dict(DIGITS_AUG, data=str(data), epochs=args.epochs, batch_size=args.batch_size, seed=seed)
-        weights = dict(same, weights=str(tmp / source_dir))
-        row = {'scenario': name, 'seed': seed}
-        row['finetune_preset'] = run(weights, None, tmp, f'{name}-ft{seed}')
-        row['finetune_lr'] = run(dict(weights, lr=args.finetune_lr), None, tmp, f'{name}-ft-lr{seed}')
-        row['frozen'] = run(dict(weights, lr=args.finetune_lr, freeze_backbone=True), None, tmp, f'{name}-frozen{seed}')
-        row['scratch'] = run(dict(same, model='boat_swin_nano_32', img_size=32), 'digits', tmp, f'{name}-scratch{seed}')
-        row.update(linear_probes(tmp / source_dir, str(data)))
-        rows.append(row)
-        print(', '.join(f'{k} {v}' if isinstance(v, (str, int)) else f'{k} {v:.2f} %' for k, v in row.items()))
+        rows.append(compare({'scenario': name, 'seed': seed}, same, 'digits', tmp / source_dir, args, tmp))
+    return source, rows
+
+
+def compare(row: Dict[str, Any], same: dict, scratch_recipe: str, source: Path, args, tmp: Path) -> Dict[str, Any]:
+    """``row`` with the four runs on one target folder (``same``: its data, epochs, batch, augmentation and seed)
+    and the linear probes."""
+    tag = '-'.join(str(v) for v in row.values())
+    weights = dict(same, weights=str(source))
+    row['finetune_preset'] = run(weights, None, tmp, f'{tag}-ft')
+    row['finetune_lr'] = run(dict(weights, lr=args.finetune_lr), None, tmp, f'{tag}-ft-lr')
+    row['frozen'] = run(dict(weights, lr=args.finetune_lr, freeze_backbone=True), None, tmp, f'{tag}-frozen')
+    row['scratch'] = run(dict(same, model='boat_swin_nano_32', img_size=32), scratch_recipe, tmp, f'{tag}-scratch')
+    row.update(linear_probes(source, same['data']))
+    print(', '.join(f'{k} {v}' if isinstance(v, (str, int)) else f'{k} {v:.2f} %' for k, v in row.items()))
+    return row
+
+
+def link_folder(root: Path, photos: Path, classes: List[str], shots: int, seed: int) -> Path:
+    """An image folder of links to the ``photos`` of ``classes``: ``val`` (all their validation photos), ``check``
+    (the first 20 of each class, validated after every epoch) and ``train`` (``shots`` photos per class drawn with
+    ``seed``, all when 0)."""
+    rng = np.random.default_rng(seed)
+    for split, source in (('train', 'train'), ('val', 'val'), ('check', 'val')):
+        for name in classes:
+            files = sorted((photos / source / name).iterdir())
+            if split == 'train' and shots:
+                files = [files[i] for i in sorted(rng.choice(len(files), size=shots, replace=False))]
+            if split == 'check':
+                files = files[:20]
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for f in files:
+                (folder / f.name).symlink_to(f.resolve())
+    return root
+
+
+def photo_scenario(args: argparse.Namespace, tmp: Path) -> Tuple[float, List[Dict[str, Any]]]:
+    """``photos``: CIFAR-10's first five classes (all their photos) as the source, trained from scratch in
+    ``--source-budget``; its last five as the target, ``--photo-shots`` photos per class. The source's held-out
+    top-1 % and one row per shots and seed."""
+    classes = sorted(p.name for p in (args.photos / 'train').iterdir() if p.is_dir())
+    source_data = link_folder(tmp / 'photos-source-data', args.photos, classes[:5], 0, 0)
+    source = run(dict(data=str(source_data), time_budget=args.source_budget), None, tmp, 'photos-source')
+    print(f'photos: source, {classes[:5]}, held-out top-1 {source:.2f} %', flush=True)
+    rows = []
+    for shots in args.photo_shots:
+        for seed in range(args.seeds):
+            data = link_folder(tmp / f'photos-target-{shots}-seed{seed}', args.photos, classes[5:], shots, seed)
+            same = dict(PHOTO_AUG, data=str(data), epochs=args.epochs, batch_size=args.batch_size, seed=seed)
+            row = {'scenario': 'photos', 'shots': shots, 'seed': seed}
+            rows.append(compare(row, same, 'small-data', tmp / 'photos-source', args, tmp))
     return source, rows
 
 
 def main_benchmark() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--scenarios', nargs='+', choices=sorted(SCENARIOS), default=sorted(SCENARIOS))
+    parser.add_argument(
+        '--scenarios',
+        nargs='+',
+        choices=[*sorted(SCENARIOS), 'photos'],
+        default=sorted(SCENARIOS),
+        help="'photos' needs --photos",
+    )
+    parser.add_argument('--photos', type=Path, help='CIFAR-10 as image folders (train/, val/) for --scenarios photos')
+    parser.add_argument('--photo-shots', type=positive_int, nargs='+', default=[10, 50], help='photos per class')
+    parser.add_argument('--source-budget', default='10m', help='time budget of the photos source run')
     parser.add_argument('--seeds', type=positive_int, default=3, help='few-shot draws and initialisations')
     parser.add_argument('--shots', type=positive_int, default=5, help='labelled images per target class')
     parser.add_argument('--source-epochs', type=positive_int, default=6, help='epochs of the source runs')
@@ -167,6 +239,8 @@ def main_benchmark() -> None:
     parser.add_argument('--output', type=Path, default=None, help='keep the runs here (default: temporary)')
     parser.add_argument('--json', type=Path, default=None, help='where to write the results (default: results/)')
     args = parser.parse_args()
+    if 'photos' in args.scenarios and not (args.photos and (args.photos / 'train').is_dir()):
+        parser.error('--scenarios photos needs --photos DIR with train/ and val/ folders of class folders')
     torch.set_num_threads(args.threads)
     args.device, args.compile, args.repeats, args.warmup = 'cpu', False, args.seeds, 0  # for environment()
     env = environment(args)
@@ -177,18 +251,26 @@ def main_benchmark() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = args.output or Path(tmp)
         for name in args.scenarios:
-            sources[name], scenario_rows = scenario(name, args, splits, tmp)
+            if name == 'photos':
+                sources[name], scenario_rows = photo_scenario(args, tmp)
+            else:
+                sources[name], scenario_rows = scenario(name, args, splits, tmp)
+            for row in scenario_rows:
+                row.setdefault('shots', args.shots)
             rows += scenario_rows
     columns = ['finetune_preset', 'finetune_lr', 'frozen', 'scratch']
     columns += ['probe_source', 'probe_random_init', 'probe_pixels']
+    groups = sorted({(r['scenario'], r['shots']) for r in rows})
     means = {
-        name: {k: statistics.mean(r[k] for r in rows if r['scenario'] == name) for k in columns}
-        for name in args.scenarios
+        f'{name} {shots}': {
+            k: statistics.mean(r[k] for r in rows if (r['scenario'], r['shots']) == (name, shots)) for k in columns
+        }
+        for name, shots in groups
     }
     print_table(
-        f'{args.shots} images per class, {args.epochs} epochs of batch {args.batch_size}: held-out top-1 %',
+        f'{args.epochs} epochs of batch {args.batch_size}: held-out top-1 %',
         rows + [{'scenario': name, 'seed': 'mean', **mean} for name, mean in means.items()],
-        ['scenario', 'seed', *columns],
+        ['scenario', 'shots', 'seed', *columns],
     )
     write_json(args, 'bench_transfer', {'environment': env, 'source_top1': sources, 'runs': rows, 'mean': means})
 

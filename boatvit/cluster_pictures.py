@@ -14,12 +14,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from PIL import Image
 
-from .clustering import token_clusters
+from .clustering import cluster_layout, token_slots
 from .data import eval_data_config, eval_transform, open_image, require_extra
 from .errors import UnreadableImageError, UsageError
 from .fsla import FeatureSpaceAttention
@@ -30,8 +31,14 @@ __all__ = [
     'fsla_layers',
     'first_layer_per_stage',
     'choose_layers',
+    'LayerClusters',
+    'cluster_slots',
     'cluster_labels',
     'plot_clusters',
+    'ClusterModel',
+    'open_cluster_model',
+    'check_output_folder',
+    'none_readable',
     'ClusterDrawings',
     'draw_clusters',
 ]
@@ -54,7 +61,64 @@ def first_layer_per_stage(names: Sequence[str]) -> List[str]:
     return list(firsts.values())
 
 
+@dataclasses.dataclass
+class LayerClusters:
+    """One FSLA layer's clustering of a batch, as its forward uses it.
+
+    Attributes:
+        slots: ``(B, heads, h, w)`` int64, every token's slot in the padded clustered order
+            (`boatvit.clustering.token_slots`): cluster ``k`` holds slots ``k * cluster_size`` to
+            ``(k + 1) * cluster_size - 1``.
+        cluster_size: slots per cluster (the layer's clusters' padded size, not its ``cluster_size`` argument).
+        overlap: the sibling tokens a cluster's queries also attend to: cluster ``2j`` the first ``overlap`` slots of
+            cluster ``2j+1``, cluster ``2j+1`` the last ``overlap`` slots of cluster ``2j``.
+    """
+
+    slots: torch.Tensor
+    cluster_size: int
+    overlap: int
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """``(B, heads, h, w)``: the cluster of every token."""
+        return self.slots // self.cluster_size
+
+
 @torch.inference_mode()
+def cluster_slots(
+    model: torch.nn.Module, images: torch.Tensor, layers: Sequence[str]
+) -> Tuple[torch.Tensor, Dict[str, LayerClusters]]:
+    """Run ``model`` on ``images`` and take the clustering of every named FSLA layer.
+
+    Args:
+        model: a BOAT model.
+        images: ``(B, 3, H, W)`` normalised input.
+        layers: FSLA module names (see `fsla_layers`).
+
+    Returns:
+        The model's output (logits, or features for a model without a classifier) and ``{name: LayerClusters}``.
+    """
+    modules = fsla_layers(model)
+    clusters = {}
+
+    def capture(name: str):
+        def hook(module: FeatureSpaceAttention, args) -> None:
+            x, (H, W) = args
+            slots = token_slots(module.cluster_order(x, (H, W)), module.cluster_size)
+            padded = cluster_layout(H * W, module.cluster_size).cluster_size
+            clusters[name] = LayerClusters(slots.view(x.shape[0], module.num_heads, H, W).cpu(), padded, module.overlap)
+
+        return hook
+
+    handles = [modules[name].register_forward_pre_hook(capture(name)) for name in layers]
+    try:
+        output = model.eval()(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return output, clusters
+
+
 def cluster_labels(model: torch.nn.Module, images: torch.Tensor, layers: Sequence[str]) -> Dict[str, torch.Tensor]:
     """The cluster of every token at each named FSLA layer.
 
@@ -67,24 +131,7 @@ def cluster_labels(model: torch.nn.Module, images: torch.Tensor, layers: Sequenc
         ``{name: (B, heads, h, w) int64}``: the index of each token's cluster in the layer's ``h x w`` token grid;
         clusters ``2j`` and ``2j+1`` are siblings of the last split.
     """
-    modules = fsla_layers(model)
-    labels = {}
-
-    def capture(name: str):
-        def hook(module: FeatureSpaceAttention, args) -> None:
-            x, (H, W) = args
-            token_cluster = token_clusters(module.cluster_order(x, (H, W)), module.cluster_size)
-            labels[name] = token_cluster.view(x.shape[0], module.num_heads, H, W).cpu()
-
-        return hook
-
-    handles = [modules[name].register_forward_pre_hook(capture(name)) for name in layers]
-    try:
-        model.eval()(images)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return labels
+    return {name: clusters.labels for name, clusters in cluster_slots(model, images, layers)[1].items()}
 
 
 def _palette(n: int) -> np.ndarray:
@@ -166,6 +213,82 @@ def choose_layers(available: Sequence[str], requested: Optional[Sequence[str]]) 
 
 
 @dataclasses.dataclass
+class ClusterModel:
+    """A model opened to look at its clusters (`open_cluster_model`).
+
+    Attributes:
+        model: the model, in eval mode.
+        name: its registered name.
+        metadata: what its weights record (class names, data config); {} for an untrained model.
+        layers: the chosen FSLA layers (`choose_layers`).
+        transform: PIL image to the model's normalised ``(3, H, W)`` input.
+    """
+
+    model: torch.nn.Module
+    name: str
+    metadata: Dict[str, Any]
+    layers: List[str]
+    transform: Callable[[Image.Image], torch.Tensor]
+
+    def plain(self, pixels: torch.Tensor) -> np.ndarray:
+        """The normalised input ``(3, H, W)`` as the ``(H, W, 3)`` image in [0, 1] the model saw."""
+        config = eval_data_config(self.model, self.metadata)
+        mean, std = torch.tensor(config['mean'])[:, None, None], torch.tensor(config['std'])[:, None, None]
+        return (pixels * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+
+    def inputs(self, paths: Sequence[Path], skipped: List[str]) -> Iterator[Tuple[int, torch.Tensor]]:
+        """The index in ``paths`` of each readable image, with its normalised input. Of several images the unreadable
+        ones are left out, their reasons appended to ``skipped``; a single unreadable image raises."""
+        for i, path in enumerate(paths):
+            try:
+                yield i, self.transform(open_image(path))
+            except UnreadableImageError as e:
+                if len(paths) == 1:
+                    raise
+                skipped.append(str(e))
+
+
+def open_cluster_model(
+    weights: Optional[Union[str, os.PathLike]] = None,
+    model: Optional[str] = None,
+    model_kwargs: Optional[Mapping[str, Any]] = None,
+    use_ema: bool = True,
+    layers: Optional[Sequence[str]] = None,
+) -> ClusterModel:
+    """Load a model to look at its clusters: weights from any source (`boatvit.weights.load_model`), else an
+    untrained ``model``; ``layers`` as `choose_layers` takes them.
+
+    Raises:
+        UsageError: bad weights, neither weights nor a model, a model without feature-space attention or a layer
+            without it, each named.
+    """
+    metadata: Dict[str, Any] = {}
+    if weights:
+        loaded = load_model(weights, model=model, model_kwargs=model_kwargs, use_ema=use_ema)
+        built, name, metadata = loaded.model, loaded.name, loaded.metadata
+    elif model:
+        name = check_boat_name(model)
+        built = build_model(name, num_classes=0, model_kwargs=model_kwargs).eval()
+    else:
+        raise UsageError('pass --weights PATH, or --model NAME to look at an untrained model')
+    modules = fsla_layers(built)
+    if not modules:
+        raise UsageError(f'{name} has no feature-space attention layers; pick a model with FSLA (fsla_blocks)')
+    return ClusterModel(built, name, metadata, choose_layers(list(modules), layers), eval_transform(built, metadata))
+
+
+def check_output_folder(out: Path) -> None:
+    """A `UsageError` naming ``out`` when the folder it is to be written in does not exist."""
+    if not out.parent.is_dir():
+        raise UsageError(f'{out}: the directory {out.parent} does not exist; create it first')
+
+
+def none_readable(paths: Sequence[Path], skipped: Sequence[str]) -> UnreadableImageError:
+    """The error for several images none of which could be read."""
+    return UnreadableImageError(f'none of the {len(paths)} images could be read: {"; ".join(skipped[:3])}')
+
+
+@dataclasses.dataclass
 class ClusterDrawings:
     """What `draw_clusters` did: the model name, the layers drawn, the PNGs written (one per readable image) and
     the reasons the unreadable images were skipped."""
@@ -213,48 +336,26 @@ def draw_clusters(
         targets = _png_names(paths, out)
     else:
         if out.suffix.lower() != '.png':
-            raise UsageError(f'{out}: the output must be a .png file')
-        if not out.parent.is_dir():
-            raise UsageError(f'{out}: the directory {out.parent} does not exist; create it first')
+            raise UsageError(f'{out}: the output must be a .png file (or .html for the interactive page)')
+        check_output_folder(out)
         targets = [out]
     if panel_px < 64:
         raise UsageError(f'--panel-size must be at least 64 pixels, got {panel_px}')
-    metadata: Dict[str, Any] = {}
-    if weights:
-        loaded = load_model(weights, model=model, model_kwargs=model_kwargs, use_ema=use_ema)
-        built, name, metadata = loaded.model, loaded.name, loaded.metadata
-    elif model:
-        name = check_boat_name(model)
-        built = build_model(name, num_classes=0, model_kwargs=model_kwargs).eval()
-    else:
-        raise UsageError('pass --weights PATH, or --model NAME to look at an untrained model')
-    modules = fsla_layers(built)
-    if not modules:
-        raise UsageError(f'{name} has no feature-space attention layers')
-    chosen = choose_layers(list(modules), layers)
-    max_heads = max(modules[n].num_heads for n in chosen)
+    opened = open_cluster_model(weights, model, model_kwargs, use_ema, layers)
+    modules = fsla_layers(opened.model)
+    max_heads = max(modules[n].num_heads for n in opened.layers)
     bad = [h for h in heads or () if not 0 <= h < max_heads]
     if bad:
         raise UsageError(f'--heads {bad}: the chosen layers have at most {max_heads} heads (0 to {max_heads - 1})')
 
-    transform = eval_transform(built, metadata)
-    config = eval_data_config(built, metadata)
-    mean, std = torch.tensor(config['mean'])[:, None, None], torch.tensor(config['std'])[:, None, None]
-    drawings = ClusterDrawings(name, chosen, [], [])
-    for path, target in zip(paths, targets):
-        try:
-            pixels = transform(open_image(path))
-        except UnreadableImageError as e:
-            if not several:
-                raise
-            drawings.skipped.append(str(e))
-            continue
-        labels = cluster_labels(built, pixels[None], chosen)
-        plain = (pixels * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
-        plot_clusters(plain, {n: lab[0] for n, lab in labels.items()}, target, heads=heads, panel_px=panel_px)
+    drawings = ClusterDrawings(opened.name, opened.layers, [], [])
+    for i, pixels in opened.inputs(paths, drawings.skipped):
+        labels = cluster_labels(opened.model, pixels[None], opened.layers)
+        target = targets[i]
+        plot_clusters(opened.plain(pixels), {n: lab[0] for n, lab in labels.items()}, target, heads, panel_px)
         drawings.written.append(target)
     if not drawings.written:
-        raise UnreadableImageError(f'none of the {len(paths)} images could be read: {"; ".join(drawings.skipped[:3])}')
+        raise none_readable(paths, drawings.skipped)
     return drawings
 
 

@@ -45,6 +45,7 @@ __all__ = [
     'balanced_hierarchical_clustering',
     'clustering_levels',
     'static_shape',
+    'token_slots',
     'token_clusters',
 ]
 
@@ -448,6 +449,29 @@ def balanced_hierarchical_clustering(
     return order.index_select(-1, _real_slots(layout, order.device))
 
 
+def token_slots(order: torch.Tensor, cluster_size: int = 49) -> torch.Tensor:
+    """Every token's slot in the padded clustered order, from a clustered order as
+    :func:`balanced_hierarchical_clustering` returns it.
+
+    Cluster ``k`` holds the slots ``k * c`` to ``(k + 1) * c - 1``, ``c = cluster_layout(N, cluster_size)
+    .cluster_size``, its ghost (if any) in the last one. The slot says what a token's query attends to: cluster
+    ``2j`` attends to its own slots and the first ``overlap`` of cluster ``2j+1``, cluster ``2j+1`` to the last
+    ``overlap`` of cluster ``2j`` and its own.
+
+    Args:
+        order: ``(..., N)`` int64, a permutation of ``0..N-1`` along the last axis (the real tokens, no ghosts).
+        cluster_size: the ``cluster_size`` the order was clustered with.
+
+    Returns:
+        ``(..., N)`` int64: the slot of each token (in raster order).
+    """
+    if not isinstance(order, torch.Tensor) or order.dtype != torch.long or order.ndim < 1:
+        what = f'{order.dtype} tensor of shape {tuple(order.shape)}' if isinstance(order, torch.Tensor) else type(order)
+        raise ValueError(f'order must be an int64 tensor (..., N) of token indices, got {what}.')
+    real = _real_slots(cluster_layout(order.shape[-1], cluster_size), order.device)
+    return torch.empty_like(order).scatter_(-1, order, real.expand_as(order))
+
+
 def token_clusters(order: torch.Tensor, cluster_size: int = 49) -> torch.Tensor:
     """Every token's cluster, from a clustered order as :func:`balanced_hierarchical_clustering` returns it.
 
@@ -459,10 +483,5 @@ def token_clusters(order: torch.Tensor, cluster_size: int = 49) -> torch.Tensor:
         ``(..., N)`` int64: the index of the cluster holding each token (in raster order), clusters numbered in
         clustered order (``2j`` and ``2j+1`` are siblings of the last split).
     """
-    if not isinstance(order, torch.Tensor) or order.dtype != torch.long or order.ndim < 1:
-        what = f'{order.dtype} tensor of shape {tuple(order.shape)}' if isinstance(order, torch.Tensor) else type(order)
-        raise ValueError(f'order must be an int64 tensor (..., N) of token indices, got {what}.')
-    layout = cluster_layout(order.shape[-1], cluster_size)
-    sizes = torch.tensor(layout.cluster_sizes(), device=order.device)
-    cluster_of_slot = torch.repeat_interleave(torch.arange(layout.num_clusters, device=order.device), sizes)
-    return torch.empty_like(order).scatter_(-1, order, cluster_of_slot.expand_as(order))
+    slots = token_slots(order, cluster_size)
+    return slots // cluster_layout(order.shape[-1], cluster_size).cluster_size

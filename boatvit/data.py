@@ -206,6 +206,25 @@ def check_same_classes(train_classes: Sequence[str], val_classes: Sequence[str],
     )
 
 
+def folder_summary(root: Union[str, os.PathLike], split: str, samples: int = 200) -> Optional[Tuple[int, int]]:
+    """The number of images in an image folder's ``split`` and their typical longer side in pixels (the median over
+    ``samples`` images spread through the sorted list; headers only); None when there is no such folder or it holds
+    no images."""
+    folder = Path(root) / split
+    if not folder.is_dir():
+        return None
+    extensions = get_img_extensions(as_set=True)
+    paths = sorted(p for p in folder.rglob('*') if p.suffix.lower() in extensions and p.is_file())
+    sides = []
+    for p in paths[:: max(1, len(paths) // samples)]:
+        try:
+            with Image.open(p) as image:
+                sides.append(max(image.size))
+        except _DECODE_ERRORS:
+            continue  # reported by name when the split is opened
+    return (len(paths), int(np.median(sides))) if sides else None
+
+
 def shard(ds: torch.utils.data.Dataset, rank: int, world_size: int) -> torch.utils.data.Dataset:
     """Every ``world_size``-th item from ``rank`` on, so evaluation shards count each image exactly once."""
     if world_size == 1:

@@ -10,7 +10,8 @@ come from the configurations the BOAT authors trained with: BOAT-Swin with the S
 
 from __future__ import annotations
 
-from typing import Any, Dict
+import math
+from typing import Any, Dict, List, Tuple
 
 # Swin code base: AdamW, 300 epochs, 20 warm-up, label smoothing 0.1, mixup 0.8 / cutmix 1.0, RandAugment,
 # random erasing 0.25, gradient clipping at norm 5, no EMA. Swin also scales its warm-up and minimum lr with the
@@ -94,8 +95,9 @@ RECIPES: Dict[str, Dict[str, Any]] = {
         ratio=(0.85, 1.15),
         crop_pct=1.0,
     ),
-    # `boatvit train --data DIR` without a recipe or weights: a small model from scratch, a few dozen epochs at a
-    # batch that a folder of a hundred images still fills; the reference augmentation against overfitting
+    # `boatvit train --data DIR` without a recipe or weights: a small model from scratch. For an image folder,
+    # `fit_to_data` chooses the model, size, batch, epochs and augmentation from its images; these values are for
+    # data that cannot be looked at beforehand (timm data sets): the reference augmentation against overfitting
     'small-data': dict(
         epochs=50,
         warmup_epochs=5,
@@ -130,3 +132,49 @@ DEFAULT_RECIPE = 'digits'
 SMALL_DATA_RECIPE = 'small-data'
 #: the preset `boatvit train --weights` uses, per model family
 FINETUNE_RECIPES = {'swin': 'finetune-swin', 'cswin': 'finetune-cswin'}
+
+
+def fit_to_data(num_images: int, image_side: int, fast_bf16: bool = False) -> Tuple[Dict[str, Any], List[str]]:
+    """The small-data recipe's values for a training split of ``num_images`` images about ``image_side`` pixels on
+    their longer side, on a machine where bf16 is faster than float32 (``fast_bf16``) or not, and why each was
+    chosen (`boatvit.training.config_from_values` prints them).
+
+    From scratch on a CPU, the model is the small `boat_swin_nano_32`: at 32 px for images of up to 48 px, at 64 px
+    for larger ones (its patches of 2 px give 32x32 tokens, four FSLA clusters at stage 1). The batch is the
+    largest power of two that leaves at least 40 steps an epoch, from 8 to 128, with the lr scaled linearly to it
+    (1e-3 at 64). Small sets get more epochs and the augmentation of the reference recipes against overfitting;
+    from 20,000 images on, a light one (crops and flips, no RandAugment, mixup, cutmix, erasing or stochastic
+    depth): a short run on many images underfits, and the strong augmentation meant for 300 ImageNet epochs keeps
+    its loss near chance. Crops keep at least 35 % of a small image: timm's 8 % of a 32 px photo is a 9 px patch.
+    Where bf16 matrix products are faster (GPUs, CPUs with AMX or AVX512-BF16), bf16 autocast, as the GPU recipes.
+    """
+    reasons = []
+    img_size = 32 if image_side <= 48 else 64
+    values: Dict[str, Any] = {'model': 'boat_swin_nano_32', 'img_size': img_size}
+    reasons.append(f'images of about {image_side} px: boat_swin_nano_32 at {img_size} px')
+    batch = 2 ** int(math.log2(max(1, num_images // 40)))
+    values['batch_size'] = min(128, max(8, batch))
+    reasons.append(
+        f'{num_images} training images: batch {values["batch_size"]}'
+        f' ({num_images // values["batch_size"]} steps an epoch), lr {1e-3 * values["batch_size"] / 64:.2e}'
+    )
+    values.update(lr_base=1e-3, lr_base_size=64)
+    epochs = 100 if num_images < 1000 else 50 if num_images < 10000 else 30
+    values.update(epochs=epochs, warmup_epochs=round(0.05 * epochs, 2))
+    reasons.append(f'{epochs} epochs, 5 % of them warm-up')
+    if image_side <= 64:
+        values['scale'] = (0.35, 1.0)
+    if num_images >= 20000:
+        values.update(aa=None, mixup=0.0, cutmix=0.0, reprob=0.0, color_jitter=0.0, drop_path=0.0)
+        reasons.append('light augmentation (crops and flips) for many images')
+    elif num_images >= 2000:
+        values.update(aa='rand-m6-mstd0.5-inc1', mixup=0.0, cutmix=0.0, reprob=0.1)
+        reasons.append('RandAugment m6 and a little random erasing, no mixup or cutmix, for a few thousand images')
+    else:
+        reasons.append('the reference augmentation (RandAugment m9, mixup, cutmix, random erasing) for few images')
+    if fast_bf16:
+        values['amp'] = 'bf16'
+        reasons.append(
+            'bf16 autocast: this machine multiplies bf16 matrices faster than float32 (--amp none to opt out)'
+        )
+    return values, reasons

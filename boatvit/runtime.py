@@ -19,6 +19,7 @@ __all__ = [
     'resolve_device',
     'init_distributed',
     'autocast',
+    'fast_bf16',
     'out_of_memory',
     'require_extra',
 ]
@@ -72,13 +73,24 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
     return torch.autocast(device.type, dtype=dtype)
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix products run faster than float32 on ``device``: every CUDA GPU boatvit supports, and CPUs
+    with bf16 matrix units (Intel AMX, or AVX512-BF16 on Intel and AMD)."""
+    if device.type == 'cuda':
+        return True
+    if device.type != 'cpu':
+        return False
+    # torch's own CPU feature probes; private, so a torch without them counts as a CPU without the units
+    probes = ('_is_amx_tile_supported', '_is_avx512_bf16_supported')
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
 def out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` is an allocation failure: CUDA raises OutOfMemoryError, the CPU allocator a RuntimeError."""
     return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
 
 
 def require_extra(module: str, package: str, needed_for: str, extra: str = CLI_EXTRA) -> None:
-    """Raise a `UsageError` naming ``pip install 'boatvit[<extra>]'`` when the optional ``module`` is not
-    installed."""
+    """Raise a `UsageError` naming ``pip install 'boatvit[<extra>]'`` when the optional ``module`` is not installed."""
     if importlib.util.find_spec(module) is None:
         raise UsageError(f"{needed_for} needs {package}, which is not installed; pip install 'boatvit[{extra}]'")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import itertools
 import os
 import random
@@ -19,7 +20,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import timm
@@ -40,12 +41,16 @@ from .data import (
     check_same_classes,
     default_workers,
     eval_data_config,
+    folder_summary,
     open_split,
     shard,
 )
 from .errors import TrainingDivergedError, UsageError
 from .evaluation import evaluate
-from .recipes import DEFAULT_RECIPE, FINETUNE_RECIPES, RECIPES, SMALL_DATA_RECIPE
+from .image_cache import CACHE_MODES, InMemoryImages, cache_split, collate_samples
+from .batch_augment import BatchAugment
+from .loggers import TensorBoardLog, check_logger
+from .recipes import DEFAULT_RECIPE, FINETUNE_RECIPES, RECIPES, SMALL_DATA_RECIPE, fit_to_data
 from .runs import (
     CONFIG_FILE,
     hold_run_dir,
@@ -57,7 +62,8 @@ from .runs import (
     write_json,
     write_metrics,
 )
-from .runtime import AMP_DTYPES, autocast, init_distributed, out_of_memory, require_extra
+from .runtime import AMP_DTYPES, autocast, fast_bf16, init_distributed, out_of_memory, require_extra, resolve_device
+from .time_budget import StepTimes, format_duration, parse_duration, plan_schedule
 from .weights import (
     Weights,
     build_model,
@@ -89,7 +95,7 @@ def _field(default: Any, group: str, help: str = '', **flag: Any) -> Any:
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Everything that decides what a run computes; saved as the run's ``config.json``.
+    """Everything that decides what a run computes (and where it logs); saved as the run's ``config.json``.
 
     The optimizer, schedule and augmentation defaults are the BOAT-Swin reference recipe's (`boatvit.recipes` holds
     the named presets, the embedded default among them). Each field is a ``boatvit train`` flag; its metadata holds
@@ -140,7 +146,7 @@ class TrainConfig:
         False, 'optimisation', 'train the classifier only (a linear probe), on features without --drop-path'
     )
     clip_grad: Optional[float] = _field(5.0, 'optimisation', 'max gradient norm; 0 for none')
-    warmup_epochs: int = _field(20, 'optimisation', 'epochs of linear learning-rate warm-up')
+    warmup_epochs: float = _field(20, 'optimisation', 'epochs of linear learning-rate warm-up (a fraction is fine)')
     warmup_lr: float = _field(1e-6, 'optimisation', 'learning rate at the start of the warm-up')
     min_lr: float = _field(1e-5, 'optimisation', 'learning rate at the end of the cosine decay')
     ema_decay: Optional[float] = _field(None, 'optimisation', 'keep an EMA of the weights with this decay; 0 for none')
@@ -171,10 +177,36 @@ class TrainConfig:
     no_aug: bool = _field(
         False, 'regularisation and augmentation', 'train on the eval transform, no random crops, flips or RandAugment'
     )
+    time_budget: Optional[str] = _field(
+        None,
+        'run',
+        'fit the schedule to this much time (e.g. 20m, 1.5h): the run measures its own speed, then chooses the'
+        ' epochs, batches per epoch and warm-up that end annealed, validated and saved within it',
+        metavar='DURATION',
+    )
+    train_batches: Optional[int] = _field(
+        None, 'run', 'training batches per epoch (default: the whole split; --time-budget chooses it)'
+    )
+    data_cache: str = _field(
+        'auto',
+        'data',
+        "keep the decoded images of an image folder in memory: 'auto' when they have one size and fit, 'memory'"
+        " (or fail), 'none'",
+        choices=CACHE_MODES,
+    )
     limit_batches: Optional[int] = _field(
         None, 'run', 'at most N batches per epoch, for training and for validation (smoke tests)'
     )
     seed: int = _field(0, 'run', 'seed of the initial weights, the data order and the augmentation')
+    log: Optional[str] = _field(
+        None,
+        'run',
+        "also log to TensorBoard: 'tensorboard' (RUN_DIR/tensorboard; pip install 'boatvit[tensorboard]'); a resumed"
+        ' run keeps its logger. Under torchrun spell it --logger: torchrun refuses --log as an ambiguous prefix of'
+        ' its own --log-dir and --logs-specs',
+        metavar='LOGGER',
+        aliases=('--logger',),
+    )
 
     def __post_init__(self):
         # JSON turns tuples into lists; keep them hashable and comparable after a resume
@@ -183,14 +215,22 @@ class TrainConfig:
         for name in ('epochs', 'batch_size', 'grad_accum', 'lr_base_size'):
             if getattr(self, name) < 1:
                 raise UsageError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(self, name)}')
-        if self.limit_batches is not None and self.limit_batches < 1:
-            raise UsageError(f'--limit-batches must be at least 1, got {self.limit_batches}')
+        for name in ('limit_batches', 'train_batches'):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UsageError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(self, name)}')
+        if self.warmup_epochs < 0:
+            raise UsageError(f'--warmup-epochs must be 0 or more, got {self.warmup_epochs}')
+        if self.time_budget is not None:
+            parse_duration(self.time_budget)
+        if self.data_cache not in CACHE_MODES:
+            raise UsageError(f'--data-cache must be one of {list(CACHE_MODES)}, got {self.data_cache!r}')
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise UsageError(f'--layer-decay must lie in (0, 1], e.g. 0.75, got {self.layer_decay}')
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise UsageError(f'--ema-decay must lie in (0, 1), e.g. 0.9998, got {self.ema_decay}')
         if self.amp not in AMP_DTYPES:
             raise UsageError(f'--amp must be one of {sorted(AMP_DTYPES)}, got {self.amp!r}')
+        check_logger(self.log)
         if self.uses_mixup and self.batch_size % 2:
             raise UsageError(
                 f'mixup and cutmix pair images within a batch; use an even --batch-size, not {self.batch_size}'
@@ -201,12 +241,15 @@ class TrainConfig:
         return self.mixup > 0 or self.cutmix > 0
 
 
-def config_from_values(given: Mapping[str, Any], recipe: Optional[str] = None) -> Tuple[TrainConfig, Optional[str]]:
+def config_from_values(
+    given: Mapping[str, Any], recipe: Optional[str] = None, device: str = 'auto'
+) -> Tuple[TrainConfig, Optional[str]]:
     """The recipe overridden by the values given; returns the config and the recipe name, and says which recipe is
     in use and why (rank 0).
 
     Without ``recipe``: the family's fine-tuning preset with ``weights``, the embedded default when the data are
-    the digits (or not given), else the small-data preset. With ``weights``, the model, its arguments and image
+    the digits (or not given), else the small-data preset, fitted to an image folder's images and to ``device``
+    (`boatvit.recipes.fit_to_data`; the flags given override it). With ``weights``, the model, its arguments and image
     size default to those of the weights (`boatvit.weights.resolve_model`), and another ``img_size`` gets the
     Swin windows ``set_input_size`` would choose. ``clip_grad`` and ``ema_decay`` of 0 and ``aa`` of ``'none'``
     switch those off (the command line cannot type None).
@@ -219,8 +262,16 @@ def config_from_values(given: Mapping[str, Any], recipe: Optional[str] = None) -
         given['aa'] = None
     if 'weights' in given:
         given = _from_weights(given)
+    if 'time_budget' in given and 'epochs' in given:
+        raise UsageError('--time-budget chooses the number of epochs to fit the budget; drop --epochs or the budget')
     recipe, why = (recipe, 'asked for') if recipe else _default_recipe(given)
     values = dict(RECIPES[recipe]) if recipe else {}
+    fitted = []
+    if recipe == SMALL_DATA_RECIPE and not given.get('dataset'):  # fitted to the image folder it trains on
+        summary = folder_summary(given['data'], given.get('train_split', 'train'))
+        if summary is not None:
+            fitted_values, fitted = fit_to_data(*summary, fast_bf16=fast_bf16(resolve_device(device)))
+            values.update(fitted_values)
     model_kwargs = dict(values.get('model_kwargs', {}), **given.pop('model_kwargs', {}))
     values.update(given, model_kwargs=model_kwargs)
     if values.get('data') is None:
@@ -228,6 +279,9 @@ def config_from_values(given: Mapping[str, Any], recipe: Optional[str] = None) -
     config = TrainConfig(**values)
     if os.environ.get('RANK', '0') == '0':
         report(f'recipe {recipe}: {why}; flags given override it (boatvit/recipes.py)')
+        if fitted:
+            overridden = ', '.join(f'--{k.replace("_", "-")}' for k in sorted(set(fitted_values) & set(given)))
+            report('fitted to the data: ' + '; '.join(fitted) + (f' (yours: {overridden})' if overridden else ''))
     return config, recipe
 
 
@@ -304,9 +358,14 @@ def diverged(what: str, config: TrainConfig, lr: float) -> str:
     )
 
 
+#: the batches a run times itself over before it says how long it will take (the first is not counted)
+PROBE_BATCHES = 21
+
+
 def report(message: str) -> None:
-    """A line for the user on stdout; callers print from rank 0 only."""
-    print(message, flush=True)
+    """A line for the user on stdout, above the progress bar if one is showing; callers print from rank 0 only."""
+    tqdm.write(message, file=sys.stdout)
+    sys.stdout.flush()
 
 
 class Trainer:
@@ -391,8 +450,21 @@ class Trainer:
         self.scaler.load_state_dict(state['scaler'])
         self.num_updates = state['num_updates']
 
-    def train_one_epoch(self, loader, epoch: int, progress: bool) -> Dict[str, float]:
+    def train_one_epoch(
+        self,
+        loader,
+        epoch: int,
+        bar: Optional[tqdm] = None,
+        on_probe: Optional[Callable[[float], None]] = None,
+        on_step: Optional[Callable[[int, Dict[str, float]], None]] = None,
+    ) -> Dict[str, float]:
         """One pass over ``updates_per_epoch * grad_accum`` batches; returns mean loss, last lr and images/s.
+
+        ``bar``, the run's progress bar, advances by one per batch. ``on_probe`` is called once with the seconds a
+        batch took, averaged over batches 2 to 21 (the first pays for allocations and kernel builds), or over the
+        epoch's when it is shorter. ``on_step(step, values)`` is called after every optimizer step with its number
+        and this process's mean loss over its micro-batches, the lr it used and the images of all processes per
+        second since the step before.
 
         Stops with a `TrainingDivergedError` at the first non-finite loss. The optimizer steps that the fp16 loss
         scaler skips for non-finite gradients (while it lowers its scale) are its normal working, not a divergence.
@@ -400,9 +472,12 @@ class Trainer:
         config = self.config
         self.model.train()
         batches = self.updates_per_epoch * config.grad_accum
+        probe_at = min(PROBE_BATCHES, batches - 1)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        start = time.perf_counter()
-        bar = tqdm(total=batches, desc=f'epoch {epoch + 1}/{config.epochs}', unit='batch', disable=not progress)
+        start = probe_start = time.perf_counter()
+        step_start, loss_before = start, 0.0
+        if bar is not None:
+            bar.set_description(f'epoch {epoch + 1}/{config.epochs}')
         for i, (images, targets) in enumerate(itertools.islice(loader, batches)):
             images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
             if self.mixup is not None:
@@ -423,16 +498,31 @@ class Trainer:
                 self.scaler.scale(loss / config.grad_accum).backward()
             loss_sum += loss.detach()
             if step_now:
+                lr = self.lr
                 self._step()
-            bar.update()
-            if progress and (i % 10 == 0 or i + 1 == batches):
-                seen = (i + 1) * config.batch_size * self.world_size
-                bar.set_postfix(
-                    loss=f'{loss_sum.item() / (i + 1):.4f}',
-                    lr=f'{self.lr:.2e}',
-                    img_s=f'{seen / (time.perf_counter() - start):.0f}',
-                )
-        bar.close()
+                if on_step is not None:
+                    # loss_sum.item() waits for the device, as the finiteness check above already does every batch
+                    now, loss_now = time.perf_counter(), loss_sum.item()
+                    images = config.grad_accum * config.batch_size * self.world_size
+                    step_loss = (loss_now - loss_before) / config.grad_accum
+                    speed = images / (now - step_start)
+                    on_step(self.num_updates, {'loss': step_loss, 'lr': lr, 'images_per_s': speed})
+                    step_start, loss_before = now, loss_now
+            if i == 0:
+                probe_start = time.perf_counter()
+            elif i == probe_at and on_probe is not None:
+                on_probe((time.perf_counter() - probe_start) / probe_at)
+            if bar is not None:
+                bar.update()
+                if i % 10 == 0 or i + 1 == batches:
+                    seen = (i + 1) * config.batch_size * self.world_size
+                    bar.set_postfix(
+                        loss=f'{loss_sum.item() / (i + 1):.4f}',
+                        lr=f'{self.lr:.2e}',
+                        img_s=f'{seen / (time.perf_counter() - start):.0f}',
+                    )
+        if batches == 1 and on_probe is not None:
+            on_probe(time.perf_counter() - start)
         if self.world_size > 1:
             dist.all_reduce(loss_sum)
         seconds = time.perf_counter() - start
@@ -479,13 +569,15 @@ def build_loaders(
             num_workers=workers,
             drop_last=drop_last,
             pin_memory=device.type == 'cuda',
+            collate_fn=collate_samples,
         )
 
     sampler = torch.utils.data.DistributedSampler(
         train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=config.seed
     )
     train_loader = loader(train_ds, sampler, drop_last=True)
-    updates_per_epoch = min(len(train_loader), config.limit_batches or len(train_loader)) // config.grad_accum
+    batches = min([len(train_loader), *(n for n in (config.limit_batches, config.train_batches) if n is not None)])
+    updates_per_epoch = batches // config.grad_accum
     if updates_per_epoch == 0:
         raise UsageError(
             f'a global batch of {global_batch_size(config, world_size)} images ({config.batch_size} per process x'
@@ -501,36 +593,53 @@ def build_loaders(
     return train_loader, loader(shard(val_ds, rank, world_size)), updates_per_epoch
 
 
-def _open_data(config: TrainConfig) -> Tuple[torch.utils.data.Dataset, torch.utils.data.Dataset, List[str]]:
-    """Both splits, without transforms, and the class names (the same in both, or a `UsageError`)."""
+def _open_data(
+    config: TrainConfig, say: bool, progress: bool
+) -> Tuple[torch.utils.data.Dataset, torch.utils.data.Dataset, List[str]]:
+    """Both splits, without transforms, and the class names (the same in both, or a `UsageError`); the splits of an
+    image folder decoded into memory as ``config.data_cache`` says (`boatvit.image_cache.cache_split`)."""
     splits = [
         open_split(config.data, split, config.dataset, config.download, img_size=config.img_size or 32)
         for split in (config.train_split, config.val_split)
     ]
     (train_ds, classes), (val_ds, val_classes) = splits
     check_same_classes(classes, val_classes, repr(config.data))
+    if config.data != DIGITS and not config.dataset:  # an image folder, read by timm's reader
+        copies = int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
+        cached = []
+        for name, ds in ((config.train_split, train_ds), (config.val_split, val_ds)):
+            in_memory, why = cache_split(ds.reader.samples, name, config.data_cache, copies, progress=progress)
+            cached.append(in_memory or ds)
+            if say:
+                report(why)
+        train_ds, val_ds = cached
     return train_ds, val_ds, classes
 
 
 def _set_transforms(config: TrainConfig, model: torch.nn.Module, train_ds, val_ds) -> Dict[str, Any]:
-    """The eval transform on ``val_ds``, the augmenting one on ``train_ds``; returns the eval data config."""
+    """The eval transform on ``val_ds``, the augmenting one on ``train_ds`` (for a whole batch at once when the
+    split is in memory and the augmentation has a batch form, `boatvit.batch_augment`); returns the eval data
+    config."""
     data_config = eval_data_config(model, img_size=config.img_size, crop_pct=config.crop_pct)
     val_ds.transform = create_transform(**data_config, is_training=False)
-    train_ds.transform = create_transform(
-        data_config['input_size'],
-        is_training=True,
-        no_aug=config.no_aug,
+    # timm's create_transform and BatchAugment take these under the same names
+    augmentation = dict(
         scale=config.scale,
         ratio=config.ratio,
         hflip=config.hflip,
         color_jitter=config.color_jitter,
-        auto_augment=config.aa,
         interpolation=data_config['interpolation'],
         mean=data_config['mean'],
         std=data_config['std'],
         re_prob=config.reprob,
         re_mode=config.remode,
     )
+    if isinstance(train_ds, InMemoryImages) and config.aa is None and not config.no_aug:
+        train_ds.batch_transform = BatchAugment(data_config['input_size'][1:], **augmentation)
+    else:
+        train_ds.transform = create_transform(
+            data_config['input_size'], is_training=True, no_aug=config.no_aug, auto_augment=config.aa, **augmentation
+        )
     return data_config
 
 
@@ -576,12 +685,21 @@ def _write_run_config(
     )
 
 
-def _train_and_validate(trainer: Trainer, train_loader, val_loader, epoch: int, progress: bool) -> Dict[str, Any]:
+def _train_and_validate(
+    trainer: Trainer,
+    train_loader,
+    val_loader,
+    epoch: int,
+    bar: Optional[tqdm],
+    on_probe: Optional[Callable],
+    log: Optional[TensorBoardLog],
+) -> Dict[str, Any]:
     """One epoch of training and its validation (of the EMA too): the epoch's metrics row."""
     config, device = trainer.config, trainer.device
     epoch_start = time.perf_counter()
     try:
-        row = {'epoch': epoch + 1, **trainer.train_one_epoch(train_loader, epoch, progress)}
+        on_step = None if log is None else log.step
+        row = {'epoch': epoch + 1, **trainer.train_one_epoch(train_loader, epoch, bar, on_probe, on_step)}
     except RuntimeError as e:
         if out_of_memory(e):
             raise UsageError(
@@ -692,15 +810,19 @@ def fit(
     resume_state: Optional[Dict[str, Any]] = None,
     recipe: Optional[str] = None,
     initial_weights: Optional[Weights] = None,
+    started: Optional[float] = None,
 ) -> List[Dict[str, Any]]:
     """Train ``config`` and return one metrics row per epoch; rank 0 writes into ``run_dir``.
 
     With ``resume_state`` (a ``last.pt`` from an earlier run of the same config) training continues after the
     epoch it saved: model, optimizer, scheduler, EMA, loss scaler, RNG, metrics history and best epoch. Otherwise
-    a config with ``weights`` starts from them (``initial_weights``: the source already read).
+    a config with ``weights`` starts from them (``initial_weights``: the source already read), and a config with a
+    ``time_budget`` (counted from ``started``, a ``time.perf_counter()``; default: now) first measures itself and
+    gets the schedule that fits (`fit_to_budget`); the config the run writes holds that schedule.
     """
+    started = time.perf_counter() if started is None else started
     random_seed(config.seed)  # the same initial weights on every rank
-    train_ds, val_ds, classes = _open_data(config)
+    train_ds, val_ds, classes = _open_data(config, say=rank == 0, progress=progress)
     model = build_model(
         config.model,
         num_classes=len(classes),
@@ -721,7 +843,13 @@ def fit(
     train_loader, val_loader, updates_per_epoch = build_loaders(
         config, train_ds, val_ds, rank, world_size, workers, device
     )
-    trainer = Trainer(_place_model(model, config, device, world_size), config, device, world_size, updates_per_epoch)
+    model = _place_model(model, config, device, world_size)
+    if config.time_budget and resume_state is None:
+        config = fit_to_budget(model, config, device, world_size, train_loader, val_loader, started, rank == 0)
+        train_loader, val_loader, updates_per_epoch = build_loaders(
+            config, train_ds, val_ds, rank, world_size, workers, device
+        )
+    trainer = Trainer(model, config, device, world_size, updates_per_epoch)
 
     history: List[Dict[str, Any]] = []
     start_epoch = 0
@@ -740,18 +868,129 @@ def fit(
 
     weights_metadata = _weights_metadata(config, classes, data_config, ema=trainer.ema is not None)
     best = max(history, key=lambda row: row['eval_top1'], default=None)
-    for epoch in range(start_epoch, config.epochs):
-        train_loader.sampler.set_epoch(epoch)
-        row = _train_and_validate(trainer, train_loader, val_loader, epoch, progress)
-        _check_finite_weights(trainer, epoch)  # before it can count as the best or be saved
-        history.append(row)
-        is_best = best is None or row['eval_top1'] > best['eval_top1']
-        if is_best:
-            best = row
-        ranks_rng = _gather_rng(world_size)
-        if rank == 0:
-            _save_epoch(run_dir, trainer, history, ranks_rng, weights_metadata, is_best)
+    batches = updates_per_epoch * config.grad_accum
+    # one bar for the whole run, its rate averaged over all of it (validations included), so its remaining time is
+    # the run's
+    bar = tqdm(total=(config.epochs - start_epoch) * batches, unit='batch', smoothing=0, disable=not progress)
+
+    def say_how_long(step_s: float) -> None:
+        if rank == 0 and not config.time_budget:
+            # validation runs the forward pass only, about a third of a training step's work
+            epoch_s = batches * step_s + len(val_loader) * step_s / 3 * (2 if trainer.ema is not None else 1)
+            report(
+                f'at {_rate(config.batch_size * world_size / step_s)} images/s this run will take about'
+                f' {format_duration((config.epochs - start_epoch) * epoch_s)} for its'
+                f' {config.epochs - start_epoch} epochs on this machine'
+            )
+
+    resumed_at = None if resume_state is None else trainer.num_updates
+    # TensorBoard is the one logger (loggers.LOGGERS); config.log was checked when the config was made
+    log = TensorBoardLog(run_dir, read_run_config(run_dir), resumed_at) if rank == 0 and config.log else None
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            train_loader.sampler.set_epoch(epoch)
+            on_probe = say_how_long if epoch == start_epoch else None
+            row = _train_and_validate(trainer, train_loader, val_loader, epoch, bar, on_probe, log)
+            _check_finite_weights(trainer, epoch)  # before it can count as the best or be saved
+            history.append(row)
+            is_best = best is None or row['eval_top1'] > best['eval_top1']
+            if is_best:
+                best = row
+            ranks_rng = _gather_rng(world_size)
+            if rank == 0:
+                _save_epoch(run_dir, trainer, history, ranks_rng, weights_metadata, is_best)
+                if log is not None:
+                    log.epoch(trainer.num_updates, row)
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
     return history
+
+
+def _rate(per_s: float) -> str:
+    return f'{per_s:.0f}' if per_s >= 10 else f'{per_s:.2g}'
+
+
+def _measure_run(
+    model: torch.nn.Module,
+    config: TrainConfig,
+    device: torch.device,
+    world_size: int,
+    train_loader,
+    val_loader,
+    budget: float,
+) -> StepTimes:
+    """Time a few training steps, validation batches and a save of this run, then put the model and the random
+    generators back as they were: the measurements train nothing.
+
+    Every process gets the slowest process's times, so all plan the same schedule.
+    """
+    weights = {k: v.clone() for k, v in unwrap_model(model).state_dict().items()}
+    rng = rng_state()
+    # a short warm-up pass (allocations, kernel builds), then enough steps for about 2 % of the budget (3 to 50)
+    trial = Trainer(model, config, device, world_size, updates_per_epoch=1)
+    start = time.perf_counter()
+    trial.train_one_epoch(train_loader, 0)
+    guess = time.perf_counter() - start
+    updates = int(min(50, len(train_loader) // config.grad_accum, max(3, min(20.0, 0.02 * budget) / guess)))
+    updates = max(1, updates)
+    trial.updates_per_epoch = updates
+    start = time.perf_counter()
+    trial.train_one_epoch(train_loader, 0)
+    step = (time.perf_counter() - start) / (updates * config.grad_accum)
+    val_batches = min(2, len(val_loader))
+    start = time.perf_counter()
+    images = evaluate(unwrap_model(model), itertools.islice(val_loader, val_batches), device, config.amp)['images']
+    # evaluate counts the images of every process, each of which validates its own shard meanwhile
+    per_image = (time.perf_counter() - start) / max(1, images / world_size)
+    eval_epoch = per_image * len(val_loader.dataset) * (2 if trial.ema is not None else 1)
+    start = time.perf_counter()
+    for _ in range(2):  # last.pt, and the weights twice (last and best) are about as much again
+        torch.save(trial.state_dict(), io.BytesIO())
+    save_epoch = time.perf_counter() - start + 0.5  # and the metrics and curves
+    unwrap_model(model).load_state_dict(weights)
+    set_rng_state(rng)
+    times = torch.tensor([step, eval_epoch, save_epoch], dtype=torch.float64)
+    if world_size > 1:
+        times = times.to(device)
+        dist.all_reduce(times, op=dist.ReduceOp.MAX)
+    return StepTimes(*times.tolist())
+
+
+def fit_to_budget(
+    model: torch.nn.Module,
+    config: TrainConfig,
+    device: torch.device,
+    world_size: int,
+    train_loader,
+    val_loader,
+    started: float,
+    say: bool,
+) -> TrainConfig:
+    """``config`` with the epochs, batches per epoch and warm-up that fit its ``time_budget``
+    (`boatvit.time_budget.plan_schedule`), from the run's own measured speed; the warm-up keeps the recipe's share
+    of the schedule. Says what it chose when ``say``."""
+    budget = parse_duration(config.time_budget)
+    times = _measure_run(model, config, device, world_size, train_loader, val_loader, budget)
+    full = len(train_loader) if config.limit_batches is None else min(len(train_loader), config.limit_batches)
+    warmup_fraction = min(0.5, config.warmup_epochs / config.epochs)
+    plan = plan_schedule(budget, time.perf_counter() - started, times, full, warmup_fraction, config.grad_accum)
+    planned = dataclasses.replace(
+        config,
+        epochs=plan.epochs,
+        warmup_epochs=round(plan.warmup_epochs, 3),
+        train_batches=plan.batches_per_epoch if plan.batches_per_epoch < full else None,
+    )
+    if say:
+        share = '' if plan.batches_per_epoch == full else f' ({plan.batches_per_epoch} of its {full} batches)'
+        report(
+            f'time budget {format_duration(budget)}: measured {_rate(config.batch_size * world_size / times.step)}'
+            f' images/s training, {format_duration(times.eval_epoch)} a validation; the schedule is {plan.epochs}'
+            f' epochs{share}, {planned.warmup_epochs:g} of warm-up, cosine decay to lr {config.min_lr:.0e};'
+            f' planned to end in {format_duration(plan.seconds)}'
+        )
+    return planned
 
 
 def _check_weights(config: TrainConfig) -> Weights:
@@ -802,6 +1041,7 @@ def train(
 
     Joins the process group torchrun describes, if any. ``workers`` None: data loader processes by core count.
     """
+    start = time.perf_counter()  # a time budget counts from here
     if (config is None) == (resume is None):
         raise UsageError('train takes either a config (a new run) or resume (a run directory), not both or neither')
     # every epoch ends by plotting the curves: a missing matplotlib is said before training, not after an epoch
@@ -823,7 +1063,6 @@ def train(
                 run_dir = new_run_dir(output, name, f'{time.strftime("%Y%m%d-%H%M%S")}-{config.model}-{data_name}')
         if workers is None:
             workers = default_workers(int(os.environ.get('LOCAL_WORLD_SIZE', '1')))
-        start = time.perf_counter()
         # rank 0 holds the run directory: no second process trains it, a failed new run leaves no empty directory
         with hold_run_dir(run_dir, created=resume is None) if rank == 0 else contextlib.nullcontext():
             history = fit(
@@ -837,6 +1076,7 @@ def train(
                 resume_state=resume_state,
                 recipe=recipe,
                 initial_weights=initial_weights,
+                started=start,
             )
         return TrainResult(run_dir, history, time.perf_counter() - start)
     finally:

@@ -96,27 +96,31 @@ class Crash(Exception):
     pass
 
 
+def crash_in_epoch_2(monkeypatch) -> None:
+    """The models train builds raise `Crash` on their fifth training forward: the second batch of epoch 2."""
+    real_build = train_mod.build_model
+
+    def build_crashing(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        calls = itertools.count()
+
+        def hook(module, inputs):
+            if module.training and next(calls) == 4:
+                raise Crash()
+
+        model.register_forward_pre_hook(hook)
+        return model
+
+    monkeypatch.setattr(train_mod, 'build_model', build_crashing)
+
+
 @pytest.mark.parametrize('crash', ['mid-epoch', 'while saving'])
 def test_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, straight_run, crash):
     """2 epochs in one go equal 1 epoch, a crash, a resume and 1 more epoch: bit for bit on the CPU."""
     straight = straight_run
 
     if crash == 'mid-epoch':
-        # the model raises on its fifth training forward: the second batch of epoch 2
-        real_build = train_mod.build_model
-
-        def build_crashing(*args, **kwargs):
-            model = real_build(*args, **kwargs)
-            calls = itertools.count()
-
-            def hook(module, inputs):
-                if module.training and next(calls) == 4:
-                    raise Crash()
-
-            model.register_forward_pre_hook(hook)
-            return model
-
-        monkeypatch.setattr(train_mod, 'build_model', build_crashing)
+        crash_in_epoch_2(monkeypatch)
     else:
         # the renaming of epoch 2's resumable state fails: the file still holds epoch 1
         real_replace = os.replace
@@ -146,6 +150,61 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, straight_run
         return [{k: v for k, v in row.items() if k not in ('train_images_per_s', 'epoch_s')} for row in history]
 
     assert without_timing(a['history']) == without_timing(b['history'])
+
+
+def read_tensorboard(run_dir: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    return EventAccumulator(str(run_dir / 'tensorboard')).Reload()
+
+
+def test_tensorboard_log_is_read_back_and_a_resume_appends_without_duplicate_steps(tmp_path, monkeypatch):
+    """2 epochs of 3 steps, interrupted in the second batch of epoch 2 (step 4 logged, step 5 not), then resumed:
+    every step is shown once, with the values the resumed run computed, and every epoch's metrics row."""
+    crash_in_epoch_2(monkeypatch)
+    with pytest.raises(Crash):
+        train(tmp_path, 'logged', '--log', 'tensorboard')
+    monkeypatch.undo()
+    run_dir = tmp_path / 'logged'
+    assert [e.step for e in read_tensorboard(run_dir).Scalars('step/loss')] == [1, 2, 3, 4]
+    assert main(['train', '--resume', str(run_dir), '--quiet', '--workers', '0']) == 0
+
+    log = read_tensorboard(run_dir)
+    assert len(list((run_dir / 'tensorboard').glob('events.out.tfevents.*'))) == 2  # the resume appended a file
+    for tag in ('step/loss', 'step/lr', 'step/images_per_s'):
+        assert [e.step for e in log.Scalars(tag)] == [1, 2, 3, 4, 5, 6], tag
+    metrics = json.loads((run_dir / 'metrics.json').read_text())
+    for key in ('train_loss', 'lr', 'train_images_per_s', 'val_loss', 'val_top1', 'val_top5'):
+        events = log.Scalars(f'epoch/{key}')
+        assert [e.step for e in events] == [3, 6], key
+        assert [e.value for e in events] == pytest.approx([row[key] for row in metrics], rel=1e-6), key
+    # the steps' mean loss is the epoch's train loss, and the lr a step used
+    assert sum(e.value for e in log.Scalars('step/loss')[3:]) / 3 == pytest.approx(metrics[1]['train_loss'], 1e-6)
+    assert all(0 < e.value <= 1e-3 for e in log.Scalars('step/lr'))
+    (config,) = log.Tensors('config/text_summary')
+    assert '"model": "boat_swin_nano_32"' in config.tensor_proto.string_val[0].decode()
+
+
+@pytest.mark.parametrize(
+    'log, message',
+    [
+        ('wandb', "--log 'wandb': not a logger boatvit knows; the loggers are tensorboard"),
+        (
+            'tensorboard',
+            "--log tensorboard needs tensorboard, which is not installed; pip install 'boatvit[tensorboard]'",
+        ),
+    ],
+)
+def test_bad_logger_is_refused_before_training(tmp_path, capsys, monkeypatch, log, message):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, 'find_spec', lambda name, *a: None if name == 'tensorboard' else find_spec(name)
+    )
+    assert main(['train', *SHORT, '--output', str(tmp_path), '--log', log]) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_resume_refuses_other_settings_and_finished_runs(tmp_path, default_run, capsys):
@@ -217,6 +276,8 @@ def test_torchrun_two_processes_match_one(tmp_path):
             'two',
             '--batch-size',
             '4',
+            '--logger',  # --log's spelling for torchrun, whose parser takes --log for its own --log-dir
+            'tensorboard',
         ],
         check=True,
         env=env,
@@ -230,6 +291,9 @@ def test_torchrun_two_processes_match_one(tmp_path):
         assert row_one[key] == pytest.approx(row_two[key], rel=1e-5), key
     config = json.loads((tmp_path / 'two' / 'config.json').read_text())
     assert config['world_size'] == 2 and config['global_batch_size'] == 8
+    # only rank 0 logs: one event file, each step once
+    assert len(list((tmp_path / 'two' / 'tensorboard').glob('events.out.tfevents.*'))) == 1
+    assert [e.step for e in read_tensorboard(tmp_path / 'two').Scalars('step/loss')] == [1, 2, 3]
 
 
 def test_image_folder_with_the_full_augmentation_trains_and_evaluates(tmp_path, capsys):

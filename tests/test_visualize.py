@@ -72,7 +72,7 @@ def test_untrained_model_is_drawn_with_a_warning(tmp_path, china, capsys):
     [
         (['--layer', 'layers.2.blocks.1'], 'layers.0.blocks.1, layers.1.blocks.1'),
         (['--heads', '2'], 'at most 2 heads'),
-        (['-o', 'clusters.jpg'], 'must be a .png'),
+        (['-o', 'clusters.jpg'], 'must be a .png file (or .html for the interactive page)'),
     ],
 )
 def test_bad_choices_are_explained(tmp_path, china, nano_weights, extra, message, capsys):

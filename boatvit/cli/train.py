@@ -32,24 +32,26 @@ TRAIN_EXAMPLES = """examples:
 
 
 def _add_config_flag(group: argparse._ArgumentGroup, field: dataclasses.Field, hint: type) -> None:
-    """``--field-name`` for one `TrainConfig` field, its argparse type taken from the field's type hint.
+    """``--field-name`` (and the field's ``aliases``) for one `TrainConfig` field, its argparse type taken from the
+    field's type hint.
 
     Every flag defaults to None, so a flag given on the command line is told apart from the recipe's value.
     """
-    flag, meta = f'--{field.name.replace("_", "-")}', dict(field.metadata)
+    meta = dict(field.metadata)
     meta.pop('group')
+    flag = [f'--{field.name.replace("_", "-")}', *meta.pop('aliases', ())]
     if field.name == 'model_kwargs':
         add_model_kwargs(group, meta['help'])
         return
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     base = args[0] if typing.get_origin(hint) is typing.Union else hint
     if base is bool:
-        group.add_argument(flag, action='store_true', default=None, **meta)
+        group.add_argument(*flag, action='store_true', default=None, **meta)
     elif typing.get_origin(base) is tuple:
         elements = typing.get_args(base)
-        group.add_argument(flag, type=elements[0], nargs=len(elements), **meta)
+        group.add_argument(*flag, type=elements[0], nargs=len(elements), **meta)
     else:
-        group.add_argument(flag, type=base, **meta)
+        group.add_argument(*flag, type=base, **meta)
 
 
 def add_parser(subparsers) -> None:
@@ -90,7 +92,7 @@ def add_parser(subparsers) -> None:
 def config_from_args(args: argparse.Namespace) -> Tuple[TrainConfig, Optional[str]]:
     """The recipe (if any) overridden by the flags given; returns the config and the recipe name."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    return config_from_values(given, args.recipe)
+    return config_from_values(given, args.recipe, device=args.device)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,147 @@
+"""`boatvit train --time-budget`: parsing durations, the schedule that fits a budget (against made-up times), and a
+budgeted run end to end with its measurements replaced by fixed times (a fake clock), resumed with the same plan."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import boatvit.training as train_mod
+from boatvit.cli import main
+from boatvit.errors import UsageError
+from boatvit.time_budget import SAFETY_MARGIN, StepTimes, format_duration, parse_duration, plan_schedule
+from test_data import make_image_folder
+from test_evaluate import TINY_FLAGS
+
+
+@pytest.mark.parametrize(
+    'text, seconds',
+    [('90s', 90), ('20m', 1200), ('1.5h', 5400), ('1h30m', 5400), ('2h 15m', 8100), ('1d', 86400), ('20M', 1200)],
+)
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize('text', ['0', '0m', '-5m', 'abc', '', '20', '5x', '1h1h', 'm', '1.h'])
+def test_bad_durations_are_refused_by_name(text):
+    with pytest.raises(UsageError, match='--time-budget'):
+        parse_duration(text)
+
+
+def test_format_duration():
+    assert [format_duration(s) for s in (45, 750, 3900)] == ['45 s', '12 min 30 s', '1 h 05 min']
+
+
+# CIFAR-10 on two cores: 390 batches of 128 at 0.25 s, 7 s a validation, 1 s a save
+CIFAR = StepTimes(step=0.25, eval_epoch=7.0, save_epoch=1.0)
+
+
+def planned_seconds(plan, spent, times):
+    return spent + plan.epochs * (plan.batches_per_epoch * times.step + times.eval_epoch + times.save_epoch)
+
+
+@pytest.mark.parametrize('budget', [60.0, 300.0, 1200.0, 3600.0, 7200.0])
+def test_the_schedule_fills_the_budget_and_ends_inside_it(budget):
+    spent = 20.0
+    plan = plan_schedule(budget, spent, CIFAR, batches_per_epoch=390, warmup_fraction=0.05)
+    seconds = planned_seconds(plan, spent, CIFAR)
+    assert plan.seconds == pytest.approx(seconds)
+    # inside the budget with the safety margin, and using all but a few percent of it
+    assert seconds <= budget - SAFETY_MARGIN * (budget - spent) + 1e-9
+    assert seconds >= budget * 0.9
+    assert 1 <= plan.batches_per_epoch <= 390
+    assert plan.warmup_epochs == pytest.approx(0.05 * plan.epochs)
+
+
+def test_epochs_grow_with_the_budget_and_full_epochs_are_kept_when_they_fit():
+    plans = [plan_schedule(b, 20.0, CIFAR, 390, 0.1) for b in (600.0, 1200.0, 2400.0)]
+    assert [p.epochs for p in plans] == sorted(p.epochs for p in plans) and plans[0].epochs < plans[-1].epochs
+    # 20 minutes: (1200 - 20) * 0.97 / (390 * 0.25 + 8) = 10.8 epochs, so 11 epochs of nearly every batch
+    assert plans[1].epochs == 11 and 370 <= plans[1].batches_per_epoch < 390
+    roomy = plan_schedule(1e6, 0.0, CIFAR, 390, 0.1)
+    assert roomy.batches_per_epoch == 390
+
+
+def test_a_budget_shorter_than_an_epoch_trains_part_of_one():
+    plan = plan_schedule(60.0, 10.0, CIFAR, 390, 0.2)
+    assert plan.epochs == 1 and plan.batches_per_epoch < 390 and plan.warmup_epochs == pytest.approx(0.2)
+
+
+def test_validation_heavy_runs_get_fewer_longer_epochs_and_whole_optimizer_steps():
+    slow_eval = StepTimes(step=0.1, eval_epoch=30.0, save_epoch=1.0)
+    plan = plan_schedule(200.0, 0.0, slow_eval, 1000, 0.0, grad_accum=4)
+    assert plan.batches_per_epoch % 4 == 0 and plan.batches_per_epoch >= 4
+    assert planned_seconds(plan, 0.0, slow_eval) <= 200.0
+
+
+def test_a_budget_too_short_for_one_step_is_refused_with_the_minimum():
+    with pytest.raises(UsageError, match=r'too short for this run: .*give a budget of at least'):
+        plan_schedule(30.0, 25.0, CIFAR, 390, 0.1)
+
+
+@pytest.mark.parametrize('budget', ['0', '-5m', 'abc'])
+def test_bad_budgets_are_refused_before_a_run_directory_exists(tmp_path, capsys, budget):
+    assert main(['train', f'--time-budget={budget}', '--output', str(tmp_path / 'runs'), '--quiet']) == 2
+    err = capsys.readouterr().err
+    assert '--time-budget takes a duration such as 90s, 20m' in err and repr(budget) in err and 'Traceback' not in err
+    assert not (tmp_path / 'runs').exists()
+
+
+def test_a_negative_budget_after_a_space_is_refused_by_the_parser(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(['train', '--time-budget', '-5m', '--output', str(tmp_path / 'runs')])
+    assert exit.value.code == 2 and 'argument --time-budget: expected one argument' in capsys.readouterr().err
+    assert not (tmp_path / 'runs').exists()
+
+
+def test_a_budget_chooses_the_epochs_so_epochs_are_refused_beside_it(tmp_path, capsys):
+    assert main(['train', '--time-budget', '5m', '--epochs', '3', '--output', str(tmp_path / 'runs')]) == 2
+    assert 'drop --epochs or the budget' in capsys.readouterr().err
+    assert not (tmp_path / 'runs').exists()
+
+
+FAKE = StepTimes(step=8.0, eval_epoch=3.0, save_epoch=1.0)
+
+
+def test_a_budgeted_run_trains_the_planned_schedule_ends_annealed_and_resumes_with_it(tmp_path, capsys, monkeypatch):
+    """The measurements replaced by fixed times: 8 batches an epoch at 8 s, so 3 minutes plan 3 epochs of 8 or
+    fewer batches; the run trains that schedule, its lr ends at the minimum, and a resume does not plan again."""
+    data = make_image_folder(tmp_path / 'data', {'train': {'a': 16, 'b': 16}, 'val': {'a': 2, 'b': 2}})
+    measured = []
+
+    def fake_measure(*args):
+        measured.append(args)
+        return FAKE
+
+    monkeypatch.setattr(train_mod, '_measure_run', fake_measure)
+    out = tmp_path / 'runs'
+    argv = ['train', '--data', str(data), *TINY_FLAGS, '--batch-size', '4', '--workers', '0', '--quiet']
+    interrupted = {}
+    real_save = train_mod._save_epoch
+
+    def stop_after_two(run_dir, trainer, history, *rest):
+        real_save(run_dir, trainer, history, *rest)
+        if len(history) == 2 and not interrupted:
+            interrupted['at'] = 2
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, '_save_epoch', stop_after_two)
+    assert main([*argv, '--time-budget', '3m', '--min-lr', '1e-6', '--output', str(out), '--name', 'run']) == 130
+    out_text = capsys.readouterr().out
+    config = json.loads((out / 'run' / 'config.json').read_text())['config']
+    plan = plan_schedule(180.0, 0.0, FAKE, batches_per_epoch=8, warmup_fraction=0.05)
+    # the run's own set-up time shifts the plan by at most an epoch
+    assert abs(config['epochs'] - plan.epochs) <= 1 and config['epochs'] > 2
+    assert config['warmup_epochs'] == pytest.approx(0.05 * config['epochs'], abs=1e-3)
+    assert config['time_budget'] == '3m' and (config['train_batches'] or 8) <= 8
+    assert f'the schedule is {config["epochs"]} epochs' in out_text and 'measured 0.5 images/s training' in out_text
+    assert len(measured) == 1
+
+    assert main(['train', '--resume', str(out / 'run'), '--quiet']) == 0
+    assert len(measured) == 1  # the resumed run keeps its plan
+    resumed = json.loads((out / 'run' / 'config.json').read_text())['config']
+    assert resumed == config
+    history = json.loads((out / 'run' / 'metrics.json').read_text())
+    assert [row['epoch'] for row in history] == list(range(1, config['epochs'] + 1))
+    assert history[-1]['lr'] == pytest.approx(1e-6, rel=1e-3)  # annealed: the cosine decay ends at --min-lr
