@@ -264,10 +264,22 @@ def eval_data_config(
 
 
 def eval_transform(
-    model: torch.nn.Module, metadata: Optional[Mapping[str, Any]] = None, img_size: Optional[ImageSize] = None
+    model: torch.nn.Module,
+    metadata: Optional[Mapping[str, Any]] = None,
+    img_size: Optional[ImageSize] = None,
+    normalize: bool = True,
 ) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL image to the normalised ``(3, H, W)`` tensor the model evaluates on (see `eval_data_config`)."""
-    return create_transform(**eval_data_config(model, metadata, img_size), is_training=False)
+    """PIL image to the normalised ``(3, H, W)`` tensor the model evaluates on (see `eval_data_config`); with
+    ``normalize=False`` to the uint8 ``(3, H, W)`` tensor before that, for `normalize_images` to finish."""
+    return create_transform(**eval_data_config(model, metadata, img_size), is_training=False, normalize=normalize)
+
+
+def normalize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 ``(B, 3, H, W)`` images to the float32 ones the model takes, with the same operations in the same order
+    as torchvision's ``ToTensor`` and ``Normalize`` on each image (so the same floats), but once per batch and on the
+    images' device: a GPU gets a quarter of the bytes and does the arithmetic."""
+    mean_, std_ = (torch.as_tensor(v, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) for v in (mean, std))
+    return images.float().div_(255).sub_(mean_).div_(std_)
 
 
 def find_images(paths: Sequence[str]) -> List[Path]:
@@ -348,3 +360,35 @@ def open_image(path: Path) -> Image.Image:
         raise UnreadableImageError(f'{path}: too large to open safely ({e})') from e
     except _DECODE_ERRORS as e:
         raise UnreadableImageError(f'{path}: not a readable image ({type(e).__name__}: {e})') from e
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files for a loader to decode in its workers: item ``i`` is ``(i, pixels, None)``, or ``(i, None,
+    reason)`` for a file `open_image` cannot read, so that one bad file is reported in its row instead of stopping
+    the loader. Batch them with :func:`collate_image_files`.
+
+    Args:
+        paths: the image files.
+        transform: PIL image to a ``(3, H, W)`` tensor (`eval_transform`).
+    """
+
+    def __init__(self, paths: Sequence[Path], transform: Callable[[Image.Image], torch.Tensor]):
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Tuple[int, Optional[torch.Tensor], Optional[str]]:
+        try:
+            return index, self.transform(open_image(self.paths[index])), None
+        except UnreadableImageError as e:
+            return index, None, str(e)
+
+
+def collate_image_files(
+    items: Sequence[Tuple[int, Optional[torch.Tensor], Optional[str]]],
+) -> Tuple[List[int], Optional[torch.Tensor], List[Optional[str]]]:
+    """A batch of :class:`ImageFiles` items: the indices, the readable images stacked ``(B', 3, H, W)`` (None when
+    none is), and each item's error (None for a readable one)."""
+    pixels = [p for _, p, _ in items if p is not None]
+    return [i for i, _, _ in items], torch.stack(pixels) if pixels else None, [e for _, _, e in items]

@@ -1,15 +1,28 @@
-"""What the library runs on: device resolution, autocast, telling out-of-memory errors, optional packages."""
+"""What the library runs on: device resolution, the process group torchrun describes, autocast, telling
+out-of-memory errors, optional packages."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
+from typing import Tuple
 
 import torch
+import torch.distributed as dist
 
 from .errors import UsageError
 
-__all__ = ['AMP_DTYPES', 'CLI_EXTRA', 'resolve_device', 'autocast', 'fast_bf16', 'out_of_memory', 'require_extra']
+__all__ = [
+    'AMP_DTYPES',
+    'CLI_EXTRA',
+    'resolve_device',
+    'init_distributed',
+    'autocast',
+    'fast_bf16',
+    'out_of_memory',
+    'require_extra',
+]
 
 #: ``--amp`` value -> autocast dtype; 'none' runs float32
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -36,6 +49,20 @@ def _available(device_type: str) -> bool:
     # torch.mps, torch.xpu, ... each say whether their device is there
     backend = getattr(torch, device_type, None)
     return bool(getattr(backend, 'is_available', lambda: False)())
+
+
+def init_distributed(device_name: str) -> Tuple[int, int, torch.device]:
+    """Join the process group torchrun describes in the environment (NCCL on GPUs, gloo on the CPU); returns rank,
+    world size and this process's device (its ``LOCAL_RANK`` GPU). One process, no torchrun: ``(0, 1, device)``."""
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    device = resolve_device(device_name)
+    if world_size == 1:
+        return 0, 1, device
+    if device.type == 'cuda':
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
+        torch.cuda.set_device(device)
+    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return dist.get_rank(), world_size, device
 
 
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:

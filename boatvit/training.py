@@ -62,7 +62,7 @@ from .runs import (
     write_json,
     write_metrics,
 )
-from .runtime import AMP_DTYPES, autocast, fast_bf16, out_of_memory, require_extra, resolve_device
+from .runtime import AMP_DTYPES, autocast, fast_bf16, init_distributed, out_of_memory, require_extra, resolve_device
 from .time_budget import StepTimes, format_duration, parse_duration, plan_schedule
 from .weights import (
     Weights,
@@ -993,19 +993,6 @@ def fit_to_budget(
     return planned
 
 
-def _init_distributed(device_name: str) -> Tuple[int, int, torch.device]:
-    """Join the process group torchrun describes in the environment; returns rank, world size and device."""
-    world_size = int(os.environ.get('WORLD_SIZE', '1'))
-    device = resolve_device(device_name)
-    if world_size == 1:
-        return 0, 1, device
-    if device.type == 'cuda':
-        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
-        torch.cuda.set_device(device)
-    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    return dist.get_rank(), world_size, device
-
-
 def _check_weights(config: TrainConfig) -> Weights:
     """``config.weights`` read, and checked to fit ``config.model`` (the classifier aside)."""
     weights = read_weights(config.weights)
@@ -1059,7 +1046,7 @@ def train(
         raise UsageError('train takes either a config (a new run) or resume (a run directory), not both or neither')
     # every epoch ends by plotting the curves: a missing matplotlib is said before training, not after an epoch
     require_extra('matplotlib', 'matplotlib', 'plotting training curves')
-    rank, world_size, run_on = _init_distributed(device)
+    rank, world_size, run_on = init_distributed(device)
     try:
         resume_state, run_dir, initial_weights = None, None, None
         if resume is not None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import timm
+import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -19,7 +20,9 @@ from boatvit.data import (
     canonical_image_size,
     check_same_classes,
     eval_data_config,
+    eval_transform,
     image_hw,
+    normalize_images,
     open_image,
     open_split,
     shard,
@@ -212,3 +215,15 @@ def test_image_folder_with_bad_images_is_refused_with_the_list(tmp_path):
     for name, why in (('a/1.png', 'not a readable'), ('a/2.png', 'not a readable'), ('b/bomb.png', 'too large')):
         assert f'{root / "train" / name}: {why}' in message
     assert f'{root / "train" / "b" / "deep.png"}: I;16 pixels' in message and 'remove or replace them' in message
+
+
+def test_uint8_images_normalized_per_batch_are_the_floats_of_the_eval_transform():
+    """predict hands the model uint8 images and normalises them a batch at a time: the same float32 values."""
+    model = timm.create_model('boat_swin_nano_32')
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (40, 37, 3), dtype=np.uint8)) for _ in range(3)]
+    config = eval_data_config(model)
+    uint8 = torch.stack([eval_transform(model, normalize=False)(image) for image in images])
+    assert uint8.dtype == torch.uint8
+    expected = torch.stack([eval_transform(model)(image) for image in images])
+    assert torch.equal(normalize_images(uint8, config['mean'], config['std']), expected)

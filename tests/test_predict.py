@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -14,9 +15,10 @@ from sklearn.datasets import load_sample_image
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
 
 from boatvit import cli
-from boatvit.prediction import class_names
+from boatvit.errors import UsageError
+from boatvit.prediction import class_names, predict_batches
 from boatvit.runs import save_weights
-from test_data import write_16_bit_png, write_png_header
+from test_data import make_image_folder, write_16_bit_png, write_png_header
 
 CLASSES = ['apple', 'bear', 'cat', 'dog', 'eel', 'fox', 'gnu', 'hen', 'ibis', 'jay']
 
@@ -141,3 +143,37 @@ def test_a_folder_with_unreadable_images_predicts_the_rest(tmp_path, images, nan
     assert cli.main(['predict', str(folder / 'broken.jpg'), str(folder / 'bomb.png'), '--weights', str(nano[0])]) == 2
     err = capsys.readouterr().err
     assert 'none of the 2 images could be read' in err and 'Traceback' not in err
+
+
+def test_predict_top1_accuracy_equals_eval_top1(tmp_path, capsys):
+    """On one labelled folder and one set of weights, the top-1 column of predict's results file is as accurate as
+    `boatvit eval` says (the class is each image's folder name)."""
+    from test_evaluate import TINY_KWARGS
+
+    root = make_image_folder(tmp_path / 'data', {'val': {'a': 6, 'b': 5, 'c': 7}}, size=32, seed=3)
+    torch.manual_seed(3)
+    model = timm.create_model('boat_swin_nano_32', num_classes=3, **TINY_KWARGS)
+    weights = tmp_path / 'w.safetensors'
+    save_weights(weights, model.state_dict(), {'model': 'boat_swin_nano_32', 'model_kwargs': TINY_KWARGS,
+                                               'classes': ['a', 'b', 'c']})  # fmt: skip
+    flags = ['--weights', str(weights), '--batch-size', '4', '--workers', '0']
+    assert cli.main(['eval', '--data', str(root), *flags, '--json']) == 0
+    top1 = json.loads(capsys.readouterr().out)['top1']
+
+    out = tmp_path / 'val.csv'
+    assert cli.main(['predict', str(root / 'val'), *flags, '--results-file', str(out)]) == 0
+    with open(out, newline='') as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 18 and len({row['name_1'] for row in rows}) > 1  # not one class for every image
+    hits = sum(row['name_1'] == Path(row['image']).parent.name for row in rows)
+    assert 100 * hits / len(rows) == pytest.approx(top1, abs=1e-9)
+
+
+def test_a_batch_too_large_for_memory_says_lower_the_batch_size(images):
+    class OutOfMemory(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 99 GB")
+
+    batches = predict_batches(OutOfMemory(), [images / 'china.jpg'], lambda image: torch.zeros(3, 8, 8), ['a'], 1, 32)
+    with pytest.raises(UsageError, match='--batch-size 32 does not fit in memory on cpu; lower it'):
+        next(batches)
