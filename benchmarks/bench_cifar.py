@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from benchmarks.common import RESULTS_DIR, environment, load_average, print_table
+from boatvit.data import usable_cores
 
 # the twin: the same model, recipe and budget, every bilateral block without its FSLA
 MODELS = {'boat': [], 'twin': ['--model-kwargs', 'fsla_blocks=none']}
@@ -159,7 +160,7 @@ def main() -> None:
         os.environ['OMP_NUM_THREADS'] = str(args.threads)
     if not (args.data / 'train').is_dir() or not (args.data / 'val').is_dir():
         raise SystemExit(f'{args.data} needs train/ and val/ folders of class folders (CIFAR-10 as JPEG folders)')
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    threads = usable_cores()
     payload = json.loads(args.json.read_text()) if args.json.is_file() else {'runs': []}
     payload['environment'] = environment(
         argparse.Namespace(device='cpu', threads=threads, compile=False, repeats=None, warmup=None)

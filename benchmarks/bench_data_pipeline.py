@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import time
 from pathlib import Path
 
 import torch
 
 from benchmarks.common import environment, median, positive_int, print_table, write_json
-from boatvit.data import default_workers
+from boatvit.data import default_workers, usable_cores
 from boatvit.cli import build_parser
 from boatvit.cli.train import config_from_args
 from boatvit.training import Trainer, _open_data, _set_transforms, build_loaders
@@ -91,7 +90,7 @@ def main() -> None:
         batch_size=config.batch_size,
         model=config.model,
         workers=workers,
-        cores=len(os.sched_getaffinity(0)),
+        cores=usable_cores(),
     )
     print_table(
         f'{config.model} at {config.img_size} px, batch {config.batch_size}, amp {config.amp}, {workers} workers,'

@@ -232,11 +232,15 @@ def shard(ds: torch.utils.data.Dataset, rank: int, world_size: int) -> torch.uti
     return torch.utils.data.Subset(ds, range(rank, len(ds), world_size))
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the system tells it, else all of them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+
+
 def default_workers(processes: int = 1) -> int:
     """Data loader processes for each of ``processes`` training processes on this machine: the cores shared out, at
     most 8 each; none when a process has 2 cores or fewer, which the training itself needs."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
-    share = cores // processes
+    share = usable_cores() // processes
     return 0 if share <= 2 else min(8, share)
 
 

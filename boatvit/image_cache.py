@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .data import open_image
+from .data import open_image, usable_cores
 from .errors import UsageError
 
 __all__ = ['CACHE_MODES', 'InMemoryImages', 'available_memory', 'cache_split', 'collate_samples']
@@ -51,10 +51,6 @@ class InMemoryImages(torch.utils.data.Dataset):
         self.targets = torch.as_tensor(list(targets), dtype=torch.long)
         self.transform = transform
         self.batch_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-
-    @property
-    def nbytes(self) -> int:
-        return self.pixels.numel()
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -159,7 +155,7 @@ def cache_split(
 
 def _pool_map(fn: Callable, items: Sequence, threads: Optional[int], bar: Optional[tqdm]) -> list:
     if threads is None:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+        threads = usable_cores()
     with ThreadPoolExecutor(max(1, threads)) as pool:
         results = []
         for result in pool.map(fn, items) if threads > 1 else map(fn, items):

@@ -148,6 +148,8 @@ def fit_to_data(num_images: int, image_side: int, fast_bf16: bool = False) -> Tu
     its loss near chance. Crops keep at least 35 % of a small image: timm's 8 % of a 32 px photo is a 9 px patch.
     Where bf16 matrix products are faster (GPUs, CPUs with AMX or AVX512-BF16), bf16 autocast, as the GPU recipes.
     """
+    if num_images < 1 or image_side < 1:
+        raise ValueError(f'fit_to_data needs at least one image of at least one pixel, got {num_images}, {image_side}')
     reasons = []
     img_size = 32 if image_side <= 48 else 64
     values: Dict[str, Any] = {'model': 'boat_swin_nano_32', 'img_size': img_size}

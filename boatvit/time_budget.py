@@ -115,6 +115,13 @@ def plan_schedule(
     Raises:
         UsageError: the budget does not leave time for one optimizer step, one validation and one save.
     """
+    if not (budget > 0 and spent >= 0 and batches_per_epoch >= 1 and grad_accum >= 1 and 0 <= warmup_fraction < 1):
+        raise ValueError(
+            f'plan_schedule needs budget > 0, spent >= 0, batches_per_epoch and grad_accum >= 1 and warmup_fraction in'
+            f' [0, 1); got {budget}, {spent}, {batches_per_epoch}, {grad_accum}, {warmup_fraction}'
+        )
+    if not min(times.step, times.eval_epoch, times.save_epoch) >= 0 or times.step == 0:
+        raise ValueError(f'plan_schedule needs a positive step time and non-negative others, got {times}')
     available = (budget - spent) * (1 - SAFETY_MARGIN)
     per_epoch_fixed = times.eval_epoch + times.save_epoch
     full_epoch = batches_per_epoch * times.step + per_epoch_fixed

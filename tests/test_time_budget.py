@@ -145,3 +145,17 @@ def test_a_budgeted_run_trains_the_planned_schedule_ends_annealed_and_resumes_wi
     history = json.loads((out / 'run' / 'metrics.json').read_text())
     assert [row['epoch'] for row in history] == list(range(1, config['epochs'] + 1))
     assert history[-1]['lr'] == pytest.approx(1e-6, rel=1e-3)  # annealed: the cosine decay ends at --min-lr
+
+
+def test_the_planner_and_the_fitted_defaults_refuse_impossible_inputs():
+    from boatvit.recipes import fit_to_data
+
+    for bad in (dict(budget=0.0), dict(batches_per_epoch=0), dict(warmup_fraction=1.0), dict(spent=-1.0)):
+        args = dict(budget=60.0, spent=0.0, times=CIFAR, batches_per_epoch=10, warmup_fraction=0.1, **{})
+        args.update(bad)
+        with pytest.raises(ValueError, match='plan_schedule needs'):
+            plan_schedule(**args)
+    with pytest.raises(ValueError, match='positive step time'):
+        plan_schedule(60.0, 0.0, StepTimes(0.0, 1.0, 1.0), 10, 0.1)
+    with pytest.raises(ValueError, match='at least one image'):
+        fit_to_data(0, 32)
