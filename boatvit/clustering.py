@@ -284,10 +284,12 @@ def _fused_clustering(
     required: bool,
 ) -> torch.Tensor:
     """The compiled CPU kernel's padded clustered order ``(B, heads, num_tokens_padded)`` int64 of ``q``
-    ``(B, heads, N, d)`` float32/float64, built on first use; where it cannot be built, the PyTorch ops' (after one
-    warning) or, if ``required``, a RuntimeError. No gradient: the queries come detached."""
+    ``(B, heads, N, d)`` float64/float32/bfloat16/float16 (half precision clustered in float32), built on first use;
+    where it cannot be built, the PyTorch ops' (after one warning) or, if ``required``, a RuntimeError. No gradient:
+    the queries come detached."""
     kernels = cpu_kernels(required)
     if kernels is None:
+        q = q.float() if q.dtype in (torch.float16, torch.bfloat16) else q
         return _torch_clustered_order(q, _layout_of_levels(q.shape[2], levels), iterations, temperature)
     return kernels.clustered_order(
         q if q.stride(-1) == 1 else q.contiguous(), num_tokens_padded, levels, iterations, temperature
@@ -313,12 +315,14 @@ def _clustered_order(
         return torch.arange(n_pad, device=q.device).expand(B, heads, n_pad)
     # the assignment is discrete (a sort): nothing differentiable flows through it
     q = q.detach()
-    if q.dtype in (torch.float16, torch.bfloat16):
-        q = q.float()  # a split decided in half precision moves many tokens
+    # a split decided in half precision moves many tokens: half-precision queries are clustered in float32, by the
+    # kernel as it reads them (no float32 copy of q), by the PyTorch ops on a float32 copy
     if use_cpu_kernel(q, backend):
         return torch.ops.boatvit.fused_clustering(
             q, n_pad, layout.levels, iterations, float(temperature), backend == 'kernel'
         )
+    if q.dtype in (torch.float16, torch.bfloat16):
+        q = q.float()
     return _torch_clustered_order(q, layout, iterations, temperature)
 
 

@@ -217,7 +217,7 @@ def _packed_feature_space_attention(
         cluster_queries, cluster_size, iterations, temperature, return_padded=True, backend=backend
     )
     scale = d**-0.5 if scale is None else scale
-    if not dropout_p and qkv.dtype in (torch.float32, torch.float64) and use_cpu_kernel(qkv, backend):
+    if not dropout_p and use_cpu_kernel(qkv, backend):
         return torch.ops.boatvit.fused_cluster_attention(
             qkv, order, cluster_size, overlap, float(scale), backend == 'kernel'
         )

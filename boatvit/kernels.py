@@ -41,6 +41,8 @@ class CPUKernels(NamedTuple):
     clustered_order: Callable
     cluster_attention: Callable
     cluster_attention_backward: Callable
+    #: ``(dtype, head_dim) -> bool``: whether bf16/fp16 attention runs on the CPU's matrix units (Intel AMX)
+    cluster_attention_matrix_units: Callable = lambda dtype, head_dim: False
 
 
 _lock = threading.Lock()
@@ -74,7 +76,8 @@ def _build_flags() -> Tuple[List[str], str]:
     if capability in ('AVX2', 'AVX512'):
         # CPU_CAPABILITY selects ATen's AVX2 vector types (at::vec) in the headers, as torch's own AVX2 build of its
         # kernels does; also on AVX512 machines, where 16-lane vectors fit a cluster's 69 keys worse (measured slower)
-        flags += ['-mavx2', '-mfma', '-DCPU_CAPABILITY=AVX2', '-DCPU_CAPABILITY_AVX2']
+        # -mf16c: the vector float16 conversions of at::vec (every AVX2 CPU has F16C)
+        flags += ['-mavx2', '-mfma', '-mf16c', '-DCPU_CAPABILITY=AVX2', '-DCPU_CAPABILITY_AVX2']
     return flags, capability.lower()
 
 
@@ -124,7 +127,9 @@ def _build() -> CPUKernels:
             is_python_module=False,
         )
     ops = torch.ops.boatvit
-    return CPUKernels(ops.clustered_order, ops.cluster_attention, ops.cluster_attention_backward)
+    return CPUKernels(
+        ops.clustered_order, ops.cluster_attention, ops.cluster_attention_backward, ops.cluster_attention_matrix_units
+    )
 
 
 def use_cpu_kernel(x: torch.Tensor, backend: Optional[str]) -> bool:

@@ -40,6 +40,48 @@ def test_float32_agrees_with_the_pytorch_ops(shape, cluster_size, overlap):
     torch.testing.assert_close(fused, expected)
 
 
+@pytest.mark.parametrize(
+    'shape, cluster_size, overlap',
+    [
+        ((2, 3, 3136, 32), 49, 20),  # BOAT-Swin stage 1
+        ((1, 2, 1000, 34), 49, 20),  # ghosts, an even head size that is no multiple of a vector
+        ((1, 2, 300, 33), 49, 20),  # an odd head size: no pairs for the matrix units, the vector route
+        ((3, 2, 49, 24), 49, 20),  # one cluster
+        ((1, 1, 300, 2), 8, 7),  # the largest overlap
+    ],
+)
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_half_precision_forward_and_gradient_are_within_rounding(shape, cluster_size, overlap, dtype):
+    """bf16 and fp16 q, k, v (CPU autocast) run through the kernel without a float32 copy: its products read the half
+    precision values (on the CPU's matrix units where it has them, see ``cluster_attention_matrix_units``) and
+    accumulate in float32, with the softmax in float32. Against the float64 route on the same values and clusters, its
+    output and gradient are no further than the PyTorch route's own half-precision results are (which round the
+    logits too), and within the half precision's rounding of values of this size."""
+    B, heads, N, d = shape
+    g = torch.Generator().manual_seed(N + d)
+    qkv = torch.randn(B, N, 3, heads, d, generator=g).to(dtype)
+    grad = torch.randn(B, N, heads * d, generator=g).to(dtype)
+    order = balanced_hierarchical_clustering(
+        qkv[:, :, 0].transpose(1, 2), cluster_size, return_padded=True, backend='torch'
+    ).contiguous()
+    layout = cluster_layout(N, cluster_size)
+
+    def route(x):
+        return _attend_in_clusters(x, order, layout, overlap, d**-0.5, 0.0)
+
+    exact, vjp = torch.func.vjp(route, qkv.double())
+    exact_grad = vjp(grad.double())[0]
+    fused = torch.ops.boatvit.fused_cluster_attention(qkv, order, cluster_size, overlap, d**-0.5, True)
+    fused_grad = torch.ops.boatvit.fused_cluster_attention_backward(grad, qkv, order, cluster_size, overlap, d**-0.5)
+    assert fused.dtype == fused_grad.dtype == dtype
+    torch_out, torch_vjp = torch.func.vjp(route, qkv)
+    torch_grad = torch_vjp(grad)[0]
+    eps = torch.finfo(dtype).eps
+    for result, reference, exact_result in ((fused, torch_out, exact), (fused_grad, torch_grad, exact_grad)):
+        error = (result.double() - exact_result).abs().max().item()
+        assert error <= max((reference.double() - exact_result).abs().max().item(), 2 * eps * exact_result.abs().max())
+
+
 def test_same_result_on_any_thread_count():
     """Every sibling pair is computed by one thread from start to end: the split of the work changes nothing."""
     q, k, v = _qkv((2, 3, 784, 32), 0, torch.float32)
@@ -60,20 +102,19 @@ def _forbid_the_attention_kernel(monkeypatch):
     monkeypatch.setattr(kernels, '_loaded', CPUKernels(kernels_.clustered_order, forbidden, forbidden))
 
 
-@pytest.mark.parametrize('case', ['dropout', 'bfloat16', 'torch backend', 'traced'])
-def test_the_kernel_runs_on_float_cpu_tensors_without_dropout(monkeypatch, case):
-    """Calls that drop attention weights, hold half-precision q, k, v (CPU autocast), ask for the PyTorch ops or
-    are traced keep the PyTorch route; CPU inference and training in float32/float64 take the kernel."""
+@pytest.mark.parametrize('case', ['dropout', 'torch backend', 'traced'])
+def test_the_kernel_runs_on_cpu_tensors_without_dropout(monkeypatch, case):
+    """Calls that drop attention weights, ask for the PyTorch ops or are traced keep the PyTorch route; CPU
+    inference and training in float64, float32, bf16 and fp16 (CPU autocast) take the kernel."""
     q, k, v = _qkv((1, 2, 196, 8), 1, torch.float32)
     _forbid_the_attention_kernel(monkeypatch)
-    with pytest.raises(AssertionError, match='attention kernel ran'):
-        feature_space_attention(q, k, v)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        with pytest.raises(AssertionError, match='attention kernel ran'):
+            feature_space_attention(q.to(dtype), k.to(dtype), v.to(dtype))
     with pytest.raises(AssertionError, match='attention kernel ran'):
         feature_space_attention(q.clone().requires_grad_(), k, v)
     if case == 'dropout':
         feature_space_attention(q, k, v, dropout_p=0.1)
-    elif case == 'bfloat16':
-        feature_space_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
     elif case == 'torch backend':
         feature_space_attention(q, k, v, backend='torch')
     else:
@@ -150,8 +191,8 @@ def test_op_checks_its_arguments():
     layout = cluster_layout(250)
     assert (layout.cluster_size, layout.num_clusters) == (63, 4)
     assert op(qkv, order, 63, 4, 20, 0.5).shape == (1, 250, 16)
-    with pytest.raises(RuntimeError, match='float32 or float64'):
-        op(qkv.half(), order, 63, 4, 20, 0.5)
+    with pytest.raises(RuntimeError, match='float64, float32, bfloat16 or float16'):
+        op(qkv.to(torch.int32), order, 63, 4, 20, 0.5)
     with pytest.raises(RuntimeError, match='contiguous \\(B, N, 3, heads, head_dim\\)'):
         op(qkv.transpose(3, 4), order, 63, 4, 20, 0.5)
     with pytest.raises(RuntimeError, match='order must be a contiguous int64 \\(B, heads, n_pad\\)'):
@@ -174,14 +215,15 @@ def test_op_checks_its_arguments():
             op(qkv, corrupt, 63, 4, 20, 0.5)
 
 
-def test_operators_pass_opcheck():
+@pytest.mark.parametrize('dtype', [torch.float64, torch.bfloat16, torch.float16])
+def test_operators_pass_opcheck(dtype):
     """The Python operators around the kernel (those compiled graphs hold): their fake implementations, schemas,
-    dispatch and autograd registration, by torch.library.opcheck."""
-    qkv, order = _packed(dtype=torch.float64)
+    dispatch and autograd registration, by torch.library.opcheck, in float64 and in the half precisions."""
+    qkv, order = _packed(dtype=dtype)
     torch.library.opcheck(
         torch.ops.boatvit.fused_cluster_attention.default, (qkv.requires_grad_(), order, 49, 20, 0.25, True)
     )
-    grad = torch.randn(1, 250, 16, dtype=torch.float64)
+    grad = torch.randn(1, 250, 16, dtype=dtype)
     torch.library.opcheck(
         torch.ops.boatvit.fused_cluster_attention_backward.default, (grad, qkv.detach(), order, 49, 20, 0.25)
     )

@@ -102,6 +102,20 @@ def test_copies_of_a_token_stay_in_index_order(route, dtype):
         assert torch.equal(positions, positions.sort(-1).values)
 
 
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_half_precision_queries_are_clustered_as_their_float32_values(dtype):
+    """The kernel reads bf16/fp16 queries (no float32 copy of them) and clusters them in float32: the same order as
+    the PyTorch route on ``q.float()``, ties included (half precision rounds many queries to equal values), and
+    from a strided view of a packed qkv as from a contiguous tensor."""
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(2, 3136, 3, 3, 32, generator=g).to(dtype)
+    qkv[:, 100:160, 0] = qkv[:, 7:8, 0]  # exact copies
+    q = qkv[:, :, 0].transpose(1, 2)
+    fused = balanced_hierarchical_clustering(q, return_padded=True, backend='kernel')
+    assert torch.equal(fused, balanced_hierarchical_clustering(q.float(), return_padded=True, backend='torch'))
+    assert torch.equal(fused, balanced_hierarchical_clustering(q.contiguous(), return_padded=True, backend='kernel'))
+
+
 def test_tied_tokens_are_clustered_as_in_eager():
     """Which copy of a repeated token falls on which side of a cut changes the attention output at its index:
     both routes put the copies in the same places."""
@@ -204,8 +218,8 @@ def test_op_checks_its_arguments():
     for n_pad, levels in ((250, 2), (248, 2), (256, 2), (252, 0), (252, 3)):
         with pytest.raises(RuntimeError, match='cluster layout of the N tokens'):
             op(q, n_pad, levels, 2, 100.0)
-    with pytest.raises(RuntimeError, match='float32 or float64'):
-        op(q.half(), 252, 2, 2, 100.0)
+    with pytest.raises(RuntimeError, match='float64, float32, bfloat16 or float16'):
+        op(q.to(torch.int32), 252, 2, 2, 100.0)
     with pytest.raises(RuntimeError, match='iterations'):
         op(q, 252, 2, -1, 100.0)
     with pytest.raises(RuntimeError, match='unit stride'):

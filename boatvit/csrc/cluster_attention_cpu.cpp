@@ -17,14 +17,17 @@
 // from its start, cluster 2j + 1 to those ending at its end: both windows lie in the pair's 2 * cluster_size slots.
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <utility>
@@ -101,34 +104,35 @@ inline Vectorized<scalar_t> vector_exp(const Vectorized<scalar_t>& x) {
 
 // Each row i of S (M x N, lds) becomes exp(scale * s - max) in place, masked columns exp(-inf) = 0; inv[i] is one
 // over the row's sum (applied to the output row, which is shorter). A real query always has a real key (itself).
+// A row's last N % L columns go as one partial vector: a scalar exp per column there cost as much as the rest.
 template <typename scalar_t>
 void unnormalised_softmax(scalar_t* S, int64_t lds, int64_t M, int64_t N, scalar_t scale,
                           const std::vector<int64_t>& masked, scalar_t* inv) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t L = Vec::size();
   const scalar_t minus_inf = -std::numeric_limits<scalar_t>::infinity();
+  const int64_t body = N / L * L, tail = N - body;
   for (int64_t i = 0; i < M; ++i) {
     scalar_t* s = S + i * lds;
-    int64_t j = 0;
-    for (; j + L <= N; j += L) (Vec::loadu(s + j) * Vec(scale)).store(s + j);
-    for (; j < N; ++j) s[j] *= scale;
+    for (int64_t j = 0; j < body; j += L) (Vec::loadu(s + j) * Vec(scale)).store(s + j);
+    if (tail) (Vec::loadu(s + body, tail) * Vec(scale)).store(s + body, tail);
     for (const int64_t column : masked) s[column] = minus_inf;
     Vec vmax(minus_inf);
-    for (j = 0; j + L <= N; j += L) vmax = at::vec::maximum(vmax, Vec::loadu(s + j));
-    scalar_t row_max = lanes_reduce<scalar_t>(vmax, true);
-    for (; j < N; ++j) row_max = std::max(row_max, s[j]);
+    for (int64_t j = 0; j < body; j += L) vmax = at::vec::maximum(vmax, Vec::loadu(s + j));
+    if (tail) vmax = at::vec::maximum(vmax, Vec::set(Vec(minus_inf), Vec::loadu(s + body, tail), tail));
+    const Vec row_max(lanes_reduce<scalar_t>(vmax, true));
     Vec vsum(scalar_t(0));
-    for (j = 0; j + L <= N; j += L) {
-      const Vec e = vector_exp<scalar_t>(Vec::loadu(s + j) - Vec(row_max));
+    for (int64_t j = 0; j < body; j += L) {
+      const Vec e = vector_exp<scalar_t>(Vec::loadu(s + j) - row_max);
       e.store(s + j);
       vsum = vsum + e;
     }
-    scalar_t sum = lanes_reduce<scalar_t>(vsum, false);
-    for (; j < N; ++j) {
-      s[j] = std::exp(s[j] - row_max);
-      sum += s[j];
+    if (tail) {
+      const Vec e = vector_exp<scalar_t>(Vec::loadu(s + body, tail) - row_max);
+      e.store(s + body, tail);
+      vsum = vsum + Vec::set(Vec(scalar_t(0)), e, tail);
     }
-    inv[i] = scalar_t(1) / sum;
+    inv[i] = scalar_t(1) / lanes_reduce<scalar_t>(vsum, false);
   }
 }
 
@@ -174,14 +178,14 @@ void for_each_group(const Layout& layout, const at::Tensor& order, const Body& b
       }
       if (!bad_order) body(state, bh / layout.heads, bh % layout.heads, slots);
     }
+    body.finish();
   });
   TORCH_CHECK(!bad_order, "cluster_attention: order holds a slot index outside [0, n_pad)");
 }
 
 // The q, k or v row (part 0, 1, 2) of the token in a slot; a ghost slot (index >= N) reads the last real token.
-template <typename scalar_t>
-inline const scalar_t* qkv_row(const scalar_t* qkv, const Layout& layout, int64_t b, int64_t h, int64_t slot,
-                               int64_t part) {
+template <typename io_t>
+inline const io_t* qkv_row(const io_t* qkv, const Layout& layout, int64_t b, int64_t h, int64_t slot, int64_t part) {
   return qkv + (b * layout.N + std::min(slot, layout.N - 1)) * layout.token_stride + (part * layout.heads + h) * layout.d;
 }
 
@@ -193,11 +197,36 @@ inline void copy_row(const scalar_t* from, scalar_t* to, int64_t d, scalar_t fac
   for (; i < d; ++i) to[i] = from[i] * factor;
 }
 
+// A row of the input's dtype into a buffer of the products' (bf16 and fp16 are computed in float32)
+template <typename from_t, typename to_t>
+inline void load_row(const from_t* from, to_t* to, int64_t d) {
+  if constexpr (std::is_same_v<from_t, to_t>) {
+    // vector copies: a call to memmove per row of 64 bytes cost a fifth of the kernel
+    using Vec = Vectorized<to_t>;
+    int64_t i = 0;
+    for (; i + Vec::size() <= d; i += Vec::size()) Vec::loadu(from + i).store(to + i);
+    if (i < d) Vec::loadu(from + i, d - i).store(to + i, d - i);
+  } else {
+    at::vec::convert(from, to, d);
+  }
+}
+
+// factor * a row of the products' buffer, stored in the output's dtype (the buffer's row is scaled in place)
+template <typename acc_t, typename io_t>
+inline void store_row(acc_t* from, io_t* to, int64_t d, acc_t factor) {
+  if constexpr (std::is_same_v<acc_t, io_t>) {
+    copy_row(from, to, d, factor);
+  } else {
+    if (factor != acc_t(1)) copy_row(from, from, d, factor);
+    at::vec::convert(from, to, d);
+  }
+}
+
 // rows x cols (leading dimension ld_from) into cols x rows (leading dimension ld_to)
-template <typename scalar_t>
-inline void transpose(const scalar_t* from, int64_t ld_from, scalar_t* to, int64_t ld_to, int64_t rows, int64_t cols) {
+template <typename from_t, typename to_t>
+inline void transpose(const from_t* from, int64_t ld_from, to_t* to, int64_t ld_to, int64_t rows, int64_t cols) {
   for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) to[j * ld_to + i] = from[i * ld_from + j];
+    for (int64_t j = 0; j < cols; ++j) to[j * ld_to + i] = static_cast<to_t>(from[i * ld_from + j]);
 }
 
 // The columns of the ghost keys among a cluster's keys.
@@ -208,51 +237,68 @@ inline void masked_keys(const Layout& layout, const int64_t* slots, int64_t firs
   }
 }
 
+// dS = P * (dP - rowsum(P * dP)) * scale, row by row in place of dP (c x m, both leading dimension m)
+template <typename acc_t>
+inline void softmax_gradient(const acc_t* probs, acc_t* grad_s, int64_t c, int64_t m, acc_t scale) {
+  for (int64_t r = 0; r < c; ++r) {
+    const acc_t* p_row = probs + r * m;
+    acc_t* s_row = grad_s + r * m;
+    acc_t rowsum = 0;
+    for (int64_t j = 0; j < m; ++j) rowsum += p_row[j] * s_row[j];
+    for (int64_t j = 0; j < m; ++j) s_row[j] = p_row[j] * (s_row[j] - rowsum) * scale;
+  }
+}
+
 // the products' register blocks: 4 query rows by 3 vectors of keys, 3 rows by 4 vectors of the head dimension
 constexpr int64_t kKeyRows = 4, kKeyVectors = 3, kHeadRows = 3, kHeadVectors = 4;
 
-template <typename scalar_t>
+// The attention of every group in vector registers (at::vec), in float32 for float32, bf16 and fp16 inputs (the
+// half-precision rows are converted as they are gathered) and in float64 for float64.
+template <typename io_t>
 struct Forward {
+  using acc_t = at::opmath_type<io_t>;
   const Layout& layout;
-  const scalar_t* qkv;
-  scalar_t* out;
-  scalar_t scale;
+  const io_t* qkv;
+  io_t* out;
+  acc_t scale;
 
   // q and v rows of the group's slots, its keys transposed (d x slots: the logits' product reads key columns as
   // vectors), one cluster's logits and output; padded for the products' reads past a row's end
   struct State {
-    std::vector<scalar_t> q, k_t, v, logits, o, inv;
+    std::vector<acc_t> q, k_t, v, logits, o, inv;
     std::vector<int64_t> masked;
   };
 
   State make_state() const {
-    const int64_t pad = kHeadVectors * Vectorized<scalar_t>::size(), G = layout.group_slots, d = layout.d;
+    const int64_t pad = kHeadVectors * Vectorized<acc_t>::size(), G = layout.group_slots, d = layout.d;
     const int64_t c = layout.cluster_size;
-    return State{std::vector<scalar_t>(G * d + pad), std::vector<scalar_t>(d * G + pad),
-                 std::vector<scalar_t>(G * d + pad), std::vector<scalar_t>(c * layout.keys + pad),
-                 std::vector<scalar_t>(c * d + pad), std::vector<scalar_t>(c), {}};
+    return State{std::vector<acc_t>(G * d + pad), std::vector<acc_t>(d * G + pad),
+                 std::vector<acc_t>(G * d + pad), std::vector<acc_t>(c * layout.keys + pad),
+                 std::vector<acc_t>(c * d + pad), std::vector<acc_t>(c), {}};
   }
+
+  void finish() const {}
 
   void operator()(State& st, int64_t b, int64_t h, const int64_t* slots) const {
     const int64_t G = layout.group_slots, d = layout.d, c = layout.cluster_size, m = layout.keys;
     for (int64_t p = 0; p < G; ++p) {
-      copy_row(qkv_row(qkv, layout, b, h, slots[p], 0), st.q.data() + p * d, d);
-      const scalar_t* k_row = qkv_row(qkv, layout, b, h, slots[p], 1);
-      for (int64_t i = 0; i < d; ++i) st.k_t[i * G + p] = k_row[i];
-      copy_row(qkv_row(qkv, layout, b, h, slots[p], 2), st.v.data() + p * d, d);
+      load_row(qkv_row(qkv, layout, b, h, slots[p], 0), st.q.data() + p * d, d);
+      const io_t* k_row = qkv_row(qkv, layout, b, h, slots[p], 1);
+      for (int64_t i = 0; i < d; ++i) st.k_t[i * G + p] = static_cast<acc_t>(k_row[i]);
+      load_row(qkv_row(qkv, layout, b, h, slots[p], 2), st.v.data() + p * d, d);
     }
     for (int64_t cluster = 0; cluster < layout.clusters_per_group(); ++cluster) {
       const int64_t first_query = cluster * c, first_key = layout.first_key(cluster);
       masked_keys(layout, slots, first_key, st.masked);
-      product<scalar_t, kKeyRows, kKeyVectors>(st.q.data() + first_query * d, d, st.k_t.data() + first_key, G,
-                                               st.logits.data(), m, c, m, d);
-      unnormalised_softmax<scalar_t>(st.logits.data(), m, c, m, scale, st.masked, st.inv.data());
-      product<scalar_t, kHeadRows, kHeadVectors>(st.logits.data(), m, st.v.data() + first_key * d, d, st.o.data(), d,
-                                                 c, d, m);
+      product<acc_t, kKeyRows, kKeyVectors>(st.q.data() + first_query * d, d, st.k_t.data() + first_key, G,
+                                            st.logits.data(), m, c, m, d);
+      unnormalised_softmax<acc_t>(st.logits.data(), m, c, m, scale, st.masked, st.inv.data());
+      product<acc_t, kHeadRows, kHeadVectors>(st.logits.data(), m, st.v.data() + first_key * d, d, st.o.data(), d, c,
+                                              d, m);
       for (int64_t r = 0; r < c; ++r) {
         const int64_t token = slots[first_query + r];
         if (token >= layout.N) continue;  // a ghost query: dropped
-        copy_row(st.o.data() + r * d, out + ((b * layout.N + token) * layout.heads + h) * d, d, st.inv[r]);
+        store_row(st.o.data() + r * d, out + ((b * layout.N + token) * layout.heads + h) * d, d, st.inv[r]);
       }
     }
   }
@@ -263,91 +309,291 @@ struct Forward {
 // * scale (rowsum(P * dP) is rowsum(dO * O)), dQ = dS K, dK = dS^T Q and dV = P^T dO. A key row gets gradient from
 // both clusters of its pair (the sibling's window overlaps it), all within the group: every real token's q, k and v
 // gradient rows are written once, by the thread of its group, and ghost slots write nothing.
-template <typename scalar_t>
+template <typename io_t>
 struct Backward {
+  using acc_t = at::opmath_type<io_t>;
   const Layout& layout;
-  const scalar_t* qkv;
-  const scalar_t* grad_out;
-  scalar_t* grad_qkv;
-  scalar_t scale;
+  const io_t* qkv;
+  const io_t* grad_out;
+  io_t* grad_qkv;
+  acc_t scale;
 
   struct State {
-    std::vector<scalar_t> q, k, k_t, v_t, grad_o, grad_k, grad_v, probs, grad_s, transposed, block, inv;
+    std::vector<acc_t> q, k, k_t, v_t, grad_o, grad_k, grad_v, probs, grad_s, transposed, block, inv;
     std::vector<int64_t> masked;
   };
 
   State make_state() const {
-    const int64_t pad = kHeadVectors * Vectorized<scalar_t>::size(), G = layout.group_slots, d = layout.d;
+    const int64_t pad = kHeadVectors * Vectorized<acc_t>::size(), G = layout.group_slots, d = layout.d;
     const int64_t c = layout.cluster_size, m = layout.keys;
-    auto buffer = [](int64_t size) { return std::vector<scalar_t>(size); };
+    auto buffer = [](int64_t size) { return std::vector<acc_t>(size); };
     return State{buffer(G * d + pad), buffer(G * d + pad), buffer(d * G + pad), buffer(d * G + pad),
                  buffer(G * d + pad), buffer(G * d),       buffer(G * d),       buffer(c * m + pad),
                  buffer(c * m + pad), buffer(m * c),       buffer(m * d + pad), buffer(c),
                  {}};
   }
 
+  void finish() const {}
+
   void operator()(State& st, int64_t b, int64_t h, const int64_t* slots) const {
     const int64_t G = layout.group_slots, d = layout.d, c = layout.cluster_size, m = layout.keys, N = layout.N;
     for (int64_t p = 0; p < G; ++p) {
-      copy_row(qkv_row(qkv, layout, b, h, slots[p], 0), st.q.data() + p * d, d);
-      const scalar_t* k_row = qkv_row(qkv, layout, b, h, slots[p], 1);
-      const scalar_t* v_row = qkv_row(qkv, layout, b, h, slots[p], 2);
-      copy_row(k_row, st.k.data() + p * d, d);
+      load_row(qkv_row(qkv, layout, b, h, slots[p], 0), st.q.data() + p * d, d);
+      const io_t* k_row = qkv_row(qkv, layout, b, h, slots[p], 1);
+      const io_t* v_row = qkv_row(qkv, layout, b, h, slots[p], 2);
+      load_row(k_row, st.k.data() + p * d, d);
       for (int64_t i = 0; i < d; ++i) {
-        st.k_t[i * G + p] = k_row[i];
-        st.v_t[i * G + p] = v_row[i];
+        st.k_t[i * G + p] = static_cast<acc_t>(k_row[i]);
+        st.v_t[i * G + p] = static_cast<acc_t>(v_row[i]);
       }
       // a ghost query's output was dropped: its gradient is zero
-      scalar_t* grad_o_row = st.grad_o.data() + p * d;
+      acc_t* grad_o_row = st.grad_o.data() + p * d;
       if (slots[p] < N) {
-        copy_row(grad_out + ((b * N + slots[p]) * layout.heads + h) * d, grad_o_row, d);
+        load_row(grad_out + ((b * N + slots[p]) * layout.heads + h) * d, grad_o_row, d);
       } else {
-        std::fill(grad_o_row, grad_o_row + d, scalar_t(0));
+        std::fill(grad_o_row, grad_o_row + d, acc_t(0));
       }
     }
-    std::fill(st.grad_k.begin(), st.grad_k.end(), scalar_t(0));
-    std::fill(st.grad_v.begin(), st.grad_v.end(), scalar_t(0));
+    std::fill(st.grad_k.begin(), st.grad_k.end(), acc_t(0));
+    std::fill(st.grad_v.begin(), st.grad_v.end(), acc_t(0));
     for (int64_t cluster = 0; cluster < layout.clusters_per_group(); ++cluster) {
       const int64_t first_query = cluster * c, first_key = layout.first_key(cluster);
       masked_keys(layout, slots, first_key, st.masked);
-      scalar_t* probs = st.probs.data();
-      scalar_t* grad_s = st.grad_s.data();
-      product<scalar_t, kKeyRows, kKeyVectors>(st.q.data() + first_query * d, d, st.k_t.data() + first_key, G, probs,
-                                               m, c, m, d);
-      unnormalised_softmax<scalar_t>(probs, m, c, m, scale, st.masked, st.inv.data());
+      acc_t* probs = st.probs.data();
+      acc_t* grad_s = st.grad_s.data();
+      product<acc_t, kKeyRows, kKeyVectors>(st.q.data() + first_query * d, d, st.k_t.data() + first_key, G, probs, m,
+                                            c, m, d);
+      unnormalised_softmax<acc_t>(probs, m, c, m, scale, st.masked, st.inv.data());
       for (int64_t r = 0; r < c; ++r) copy_row(probs + r * m, probs + r * m, m, st.inv[r]);
-      product<scalar_t, kKeyRows, kKeyVectors>(st.grad_o.data() + first_query * d, d, st.v_t.data() + first_key, G,
-                                               grad_s, m, c, m, d);
-      for (int64_t r = 0; r < c; ++r) {
-        const scalar_t* p_row = probs + r * m;
-        scalar_t* s_row = grad_s + r * m;
-        scalar_t rowsum = 0;
-        for (int64_t j = 0; j < m; ++j) rowsum += p_row[j] * s_row[j];
-        for (int64_t j = 0; j < m; ++j) s_row[j] = p_row[j] * (s_row[j] - rowsum) * scale;
-      }
+      product<acc_t, kKeyRows, kKeyVectors>(st.grad_o.data() + first_query * d, d, st.v_t.data() + first_key, G,
+                                            grad_s, m, c, m, d);
+      softmax_gradient(probs, grad_s, c, m, scale);
       // dQ of the cluster's real queries, straight to their rows
-      product<scalar_t, kHeadRows, kHeadVectors>(grad_s, m, st.k.data() + first_key * d, d, st.block.data(), d, c, d,
-                                                 m);
+      product<acc_t, kHeadRows, kHeadVectors>(grad_s, m, st.k.data() + first_key * d, d, st.block.data(), d, c, d, m);
       for (int64_t r = 0; r < c; ++r) {
         const int64_t token = slots[first_query + r];
-        if (token < N) copy_row(st.block.data() + r * d, grad_qkv + (b * N + token) * layout.token_stride + h * d, d);
+        if (token < N) {
+          store_row(st.block.data() + r * d, grad_qkv + (b * N + token) * layout.token_stride + h * d, d, acc_t(1));
+        }
       }
       // dV and dK of the window, added to the group's
-      const std::pair<scalar_t*, const scalar_t*> to_window[2] = {{probs, st.grad_o.data()}, {grad_s, st.q.data()}};
-      scalar_t* window_grads[2] = {st.grad_v.data(), st.grad_k.data()};
+      const std::pair<acc_t*, const acc_t*> to_window[2] = {{probs, st.grad_o.data()}, {grad_s, st.q.data()}};
+      acc_t* window_grads[2] = {st.grad_v.data(), st.grad_k.data()};
       for (int64_t which = 0; which < 2; ++which) {
         transpose(to_window[which].first, m, st.transposed.data(), c, c, m);
-        product<scalar_t, kHeadRows, kHeadVectors>(st.transposed.data(), c, to_window[which].second + first_query * d,
-                                                   d, st.block.data(), d, m, d, c);
-        scalar_t* grads = window_grads[which] + first_key * d;
+        product<acc_t, kHeadRows, kHeadVectors>(st.transposed.data(), c, to_window[which].second + first_query * d, d,
+                                                st.block.data(), d, m, d, c);
+        acc_t* grads = window_grads[which] + first_key * d;
         for (int64_t i = 0; i < m * d; ++i) grads[i] += st.block[i];
       }
     }
     for (int64_t p = 0; p < G; ++p) {
       if (slots[p] >= N) continue;
-      scalar_t* row = grad_qkv + (b * N + slots[p]) * layout.token_stride + h * d;
-      copy_row(st.grad_k.data() + p * d, row + layout.heads * d, d);
-      copy_row(st.grad_v.data() + p * d, row + 2 * layout.heads * d, d);
+      io_t* row = grad_qkv + (b * N + slots[p]) * layout.token_stride + h * d;
+      store_row(st.grad_k.data() + p * d, row + layout.heads * d, d, acc_t(1));
+      store_row(st.grad_v.data() + p * d, row + 2 * layout.heads * d, d, acc_t(1));
+    }
+  }
+};
+
+// bf16 and fp16 on the CPU's matrix units (Intel AMX, through oneDNN's brgemm ukernel, as ATen's CPU flash attention
+// uses them): the products read half-precision tiles and accumulate in float32; the softmax and its gradient run in
+// float32 between them. The units read the right-hand matrix B (K x N) in the VNNI layout: rows paired, element
+// (k, n) at (k / 2) * 2 * ldb + 2 * n + k % 2, with K even (an odd K gets a zero row).
+//
+// Whether this CPU has them for `dtype` (oneDNN's own test); a head size must be even for the pairs.
+inline bool matrix_units(at::ScalarType dtype, int64_t d) {
+  return (dtype == at::kBFloat16 || dtype == at::kHalf) && d % 2 == 0 && at::native::cpublas::could_pack(dtype);
+}
+
+inline int64_t even(int64_t n) { return n + n % 2; }
+
+// C (M x N, float32, ldc) = A (M x K, lda) @ B (VNNI, ldb), or C += A @ B when `add`
+template <typename io_t>
+inline void matrix_product(const io_t* A, int64_t lda, const io_t* B, int64_t ldb, float* C, int64_t ldc, int64_t M,
+                           int64_t N, int64_t K, bool add) {
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, /*is_vnni=*/true);
+}
+
+// rows x d rows (leading dimension ld) as B (K = rows, N = d) in the VNNI layout, ldb = d; an odd count gets a
+// zero row
+template <typename io_t>
+inline void pack_rows(const io_t* rows_data, int64_t ld, int64_t rows, int64_t d, io_t* to) {
+  for (int64_t r = 0; r < rows; ++r) {
+    io_t* pair = to + (r / 2) * 2 * d + r % 2;
+    for (int64_t i = 0; i < d; ++i) pair[2 * i] = rows_data[r * ld + i];
+  }
+  if (rows % 2) {
+    io_t* pair = to + (rows / 2) * 2 * d + 1;
+    for (int64_t i = 0; i < d; ++i) pair[2 * i] = io_t(0);
+  }
+}
+
+// row (d entries, d even) as column p of B (K = d, N = the slots) in the VNNI layout of leading dimension ldb: its
+// pairs (row[2j], row[2j + 1]) land whole at (j * ldb + p) * 2
+template <typename io_t>
+inline void pack_column(const io_t* row, int64_t d, int64_t p, int64_t ldb, io_t* to) {
+  for (int64_t j = 0; j < d / 2; ++j) std::memcpy(to + (j * ldb + p) * 2, row + 2 * j, 2 * sizeof(io_t));
+}
+
+// rows x cols float32 (leading dimension cols) into half-precision rows of leading dimension ld >= cols, zero padded
+template <typename io_t>
+inline void round_rows(const float* from, int64_t rows, int64_t cols, io_t* to, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    at::vec::convert(from + r * cols, to + r * ld, cols);
+    std::fill(to + r * ld + cols, to + (r + 1) * ld, io_t(0));
+  }
+}
+
+// rows x cols float32 (leading dimension cols) transposed into half precision, cols x ld with ld >= rows, zero padded
+template <typename io_t>
+inline void round_transposed(const float* from, int64_t rows, int64_t cols, io_t* to, int64_t ld) {
+  transpose(from, cols, to, ld, rows, cols);
+  for (int64_t j = 0; j < cols; ++j) std::fill(to + j * ld + rows, to + (j + 1) * ld, io_t(0));
+}
+
+template <typename io_t>
+struct MatrixForward {
+  const Layout& layout;
+  const io_t* qkv;
+  io_t* out;
+  float scale;
+
+  // the group's q and v rows and its keys as the VNNI columns of QK^T's B (ldb = group slots), one cluster's values
+  // as P V's B, its logits, its probabilities rounded, its output
+  struct State {
+    std::vector<io_t> q, k_packed, v, v_packed, probs;
+    std::vector<float> logits, o, inv;
+    std::vector<int64_t> masked;
+  };
+
+  State make_state() const {
+    const int64_t G = layout.group_slots, d = layout.d, c = layout.cluster_size, m = layout.keys;
+    return State{std::vector<io_t>(G * d),  std::vector<io_t>(d * G), std::vector<io_t>(G * d),
+                 std::vector<io_t>(even(m) * d), std::vector<io_t>(c * even(m)),
+                 std::vector<float>(c * m + kHeadVectors * Vectorized<float>::size()), std::vector<float>(c * d),
+                 std::vector<float>(c), {}};
+  }
+
+  void finish() const { at::native::cpublas::brgemm_release(); }
+
+  void operator()(State& st, int64_t b, int64_t h, const int64_t* slots) const {
+    const int64_t G = layout.group_slots, d = layout.d, c = layout.cluster_size, m = layout.keys;
+    for (int64_t p = 0; p < G; ++p) {
+      load_row(qkv_row(qkv, layout, b, h, slots[p], 0), st.q.data() + p * d, d);
+      pack_column(qkv_row(qkv, layout, b, h, slots[p], 1), d, p, G, st.k_packed.data());
+      load_row(qkv_row(qkv, layout, b, h, slots[p], 2), st.v.data() + p * d, d);
+    }
+    for (int64_t cluster = 0; cluster < layout.clusters_per_group(); ++cluster) {
+      const int64_t first_query = cluster * c, first_key = layout.first_key(cluster);
+      masked_keys(layout, slots, first_key, st.masked);
+      matrix_product(st.q.data() + first_query * d, d, st.k_packed.data() + 2 * first_key, G, st.logits.data(), m, c,
+                     m, d, false);
+      unnormalised_softmax<float>(st.logits.data(), m, c, m, scale, st.masked, st.inv.data());
+      round_rows(st.logits.data(), c, m, st.probs.data(), even(m));
+      pack_rows(st.v.data() + first_key * d, d, m, d, st.v_packed.data());
+      matrix_product(st.probs.data(), even(m), st.v_packed.data(), d, st.o.data(), d, c, d, even(m), false);
+      for (int64_t r = 0; r < c; ++r) {
+        const int64_t token = slots[first_query + r];
+        if (token >= layout.N) continue;  // a ghost query: dropped
+        store_row(st.o.data() + r * d, out + ((b * layout.N + token) * layout.heads + h) * d, d, st.inv[r]);
+      }
+    }
+  }
+};
+
+// Backward's products on the matrix units: S = Q K^T and dP = dO V^T read K and V as VNNI columns; dQ = dS K reads
+// the window's keys as VNNI rows; dK += dS^T Q and dV += P^T dO read the cluster's q and dO rows as VNNI rows and
+// accumulate in float32.
+template <typename io_t>
+struct MatrixBackward {
+  const Layout& layout;
+  const io_t* qkv;
+  const io_t* grad_out;
+  io_t* grad_qkv;
+  float scale;
+
+  struct State {
+    std::vector<io_t> q, k, k_packed, v_packed, grad_o, rounded, rhs;
+    std::vector<float> probs, grad_s, block, grad_k, grad_v, inv;
+    std::vector<int64_t> masked;
+  };
+
+  State make_state() const {
+    const int64_t G = layout.group_slots, d = layout.d, c = layout.cluster_size, m = layout.keys;
+    const int64_t pad = kHeadVectors * Vectorized<float>::size();
+    auto half = [](int64_t size) { return std::vector<io_t>(size); };
+    auto single = [](int64_t size) { return std::vector<float>(size); };
+    return State{half(G * d),
+                 half(G * d),
+                 half(d * G),
+                 half(d * G),
+                 half(G * d),
+                 half(std::max(c * even(m), m * even(c))),
+                 half(std::max(even(m), even(c)) * d),
+                 single(c * m + pad),
+                 single(c * m + pad),
+                 single(c * d),
+                 single(G * d),
+                 single(G * d),
+                 single(c),
+                 {}};
+  }
+
+  void finish() const { at::native::cpublas::brgemm_release(); }
+
+  void operator()(State& st, int64_t b, int64_t h, const int64_t* slots) const {
+    const int64_t G = layout.group_slots, d = layout.d, c = layout.cluster_size, m = layout.keys, N = layout.N;
+    for (int64_t p = 0; p < G; ++p) {
+      load_row(qkv_row(qkv, layout, b, h, slots[p], 0), st.q.data() + p * d, d);
+      const io_t* k_row = qkv_row(qkv, layout, b, h, slots[p], 1);
+      load_row(k_row, st.k.data() + p * d, d);
+      pack_column(k_row, d, p, G, st.k_packed.data());
+      pack_column(qkv_row(qkv, layout, b, h, slots[p], 2), d, p, G, st.v_packed.data());
+      // a ghost query's output was dropped: its gradient is zero
+      io_t* grad_o_row = st.grad_o.data() + p * d;
+      if (slots[p] < N) {
+        load_row(grad_out + ((b * N + slots[p]) * layout.heads + h) * d, grad_o_row, d);
+      } else {
+        std::fill(grad_o_row, grad_o_row + d, io_t(0));
+      }
+    }
+    std::fill(st.grad_k.begin(), st.grad_k.end(), 0.f);
+    std::fill(st.grad_v.begin(), st.grad_v.end(), 0.f);
+    for (int64_t cluster = 0; cluster < layout.clusters_per_group(); ++cluster) {
+      const int64_t first_query = cluster * c, first_key = layout.first_key(cluster);
+      masked_keys(layout, slots, first_key, st.masked);
+      float* probs = st.probs.data();
+      float* grad_s = st.grad_s.data();
+      matrix_product(st.q.data() + first_query * d, d, st.k_packed.data() + 2 * first_key, G, probs, m, c, m, d, false);
+      unnormalised_softmax<float>(probs, m, c, m, scale, st.masked, st.inv.data());
+      for (int64_t r = 0; r < c; ++r) copy_row(probs + r * m, probs + r * m, m, st.inv[r]);
+      matrix_product(st.grad_o.data() + first_query * d, d, st.v_packed.data() + 2 * first_key, G, grad_s, m, c, m, d,
+                     false);
+      softmax_gradient(probs, grad_s, c, m, scale);
+      // dQ of the cluster's real queries, straight to their rows
+      round_rows(grad_s, c, m, st.rounded.data(), even(m));
+      pack_rows(st.k.data() + first_key * d, d, m, d, st.rhs.data());
+      matrix_product(st.rounded.data(), even(m), st.rhs.data(), d, st.block.data(), d, c, d, even(m), false);
+      for (int64_t r = 0; r < c; ++r) {
+        const int64_t token = slots[first_query + r];
+        if (token < N) store_row(st.block.data() + r * d, grad_qkv + (b * N + token) * layout.token_stride + h * d, d, 1.f);
+      }
+      // dV and dK of the window, added to the group's
+      const std::pair<const float*, const io_t*> to_window[2] = {{probs, st.grad_o.data()}, {grad_s, st.q.data()}};
+      float* window_grads[2] = {st.grad_v.data(), st.grad_k.data()};
+      for (int64_t which = 0; which < 2; ++which) {
+        round_transposed(to_window[which].first, c, m, st.rounded.data(), even(c));
+        pack_rows(to_window[which].second + first_query * d, d, c, d, st.rhs.data());
+        matrix_product(st.rounded.data(), even(c), st.rhs.data(), d, window_grads[which] + first_key * d, d, m, d,
+                       even(c), true);
+      }
+    }
+    for (int64_t p = 0; p < G; ++p) {
+      if (slots[p] >= N) continue;
+      io_t* row = grad_qkv + (b * N + slots[p]) * layout.token_stride + h * d;
+      store_row(st.grad_k.data() + p * d, row + layout.heads * d, d, 1.f);
+      store_row(st.grad_v.data() + p * d, row + 2 * layout.heads * d, d, 1.f);
     }
   }
 };
@@ -355,8 +601,9 @@ struct Backward {
 void check_arguments(const at::Tensor& qkv, const at::Tensor& order, int64_t cluster_size, int64_t num_clusters,
                      int64_t overlap) {
   TORCH_CHECK(qkv.device().is_cpu() && order.device().is_cpu(), "cluster_attention: CPU tensors only");
-  TORCH_CHECK(qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kDouble,
-              "cluster_attention: qkv must be float32 or float64, got ", qkv.scalar_type());
+  const auto dtype = qkv.scalar_type();
+  TORCH_CHECK(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "cluster_attention: qkv must be float64, float32, bfloat16 or float16, got ", qkv.scalar_type());
   TORCH_CHECK(qkv.dim() == 5 && qkv.size(2) == 3 && qkv.is_contiguous(),
               "cluster_attention: qkv must be a contiguous (B, N, 3, heads, head_dim) tensor, got sizes ",
               qkv.sizes());
@@ -377,9 +624,17 @@ at::Tensor cluster_attention(const at::Tensor& qkv, const at::Tensor& order, int
   auto out = at::empty({qkv.size(0), qkv.size(1), qkv.size(3) * qkv.size(4)}, qkv.options());
   if (qkv.size(1) == 0) return out;
   const Layout layout(qkv, order, cluster_size, num_clusters, overlap);
-  AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "cluster_attention", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "cluster_attention", [&] {
+    if constexpr (c10::is_reduced_floating_point_v<scalar_t>) {
+      if (matrix_units(qkv.scalar_type(), layout.d)) {
+        const MatrixForward<scalar_t> forward{layout, qkv.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                              static_cast<float>(scale)};
+        for_each_group(layout, order, forward);
+        return;
+      }
+    }
     const Forward<scalar_t> forward{layout, qkv.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                                    static_cast<scalar_t>(scale)};
+                                    static_cast<at::opmath_type<scalar_t>>(scale)};
     for_each_group(layout, order, forward);
   });
   return out;
@@ -395,9 +650,17 @@ at::Tensor cluster_attention_backward(const at::Tensor& grad_out, const at::Tens
   auto grad_qkv = at::empty_like(qkv);
   if (qkv.size(1) == 0) return grad_qkv;
   const Layout layout(qkv, order, cluster_size, num_clusters, overlap);
-  AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "cluster_attention_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "cluster_attention_backward", [&] {
+    if constexpr (c10::is_reduced_floating_point_v<scalar_t>) {
+      if (matrix_units(qkv.scalar_type(), layout.d)) {
+        const MatrixBackward<scalar_t> backward{layout, qkv.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
+                                                grad_qkv.data_ptr<scalar_t>(), static_cast<float>(scale)};
+        for_each_group(layout, order, backward);
+        return;
+      }
+    }
     const Backward<scalar_t> backward{layout, qkv.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
-                                      grad_qkv.data_ptr<scalar_t>(), static_cast<scalar_t>(scale)};
+                                      grad_qkv.data_ptr<scalar_t>(), static_cast<at::opmath_type<scalar_t>>(scale)};
     for_each_group(layout, order, backward);
   });
   return grad_qkv;
@@ -414,4 +677,7 @@ TORCH_LIBRARY_FRAGMENT(boatvit, m) {
       "cluster_attention_backward(Tensor grad_out, Tensor qkv, Tensor order, int cluster_size, int num_clusters, "
       "int overlap, float scale) -> Tensor");
   m.impl("cluster_attention_backward", c10::DispatchKey::CPU, &cluster_attention_backward);
+  // whether bf16 or fp16 (B, N, 3, heads, head_dim) inputs run on the CPU's matrix units: for the benchmarks' records
+  m.def("cluster_attention_matrix_units(ScalarType dtype, int head_dim) -> bool",
+        [](at::ScalarType dtype, int64_t head_dim) { return matrix_units(dtype, head_dim); });
 }

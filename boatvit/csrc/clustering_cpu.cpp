@@ -13,7 +13,9 @@
 // fall on the other side of it.
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -120,13 +122,29 @@ struct Rows {
   }
 };
 
+// The softmax of the logits (w, 0) for `count` (<= kBlock) differences w, in place: w0 = 1 / (1 + e) and
+// w1 = e / (1 + e) where w >= 0, the other way round where not, e = exp(-|w|). A vector exp over the block: a scalar
+// call per token cost as much as all the dot products of a soft k-means step.
+template <typename scalar_t>
+inline void two_way_softmax(scalar_t* w0, scalar_t* w1, int64_t count) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  for (int64_t j = 0; j < count; j += Vec::size()) {
+    const int64_t n = std::min<int64_t>(Vec::size(), count - j);
+    const Vec w = Vec::loadu(w0 + j, n), one(scalar_t(1));
+    const Vec e = (Vec(scalar_t(0)) - w.abs()).exp(), total = one + e;
+    const Vec larger = one / total, smaller = e / total, first_larger = w >= Vec(scalar_t(0));
+    Vec::blendv(smaller, larger, first_larger).store(w0 + j, n);
+    Vec::blendv(larger, smaller, first_larger).store(w1 + j, n);
+  }
+}
+
 // One row: queries q(t, :) = q + t * token_stride for the real tokens t < N; the slots t >= N are ghosts (zero
 // queries). `order` (n_pad) receives the clustered order.
 //
 // The row's queries are copied into `x`, kept in the row's current order (every group contiguous) by one gather per
 // level, so that every pass over a group reads memory in sequence.
-template <typename scalar_t, int64_t Dim>
-void cluster_row(const scalar_t* q, int64_t token_stride, int64_t N, int64_t d, int64_t levels,
+template <typename scalar_t, int64_t Dim, typename input_t>
+void cluster_row(const input_t* q, int64_t token_stride, int64_t N, int64_t d, int64_t levels,
                  const int64_t* ghosts, int64_t iterations, scalar_t temperature, int64_t* order, int64_t n_pad) {
   const Rows<scalar_t, Dim> rows{d};
   d = rows.size();
@@ -136,7 +154,9 @@ void cluster_row(const scalar_t* q, int64_t token_stride, int64_t N, int64_t d, 
   std::vector<int32_t> slot_of(n_pad);  // a token's slot in its group's current order
   std::vector<int64_t> source(n_pad), moved_order(n_pad);
   for (int64_t t = 0; t < N; ++t) {
-    std::copy(q + t * token_stride, q + t * token_stride + d, x.data() + t * d);
+    // bf16 and fp16 queries are clustered in float32, as the PyTorch route clusters them (q.float())
+    std::transform(q + t * token_stride, q + t * token_stride + d, x.data() + t * d,
+                   [](input_t value) { return static_cast<scalar_t>(value); });
     inv_norm[t] = scalar_t(1) / std::max(std::sqrt(rows.dot(x.data() + t * d, x.data() + t * d)), scalar_t(1e-12));
   }
   for (int64_t i = 0; i < n_pad; ++i) order[i] = i;
@@ -174,12 +194,7 @@ void cluster_row(const scalar_t* q, int64_t token_stride, int64_t N, int64_t d, 
           for (int64_t j = 0; j < count; ++j) {
             w0[j] = rows.dot(difference.data(), bx + j * d) * (ginv[start + j] * temperature);
           }
-          for (int64_t j = 0; j < count; ++j) {
-            const scalar_t e = std::exp(-std::abs(w0[j])), total = 1 + e;
-            const bool first_larger = w0[j] >= 0;
-            w0[j] = (first_larger ? scalar_t(1) : e) / total;
-            w1[j] = (first_larger ? e : scalar_t(1)) / total;
-          }
+          two_way_softmax(w0, w1, count);
           rows.accumulate(sums.data(), sums.data() + d, w0, w1, bx, count);
         }
         std::copy(sums.begin(), sums.end(), centroids.begin());
@@ -243,8 +258,9 @@ at::Tensor clustered_order(const at::Tensor& q, int64_t n_pad, int64_t levels, i
                            double temperature) {
   TORCH_CHECK(q.dim() == 4 && q.device().is_cpu() && q.stride(3) == 1 && q.size(2) >= 1 && q.size(3) >= 1,
               "boatvit clustering kernel: q must be a CPU tensor (B, heads, N >= 1, d >= 1) with unit stride over d");
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
-              "boatvit clustering kernel: q must be float32 or float64, got ", q.scalar_type());
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "boatvit clustering kernel: q must be float64, float32, bfloat16 or float16, got ", dtype);
   TORCH_CHECK(iterations >= 0, "boatvit clustering kernel: iterations must be >= 0");
   const int64_t B = q.size(0), heads = q.size(1), N = q.size(2), d = q.size(3);
   // the layout of boatvit.clustering.cluster_layout: clusters of c = n_pad / 2^levels slots and fewer than 2^levels
@@ -256,18 +272,20 @@ at::Tensor clustered_order(const at::Tensor& q, int64_t n_pad, int64_t levels, i
               "2^levels < 2^31 with N <= n_pad < N + 2^levels (see boatvit.clustering.cluster_layout)");
   const std::vector<int64_t> ghosts = ghosts_per_group(n_pad - N, levels);
   auto order = at::empty({B, heads, n_pad}, q.options().dtype(at::kLong));
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "boatvit_clustered_order", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "boatvit_clustered_order", [&] {
+    // half-precision queries are clustered in float32
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* base = q.data_ptr<scalar_t>();
     int64_t* out = order.data_ptr<int64_t>();
     at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const scalar_t* rq = base + (row / heads) * q.stride(0) + (row % heads) * q.stride(1);
         if (d == 32) {
-          cluster_row<scalar_t, 32>(rq, q.stride(2), N, d, levels, ghosts.data(), iterations,
-                                    static_cast<scalar_t>(temperature), out + row * n_pad, n_pad);
+          cluster_row<acc_t, 32>(rq, q.stride(2), N, d, levels, ghosts.data(), iterations,
+                                 static_cast<acc_t>(temperature), out + row * n_pad, n_pad);
         } else {
-          cluster_row<scalar_t, 0>(rq, q.stride(2), N, d, levels, ghosts.data(), iterations,
-                                   static_cast<scalar_t>(temperature), out + row * n_pad, n_pad);
+          cluster_row<acc_t, 0>(rq, q.stride(2), N, d, levels, ghosts.data(), iterations,
+                                static_cast<acc_t>(temperature), out + row * n_pad, n_pad);
         }
       }
     });
