@@ -7,8 +7,11 @@ Sections (``--sections``, all by default):
 * ``train``: training step time (forward, cross-entropy, backward, AdamW), models interleaved.
 * ``memory``: peak memory of one inference forward and one training step, each model in a fresh process.
 * ``scaling``: inference latency at larger images (``--sizes``) against Swin built for the same size.
+* ``precision``: the small-data recipe's ``boat_swin_nano_32`` and its FSLA-free twin, training steps at batch 128
+  and 32 px, float32 against bf16 autocast interleaved (the bf16 speed-up of issue 27).
 
     python -m benchmarks.bench_models                      # CPU, float32, batch 8, 2 threads
+    python -m benchmarks.bench_models --amp bf16 --sections inference,share,train,precision
     python -m benchmarks.bench_models --device cuda --compile
 
 Each group compares its models with its first one: timm's Swin-T for BOAT-Swin-T, and the FSLA-free BOAT-CSWin-T
@@ -24,9 +27,12 @@ from typing import Any, Dict, List
 import torch
 
 from benchmarks.common import (
+    add_amp_arg,
     add_device_args,
+    amp_dtype,
     autocast,
     build_model,
+    default_amp,
     environment,
     make_step,
     median,
@@ -48,16 +54,27 @@ BOAT_SWIN_NO_FSLA = 'boat_swin_tiny_224:fsla_blocks=none'
 CSWIN_NO_FSLA = 'boat_cswin_tiny_224:fsla_blocks=none'
 BOAT_CSWIN = 'boat_cswin_tiny_224'
 GROUPS = {SWIN: [SWIN, BOAT_SWIN, BOAT_SWIN_NO_FSLA], CSWIN_NO_FSLA: [CSWIN_NO_FSLA, BOAT_CSWIN]}
-SECTIONS = ('inference', 'share', 'train', 'memory', 'scaling')
+NANO = 'boat_swin_nano_32'
+NANO_TWIN = 'boat_swin_nano_32:fsla_blocks=none'
+SECTIONS = ('inference', 'share', 'train', 'memory', 'scaling', 'precision')
 
-# (figure, model, baseline, limit), from issue 7
-TARGETS = [
-    ('inference', BOAT_SWIN, SWIN, 1.3),
-    ('inference', BOAT_CSWIN, CSWIN_NO_FSLA, 1.3),
-    ('share', BOAT_SWIN, None, 0.25),
-    ('train', BOAT_SWIN, SWIN, 1.35),
-    ('memory_train', BOAT_SWIN, SWIN, 1.3),
-]
+# (figure, model, baseline, limit) per --amp: float32 from issue 7, bf16 autocast from issue 27; 'precision' is
+# float32 time over bf16 time (a speed-up, at least the limit)
+TARGETS = {
+    'none': [
+        ('inference', BOAT_SWIN, SWIN, 1.3),
+        ('inference', BOAT_CSWIN, CSWIN_NO_FSLA, 1.3),
+        ('share', BOAT_SWIN, None, 0.25),
+        ('train', BOAT_SWIN, SWIN, 1.35),
+        ('memory_train', BOAT_SWIN, SWIN, 1.3),
+    ],
+    'bf16': [
+        ('inference', BOAT_SWIN, SWIN, 1.2),
+        ('inference', BOAT_CSWIN, CSWIN_NO_FSLA, 1.25),
+        ('train', BOAT_SWIN, SWIN, 1.25),
+    ],
+}
+PRECISION_TARGET = (NANO, 1.4)
 
 
 def _baseline_of(spec: str) -> str:
@@ -67,7 +84,8 @@ def _baseline_of(spec: str) -> str:
 def _timed_section(args: argparse.Namespace, mode: str, batch: int) -> Dict[str, Any]:
     models = [spec for members in GROUPS.values() for spec in members]
     steps = {
-        spec: make_step(build_model(spec, args.device, args.compile), mode, batch, 224, args.device) for spec in models
+        spec: make_step(build_model(spec, args.device, args.compile), mode, batch, 224, args.device, amp_dtype(args))
+        for spec in models
     }
     times = time_interleaved(steps, args.device, args.repeats, args.warmup)
     rows = {
@@ -119,7 +137,7 @@ def _fsla_share(args: argparse.Namespace, batch: int) -> Dict[str, Any]:
                 module.register_forward_hook(post)
         x = torch.randn(batch, 3, 224, 224, device=args.device)
         shares, totals = [], []
-        with torch.inference_mode(), autocast(args.device):
+        with torch.inference_mode(), autocast(args.device, amp_dtype(args)):
             for i in range(args.warmup + args.repeats):
                 spent.clear()
                 sync(args.device)
@@ -186,7 +204,12 @@ def _scaling(args: argparse.Namespace) -> Dict[str, Any]:
         specs = {SWIN: f'{SWIN}:img_size={size}', BOAT_SWIN: f'{BOAT_SWIN}:img_size={size}'}
         steps = {
             name: make_step(
-                build_model(spec, args.device, args.compile), 'inference', args.scaling_batch, size, args.device
+                build_model(spec, args.device, args.compile),
+                'inference',
+                args.scaling_batch,
+                size,
+                args.device,
+                amp_dtype(args),
             )
             for name, spec in specs.items()
         }
@@ -209,9 +232,49 @@ def _scaling(args: argparse.Namespace) -> Dict[str, Any]:
     return {'batch': args.scaling_batch, 'sizes': out}
 
 
-def _targets(results: Dict[str, Any]) -> List[Dict[str, Any]]:
+def _precision(args: argparse.Namespace) -> Dict[str, Any]:
+    """Training steps of the nano model and its twin in float32 and under bf16 autocast, all four interleaved."""
+    steps = {
+        f'{spec} {precision}': make_step(
+            build_model(spec, args.device, args.compile), 'train', 128, 32, args.device, dtype
+        )
+        for spec in (NANO, NANO_TWIN)
+        for precision, dtype in (('float32', None), ('bf16', torch.bfloat16))
+    }
+    times = time_interleaved(steps, args.device, args.repeats, args.warmup)
+    rows = {}
+    for spec in (NANO, NANO_TWIN):
+        fp32, bf16 = (median(times[f'{spec} {p}']) for p in ('float32', 'bf16'))
+        rows[spec] = {
+            'float32_img_per_s': 128 / fp32,
+            'bf16_img_per_s': 128 / bf16,
+            'bf16_speedup': fp32 / bf16,
+        }
+    print_table(
+        f'training steps, batch 128 at 32 px, float32 against bf16 autocast: median of {args.repeats} interleaved '
+        'rounds',
+        [{'model': s, **r} for s, r in rows.items()],
+        ['model', 'float32_img_per_s', 'bf16_img_per_s', 'bf16_speedup'],
+    )
+    return {'batch': 128, 'img_size': 32, 'models': rows}
+
+
+def _targets(results: Dict[str, Any], amp: str) -> List[Dict[str, Any]]:
     checks = []
-    for figure, spec, baseline, limit in TARGETS:
+    if 'precision' in results:
+        spec, limit = PRECISION_TARGET
+        value = results['precision']['models'][spec]['bf16_speedup']
+        checks.append(
+            {
+                'figure': 'bf16 speed-up',
+                'model': spec,
+                'against': 'float32',
+                'value': value,
+                'limit': limit,
+                'met': value >= limit,
+            }
+        )
+    for figure, spec, baseline, limit in TARGETS.get(amp, []):
         if figure == 'share' and 'share' in results:
             value = results['share']['models'][spec]['share']
         elif figure == 'memory_train' and 'memory' in results:
@@ -230,13 +293,14 @@ def _targets(results: Dict[str, Any]) -> List[Dict[str, Any]]:
                 'met': value <= limit,
             }
         )
-    print_table('targets (issue 7)', checks, ['figure', 'model', 'against', 'value', 'limit', 'met'])
+    print_table('targets (issues 7, 27)', checks, ['figure', 'model', 'against', 'value', 'limit', 'met'])
     return checks
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_device_args(parser)
+    add_amp_arg(parser)
     parser.add_argument('--sections', default=','.join(SECTIONS), help=f'comma-separated subset of {SECTIONS}')
     parser.add_argument('--batch', type=positive_int, help='inference batch (default: cpu 8, cuda 64)')
     parser.add_argument('--train-batch', type=positive_int, help='training batch (default: cpu 8, cuda 32)')
@@ -255,6 +319,8 @@ def main() -> None:
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         parser.error(f'unknown sections {sorted(unknown)}; choose from {SECTIONS}')
+    if 'memory' in sections and args.amp != default_amp(args.device):
+        parser.error(f'the memory section measures in fresh processes without --amp {args.amp}: leave it out')
 
     results: Dict[str, Any] = {'environment': environment(args)}
     print(results['environment'])
@@ -268,7 +334,9 @@ def main() -> None:
         results['memory'] = _memory(args)
     if 'scaling' in sections:
         results['scaling'] = _scaling(args)
-    results['targets'] = _targets(results)
+    if 'precision' in sections:
+        results['precision'] = _precision(args)
+    results['targets'] = _targets(results, args.amp)
     write_json(args, 'bench_models', results)
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 import boatvit  # noqa: F401  (registers the BOAT models with timm)
+from boatvit.kernels import cpu_kernels
 import timm
 
 RESULTS_DIR = Path(__file__).resolve().parent / 'results'
@@ -62,6 +63,24 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--json', type=Path, default=None, help='where to write the results (default: results/)')
 
 
+AMP_CHOICES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def default_amp(device: str) -> str:
+    """The ``--amp`` of a benchmark that does not set it: bf16 on CUDA, none (float32) on the CPU."""
+    return 'bf16' if device == 'cuda' else 'none'
+
+
+def add_amp_arg(parser: argparse.ArgumentParser) -> None:
+    """``--amp``, for the benchmarks whose every timed call runs under it (inference and training steps)."""
+    parser.add_argument(
+        '--amp',
+        choices=sorted(AMP_CHOICES),
+        default=None,
+        help='autocast dtype of every timed forward (default: bf16 on cuda, none on cpu)',
+    )
+
+
 def setup(args: argparse.Namespace) -> None:
     """Fill the device-dependent defaults and fix the CPU thread count."""
     cuda = args.device == 'cuda'
@@ -70,17 +89,38 @@ def setup(args: argparse.Namespace) -> None:
     args.repeats = args.repeats if args.repeats is not None else (30 if cuda else 9)
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
     torch.set_num_threads(args.threads)
+    if hasattr(args, 'amp'):
+        args.amp = args.amp or default_amp(args.device)
     if cuda:
         # TF32 would run the clustering's float32 matmuls with 10-bit mantissas, which moves tokens between clusters
         # as half precision does; torch's default is off, and so it stays
         torch.backends.cuda.matmul.allow_tf32 = False
 
 
+def amp_dtype(args: argparse.Namespace) -> Optional[torch.dtype]:
+    """The autocast dtype of ``--amp`` after :func:`setup` (None: float32), or the device's default for benchmarks
+    without ``--amp``."""
+    return AMP_CHOICES[getattr(args, 'amp', None) or default_amp(args.device)]
+
+
 def autocast(device: str, dtype: Optional[torch.dtype] = None) -> ContextManager:
-    """``dtype`` autocast on ``device``; by default bfloat16 on CUDA and nothing on CPU (where the targets are
-    float32). The FSLA clusters in float32 either way."""
+    """``dtype`` autocast on ``device``; by default bfloat16 on CUDA and nothing on CPU (where the float32 targets
+    are). The FSLA clusters in float32 either way."""
     dtype = dtype or (torch.bfloat16 if device == 'cuda' else None)
     return torch.autocast(device, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def cpu_features() -> Dict[str, Any]:
+    """The CPU's vector and matrix units that decide float32 and bf16 speed (torch's own probes; the private ones
+    count as absent on a torch without them), and whether FSLA's bf16 attention kernel runs on matrix units."""
+    probe = {name: getattr(torch.cpu, f'_is_{name}_supported', lambda: False)() for name in ('amx_tile', 'avx512_bf16')}
+    kernels = cpu_kernels()
+    return {
+        'capability': torch.backends.cpu.get_cpu_capability(),
+        'amx_bf16': probe['amx_tile'],
+        'avx512_bf16': probe['avx512_bf16'],
+        'fsla_bf16_on_matrix_units': bool(kernels and kernels.cluster_attention_matrix_units(torch.bfloat16, 32)),
+    }
 
 
 def sync(device: str) -> None:
@@ -237,7 +277,10 @@ def environment(args: argparse.Namespace) -> Dict[str, Any]:
         'boatvit': boatvit.__version__,
         'device': args.device,
         'threads': torch.get_num_threads(),
-        'dtype': 'bfloat16 autocast' if args.device == 'cuda' else 'float32',
+        'dtype': {None: 'float32', torch.bfloat16: 'bfloat16 autocast', torch.float16: 'float16 autocast'}[
+            amp_dtype(args)
+        ],
+        'cpu_features': cpu_features(),
         'compile': getattr(args, 'compile', None),
         'repeats': args.repeats,
         'warmup': args.warmup,
@@ -267,7 +310,9 @@ def print_table(title: str, rows: List[Dict[str, Any]], columns: Sequence[str]) 
 
 
 def write_json(args: argparse.Namespace, default_name: str, payload: Dict[str, Any]) -> Path:
-    path = args.json or RESULTS_DIR / f'{default_name}_{args.device}.json'
+    amp = getattr(args, 'amp', None)
+    suffix = f'_{amp}' if amp and amp != default_amp(args.device) else ''
+    path = args.json or RESULTS_DIR / f'{default_name}_{args.device}{suffix}.json'
     path.parent.mkdir(parents=True, exist_ok=True)
     payload['environment']['load_average_end'] = load_average()
     path.write_text(json.dumps(payload, indent=2) + '\n')

@@ -48,6 +48,9 @@ def test_unknown_before_revision_is_named():
     [
         ('benchmarks.bench_compiled', ['--modes', 'inference,bogus'], "unknown modes ['bogus']"),
         ('benchmarks.bench_compiled', ['--compile'], '--compile does not apply'),
+        ('benchmarks.bench_compiled', ['--amp', 'bf16', '--clustering'], 'leave out --amp bf16'),
+        ('benchmarks.bench_models', ['--amp', 'bf16', '--sections', 'memory'], 'without --amp bf16: leave it out'),
+        ('benchmarks.bench_models', ['--amp', 'tf32'], "argument --amp: invalid choice: 'tf32'"),
         ('benchmarks.bench_onnx', ['--device', 'cuda'], 'CPU provider only'),
         ('benchmarks.bench_onnx', ['--keep-dir', '/no/such/dir'], '--keep-dir /no/such/dir: not an existing directory'),
     ],

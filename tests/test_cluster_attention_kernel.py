@@ -2,6 +2,10 @@
 routing, arguments and fallback. Its outputs against the naive FSLA and the reference fixtures are in test_fsla.py (the
 ``backend`` fixture runs every parity test of the CPU route through it, inference and training)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -227,3 +231,30 @@ def test_operators_pass_opcheck(dtype):
     torch.library.opcheck(
         torch.ops.boatvit.fused_cluster_attention_backward.default, (grad, qkv.detach(), order, 49, 20, 0.25)
     )
+
+
+def test_a_cpu_without_bf16_matrix_units_runs_the_vector_route(tmp_path):
+    """On a CPU without AMX (emulated by capping oneDNN's instruction set, as such a CPU would report it) bf16 runs
+    the vector route, converted to float32 as it is gathered: no warning, and within bf16 rounding of the float64
+    route, as on the matrix units."""
+    script = tmp_path / 'no_amx.py'
+    script.write_text(
+        'import warnings\n'
+        'import torch\n'
+        'from boatvit import cluster_layout\n'
+        'from boatvit.clustering import balanced_hierarchical_clustering\n'
+        'from boatvit.fsla import _attend_in_clusters\n'
+        'from boatvit.kernels import cpu_kernels\n'
+        "warnings.simplefilter('error')\n"
+        'qkv = torch.randn(2, 784, 3, 2, 32, generator=torch.Generator().manual_seed(0)).bfloat16()\n'
+        'order = balanced_hierarchical_clustering(qkv[:, :, 0].transpose(1, 2), return_padded=True).contiguous()\n'
+        'kernels = cpu_kernels(required=True)\n'
+        'assert not kernels.cluster_attention_matrix_units(torch.bfloat16, 32)\n'
+        'out = torch.ops.boatvit.fused_cluster_attention(qkv, order, 49, 20, 32**-0.5, True)\n'
+        'exact = _attend_in_clusters(qkv.double(), order, cluster_layout(784), 20, 32**-0.5, 0.0)\n'
+        'error = (out.double() - exact).abs().max().item()\n'
+        'assert error <= 2 * torch.finfo(torch.bfloat16).eps * exact.abs().max().item(), error\n'
+    )
+    env = {**os.environ, 'ONEDNN_MAX_CPU_ISA': 'AVX2', 'OMP_NUM_THREADS': '1'}
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
