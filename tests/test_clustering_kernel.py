@@ -62,15 +62,20 @@ def test_kernel_reads_strided_queries():
 
 def test_float32_clusters_agree_with_eager():
     """In float32 the kernel sums in another order than the eager matmuls, so a token whose key is within
-    rounding of a cut may land on the other side; nearly all must not."""
-    q = torch.randn(4, 2, 3136, 32, generator=torch.Generator().manual_seed(0))
+    rounding of a cut may land on the other side, and takes the tokens the later splits group with it along (on
+    these seeds the float32 eager route itself parts from float64 so once, in one row of one seed); nearly all must
+    not."""
     layout = cluster_layout(3136)
-    cluster_of = []
-    for route in ('kernel', 'torch'):
-        order = _clustered(q, route)
-        slots = torch.arange(layout.padded_tokens).expand_as(order)
-        cluster_of.append(torch.empty_like(order).scatter_(-1, order, slots // layout.cluster_size))
-    assert (cluster_of[0] == cluster_of[1]).float().mean() > 0.99
+    agreement = []
+    for seed in range(4):
+        q = torch.randn(4, 2, 3136, 32, generator=torch.Generator().manual_seed(seed))
+        cluster_of = []
+        for route in ('kernel', 'torch'):
+            order = _clustered(q, route)
+            slots = torch.arange(layout.padded_tokens).expand_as(order)
+            cluster_of.append(torch.empty_like(order).scatter_(-1, order, slots // layout.cluster_size))
+        agreement.append((cluster_of[0] == cluster_of[1]).float().mean())
+    assert torch.stack(agreement).mean() > 0.99
 
 
 def test_same_result_on_any_thread_count():
