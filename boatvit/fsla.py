@@ -205,8 +205,9 @@ def _packed_feature_space_attention(
     projection takes. The clustering reads ``cluster_queries`` ``(B, heads, N, head_dim)`` when given (the queries
     at a higher precision than ``qkv``'s), else the queries of ``qkv``.
 
-    ``backend`` chooses the clustering's implementation and, for CPU tensors in float32/float64 without attention
-    dropout, that of the attention inside the clusters: the fused kernel (``boatvit::fused_cluster_attention``, with
+    ``backend`` chooses the clustering's implementation and, for CPU tensors (float64, float32, and the bf16/fp16 of
+    CPU autocast, which the kernels take as they are) without attention dropout, that of the attention inside the
+    clusters: the fused kernel (``boatvit::fused_cluster_attention``, with
     a fused backward) or :func:`_attend_in_clusters`, its oracle and the route everywhere else.
     """
     B, N, _, heads, d = static_shape(qkv)
@@ -385,7 +386,7 @@ def feature_space_attention(
         overlap: sibling keys and values added to each cluster (20 in BOAT); must be < ``cluster_size``.
         dropout_p: attention dropout probability.
         backend: the implementation of the clustering (see ``balanced_hierarchical_clustering``) and, in CPU
-            inference in float32/float64, of the attention inside the clusters (the compiled kernel for
+            inference and training in any float dtype, of the attention inside the clusters (the compiled kernel for
             ``'auto'`` and ``'kernel'``, PyTorch ops for ``'torch'``); the same result either way.
 
     Returns:

@@ -160,11 +160,14 @@ def cpu_kernels(required: bool = False) -> Optional[CPUKernels]:
     """The compiled operators, built or loaded on the first call; when they cannot be built, None after one warning
     with the reason, or a RuntimeError if ``required``.
 
-    ``clustered_order`` takes ``(q (B, heads, N, d) float32/float64 CPU with unit stride over d, n_pad, levels,
+    ``clustered_order`` takes ``(q (B, heads, N, d) float64/float32/bfloat16/float16 CPU with unit stride over d
+    (half precision is clustered in float32), n_pad, levels,
     iterations, temperature)``, ``n_pad`` and ``levels`` those of ``cluster_layout(N, cluster_size)``, and returns the
     padded clustered order ``(B, heads, n_pad)``, like ``balanced_hierarchical_clustering(..., return_padded=True)``.
 
-    ``cluster_attention`` takes ``(qkv (B, N, 3, heads, d) float32/float64 contiguous, order (B, heads, n_pad) int64
+    ``cluster_attention`` takes ``(qkv (B, N, 3, heads, d) float64/float32/bfloat16/float16 contiguous (half precision
+    accumulates and normalises in float32, its products on the CPU's matrix units where
+    ``cluster_attention_matrix_units(dtype, d)``), order (B, heads, n_pad) int64
     contiguous, cluster_size, num_clusters, overlap, scale)``, the padded order and its layout's cluster size and
     count, and returns FSLA's attention output ``(B, N, heads * d)`` in token order (see
     ``boatvit.fsla._attend_in_clusters``, its oracle); ``cluster_attention_backward`` takes the output's gradient
