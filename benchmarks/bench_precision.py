@@ -5,7 +5,7 @@ in a float32 forward and clustered (``FeatureSpaceAttention.cluster_order``) wit
 fp16 autocast in three ways:
 
 * ``float32_input``: the same float32 input under autocast, as on a GPU (where autocast's LayerNorm gives FSLA a
-  float32 input): the layer clusters its own float32 queries (``float32_clustering=True``, the default);
+  float32 input): the layer clusters its own float32 queries (``float32_clustering=True``);
 * ``rounded_queries``: the same, with ``float32_clustering=False``: the clustering reads the queries the autocast
   qkv Linear rounded to half precision;
 * ``whole_model``: the input the layer gets in a forward under autocast (as on a CPU, where autocast's LayerNorm
@@ -49,6 +49,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import (
     environment,
@@ -95,6 +96,21 @@ def fsla_inputs(model: torch.nn.Module, images: torch.Tensor, dtype=None) -> Lis
     """``(name, layer, x, size)`` of every FSLA call of one forward of ``images`` (under ``dtype`` autocast)."""
     amp = torch.autocast('cpu', dtype=dtype) if dtype else contextlib.nullcontext()
     return forward_with_fsla_inputs(model, images, amp)[1]
+
+
+@contextlib.contextmanager
+def float32_clustering(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """``float32_clustering`` set to ``enabled`` on every FSLA layer of ``model`` (or on ``model``, an FSLA layer)
+    while the body runs."""
+    layers = [m for m in model.modules() if isinstance(m, FeatureSpaceAttention)]
+    saved = [m.float32_clustering for m in layers]
+    for m in layers:
+        m.float32_clustering = enabled
+    try:
+        yield
+    finally:
+        for m, value in zip(layers, saved):
+            m.float32_clustering = value
 
 
 def _to_tf32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -203,15 +219,13 @@ def agreement(model: torch.nn.Module, images: torch.Tensor) -> List[Dict[str, An
             with torch.no_grad():
                 expected = token_clusters(layer.cluster_order(x, size), layer.cluster_size)
                 with torch.autocast('cpu', dtype=dtype):
-                    got = {
-                        'float32_input': layer.cluster_order(x, size),
-                        'whole_model': layer.cluster_order(x_amp, size),
-                    }
-                    layer.float32_clustering = False
-                    try:
+                    with float32_clustering(layer, True):
+                        got = {
+                            'float32_input': layer.cluster_order(x, size),
+                            'whole_model': layer.cluster_order(x_amp, size),
+                        }
+                    with float32_clustering(layer, False):
                         got['rounded_queries'] = layer.cluster_order(x, size)
-                    finally:
-                        layer.float32_clustering = True
             row = {'amp': amp, 'layer': name, 'tokens': x.shape[1]}
             for column, order in got.items():
                 row[column] = 100 * (token_clusters(order, layer.cluster_size) == expected).float().mean().item()
@@ -234,20 +248,6 @@ def float32_layer_norms(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for hook in hooks:
             hook.remove()
-
-
-@contextlib.contextmanager
-def float32_clustering(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
-    """``float32_clustering`` set to ``enabled`` on every FSLA layer of ``model`` while the body runs."""
-    layers = [m for m in model.modules() if isinstance(m, FeatureSpaceAttention)]
-    saved = [m.float32_clustering for m in layers]
-    for m in layers:
-        m.float32_clustering = enabled
-    try:
-        yield
-    finally:
-        for m, value in zip(layers, saved):
-            m.float32_clustering = value
 
 
 FORWARDS = ('gpu_like', 'cpu_autocast')
@@ -350,7 +350,14 @@ def flag_cost(model: torch.nn.Module, images: torch.Tensor, repeats: int, warmup
     }
     with float32_layer_norms(model):
         times = time_interleaved(steps, 'cpu', repeats, warmup)
+        flops = {}
+        for flag in (True, False):
+            # the products PyTorch ops run (the FSLA's compiled kernels are not counted, and are the same both ways)
+            with FlopCounterMode(display=False) as counter:
+                whole_model(flag)()
+            flops[flag] = counter.get_total_flops()
     out = {name: summary(t) for name, t in times.items()}
+    out['counted_flops on/off'] = flops[True] / flops[False]
     for part in ('fsla_layers', 'whole_model'):
         out[f'{part} on/off'] = ratio(times, f'{part} on', f'{part} off')
     return out
@@ -451,6 +458,7 @@ def report_flag(
         ],
         ['part', 'on_ms', 'off_ms', 'ratio', 'round_ratio_q1', 'round_ratio_q3'],
     )
+    print(f"products counted in the whole model's PyTorch ops, on / off: {cost['counted_flops on/off']:.4f}")
     return {'float32_clustering': rows, 'float32_clustering_cost': {'batch': len(timed), **cost}}
 
 
