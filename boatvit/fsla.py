@@ -450,7 +450,7 @@ class FeatureSpaceAttention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         backend: Optional[str] = None,
-        float32_clustering: bool = True,
+        float32_clustering: bool = False,
         device=None,
         dtype=None,
     ):
@@ -470,8 +470,10 @@ class FeatureSpaceAttention(nn.Module):
                 ``backend``) and, in CPU inference, attends inside the clusters: ``'auto'``, ``'kernel'`` (boatvit's
                 compiled CPU kernels) or ``'torch'`` (PyTorch ops); None follows ``BOATVIT_CPU_KERNEL``.
             float32_clustering: under autocast, a float32 input's queries are computed in float32 by their own
-                matmul for the clustering, which then clusters as without autocast; False clusters the
-                half-precision queries of the qkv Linear (no extra matmul, but most tokens change cluster).
+                matmul for the clustering, so that the layer clusters as without autocast. False (the default)
+                clusters the half-precision queries of the qkv Linear, with no extra matmul: in whole bf16 forwards
+                the earlier layers' rounding moves as many tokens as the queries' does, and the flag changed neither
+                the clusters nor top-1 measurably while it cost up to 6 % of the forward (issue 27, RESULTS.md).
             device, dtype: factory arguments of every parameter (timm's convention).
         """
         dd = {'device': device, 'dtype': dtype}
@@ -522,10 +524,12 @@ class FeatureSpaceAttention(nn.Module):
 
         Under autocast the qkv Linear rounds the queries to bfloat16/float16, and a split decided on rounded
         queries moves many tokens (on random weights, 14-25 % of the tokens of a 56 x 56 or 112 x 112 grid stay in
-        their float32 cluster under bf16). With ``float32_clustering`` the clustering gets its own queries from a
-        matmul of the q rows of the weight at the precision of ``x``: one more ``C x C`` product per token, a third
-        of the qkv Linear's. A ``x`` already rounded to half precision (CPU autocast's LayerNorm output) moves as
-        many tokens as rounded queries do, so it is clustered as the qkv Linear gives it, at no extra cost.
+        their float32 cluster under bf16, given the float32 input). With ``float32_clustering`` (off by default) the
+        clustering gets its own queries from a matmul of the q rows of the weight at the precision of ``x``: one
+        more ``C x C`` product per token, a third of the qkv Linear's. In a whole forward the input already carries
+        the earlier layers' rounding, which moves as many tokens, so the flag gains nothing measurable there. A
+        ``x`` already rounded to half precision (CPU autocast's LayerNorm output) is clustered as the qkv Linear
+        gives it either way.
         """
         B, N, C = static_shape(x)
         if not (self.float32_clustering and qkv.dtype != x.dtype and cluster_layout(N, self.cluster_size).levels):

@@ -21,6 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
         ('benchmarks.bench_compiled', ['--profile', '-1'], '--profile'),
         ('benchmarks.bench_onnx', ['--batch', '0'], '--batch'),
         ('benchmarks.bench_onnx', ['--profile-runs', '0'], '--profile-runs'),
+        ('benchmarks.bench_precision', ['--repeats', '0'], '--repeats'),
+        ('benchmarks.bench_precision', ['--warmup', '-1'], '--warmup'),
+        ('benchmarks.bench_precision', ['--chunk', '0'], '--chunk'),
     ],
 )
 def test_bad_counts_are_usage_errors(script, argv, flag):
@@ -53,6 +56,7 @@ def test_unknown_before_revision_is_named():
         ('benchmarks.bench_models', ['--amp', 'tf32'], "argument --amp: invalid choice: 'tf32'"),
         ('benchmarks.bench_onnx', ['--device', 'cuda'], 'CPU provider only'),
         ('benchmarks.bench_onnx', ['--keep-dir', '/no/such/dir'], '--keep-dir /no/such/dir: not an existing directory'),
+        ('benchmarks.bench_precision', ['--model', 'boat_swin_nano_32', '--sections', 'bogus'], 'invalid choice'),
     ],
 )
 def test_options_that_do_not_apply_are_usage_errors(script, argv, message):
@@ -61,3 +65,13 @@ def test_options_that_do_not_apply_are_usage_errors(script, argv, message):
     )
     assert result.returncode == 2
     assert message in result.stderr
+
+
+def test_precision_sections_and_counts_parse():
+    from benchmarks.bench_precision import SECTIONS, parser
+
+    args = parser().parse_args(['--model', 'boat_swin_nano_32'])
+    assert args.sections == list(SECTIONS) and (args.chunk, args.repeats, args.warmup) == (250, 7, 1)
+    argv = ['--weights', 'runs/x', '--sections', 'flag', 'tf32', '--chunk', '8', '--repeats', '3', '--warmup', '0']
+    args = parser().parse_args(argv)
+    assert args.sections == ['flag', 'tf32'] and (args.chunk, args.repeats, args.warmup) == (8, 3, 0)

@@ -94,7 +94,7 @@ def test_fsla_clusters_float32_queries_under_autocast(amp):
     """A 56 x 56 grid (BOAT-Swin-T stage 1, 6 levels) on random weights: the queries the qkv Linear rounds to half
     precision put most tokens in other clusters (24 % stay under bf16, 73 % under fp16); the layer's own float32
     queries keep >= 99.9 % (measured: all) where float32 put them."""
-    layer = FeatureSpaceAttention(96, 3).eval()
+    layer = FeatureSpaceAttention(96, 3, float32_clustering=True).eval()
     x = F.layer_norm(torch.randn(2, 3136, 96, generator=torch.Generator().manual_seed(0)), (96,))
     with torch.no_grad():
         expected = token_clusters(layer.cluster_order(x, (56, 56)), 49)
