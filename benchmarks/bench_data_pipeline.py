@@ -26,6 +26,7 @@ import torch
 
 from benchmarks.common import environment, median, positive_int, print_table, write_json
 from boatvit.data import default_workers, usable_cores
+from boatvit.runtime import resolve_amp
 from boatvit.cli import build_parser
 from boatvit.cli.train import config_from_args
 from boatvit.training import Trainer, _open_data, _set_transforms, build_loaders
@@ -62,6 +63,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     config, _ = config_from_args(build_parser().parse_args(['train', '--data', args.data, *args.flags]))
+    # the precision a run would use here ('auto' resolved), as the JSON records it
+    config = dataclasses.replace(config, amp=resolve_amp(config.amp, torch.device('cpu'))[0])
     workers = default_workers()
     trainers = {
         MODES[0]: trainer_for(dataclasses.replace(config, data_cache='memory'), args.steps, workers),

@@ -51,8 +51,8 @@ DIGITS_AUG = dict(
     {k: RECIPES['digits'][k] for k in ('hflip', 'color_jitter', 'scale', 'ratio', 'reprob', 'crop_pct')}, aa='none'
 )
 
-# photos (CIFAR-10's classes): crops and flips, the same in every run; float32 everywhere, so that the runs from
-# scratch (whose fitted recipe would pick bf16 on some machines) and from weights differ only in where they start
+# photos (CIFAR-10's classes): crops and flips, the same in every run; float32 everywhere (the default, --amp auto,
+# is bf16 on some machines), so that the figures of machines with and without bf16 units compare
 PHOTO_AUG = dict(
     hflip=0.5,
     scale=(0.35, 1.0),

@@ -24,7 +24,7 @@ from .data import (
     open_split,
 )
 from .errors import UsageError
-from .runtime import autocast, out_of_memory, resolve_device
+from .runtime import autocast, out_of_memory, resolve_amp, resolve_device
 from .weights import load_model, read_weights
 
 __all__ = ['evaluate', 'evaluate_weights']
@@ -90,7 +90,7 @@ def evaluate_weights(
     img_size: Optional[ImageSize] = None,
     batch_size: int = 64,
     workers: Optional[int] = None,
-    amp: str = 'none',
+    amp: str = 'auto',
     device: str = 'auto',
 ) -> Dict[str, Any]:
     """Evaluate a weight source on a validation split with its eval transform.
@@ -102,10 +102,12 @@ def evaluate_weights(
         dataset: ``timm.data.create_dataset`` name; default: the recorded one with the recorded data, else a folder.
         model, model_kwargs, use_ema: see `boatvit.weights.load_model`.
         img_size: input size, an int or (height, width); default: the recorded one, else the model's.
-        batch_size, workers, amp, device: how to run (``workers`` None: by core count).
+        batch_size, workers, amp, device: how to run (``workers`` None: by core count; ``amp`` 'auto': bf16 where
+            bf16 matrix products are faster than float32, as in training, `boatvit.runtime.resolve_amp`).
 
     Returns:
-        :func:`evaluate`'s numbers with ``model``, ``weights``, ``data`` and ``split``.
+        :func:`evaluate`'s numbers with ``model``, ``weights``, ``data``, ``split`` and ``amp`` (the autocast dtype
+        used, 'none' for float32).
 
     Raises:
         UsageError: a bad source, data set or argument, or a batch that does not fit in memory.
@@ -131,6 +133,7 @@ def evaluate_weights(
     ds.transform = eval_transform(loaded.model, own, img_size)
 
     run_on = resolve_device(device)
+    amp = resolve_amp(amp, run_on)[0]
     loaded.model.to(run_on)
     loader = torch.utils.data.DataLoader(
         ds,
@@ -145,4 +148,4 @@ def evaluate_weights(
         if out_of_memory(e):
             raise UsageError(f'--batch-size {batch_size} does not fit in memory on {run_on}; lower it') from e
         raise
-    return {'model': loaded.name, 'weights': str(source.path), 'data': data, 'split': split, **result}
+    return {'model': loaded.name, 'weights': str(source.path), 'data': data, 'split': split, 'amp': amp, **result}

@@ -35,7 +35,7 @@ from .data import (
 )
 from .errors import UnreadableImageError, UsageError
 from .results_file import ResultsFile, check_results_path, flat_row
-from .runtime import AMP_DTYPES, autocast, init_distributed, out_of_memory, resolve_device
+from .runtime import autocast, check_amp, init_distributed, out_of_memory, resolve_amp, resolve_device
 from .weights import LoadedModel, load_model
 
 __all__ = ['class_names', 'predict_batches', 'predict', 'predict_images', 'predict_to_file', 'PredictionSummary']
@@ -158,8 +158,7 @@ def _check_arguments(topk: int, batch_size: int, amp: str) -> None:
         raise UsageError(f'--topk must be at least 1, got {topk}')
     if batch_size < 1:
         raise UsageError(f'--batch-size must be at least 1, got {batch_size}')
-    if amp not in AMP_DTYPES:
-        raise UsageError(f'--amp {amp!r}: choose one of {", ".join(AMP_DTYPES)}')
+    check_amp(amp)
 
 
 def _load_classifier(
@@ -198,14 +197,15 @@ def predict_images(
     topk: int = 5,
     batch_size: int = 16,
     workers: Optional[int] = None,
-    amp: str = 'none',
+    amp: str = 'auto',
     compile: bool = False,
     device: str = 'auto',
 ) -> List[Dict[str, Any]]:
     """:func:`predict` for image files and directories with any weight source (`boatvit.weights.load_model`).
 
     ``workers`` None: data-loader processes by core count (`boatvit.data.default_workers`). ``compile``:
-    ``torch.compile`` the model first (its first batch compiles).
+    ``torch.compile`` the model first (its first batch compiles). ``amp`` 'auto': bf16 where bf16 matrix products
+    are faster than float32, as in training (`boatvit.runtime.resolve_amp`).
 
     Raises:
         UsageError: bad arguments, images or weights, named.
@@ -218,6 +218,7 @@ def predict_images(
     images = find_images(paths)
     loaded = _load_classifier(weights, model, model_kwargs, use_ema)
     run_on = resolve_device(device)
+    amp = resolve_amp(amp, run_on)[0]
     return _readable(
         predict_batches(
             _runnable(loaded, run_on, compile),
@@ -244,6 +245,7 @@ class PredictionSummary:
         failed: images this run could not read (their rows hold the error).
         already: images that had a row before this run (``resume``), not predicted again.
         seconds: from the first batch asked of the loader to this process's last row written.
+        amp: the autocast dtype of `boatvit.runtime.AMP_DTYPES` the forward passes ran in ('none': float32).
         main_process: whether this process reports (rank 0, or the only process).
     """
 
@@ -252,6 +254,7 @@ class PredictionSummary:
     failed: int
     already: int
     seconds: float
+    amp: str = 'none'
     main_process: bool = True
 
     @property
@@ -268,8 +271,10 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _record(loaded: LoadedModel, names: Sequence[str], topk: int) -> Dict[str, Any]:
-    """What a results file is written for (its ``.meta.json``), as JSON reads it back (tuples as lists)."""
+def _record(loaded: LoadedModel, names: Sequence[str], topk: int, amp: str) -> Dict[str, Any]:
+    """What a results file is written for (its ``.meta.json``), as JSON reads it back (tuples as lists). The
+    precision (``amp``) of the run that started the file is recorded but not checked: a resume on a machine without
+    bf16 units may continue it in float32."""
     record = {
         'weights': str(loaded.weights.path),
         'weights_sha256': _sha256(loaded.weights.path),
@@ -278,6 +283,7 @@ def _record(loaded: LoadedModel, names: Sequence[str], topk: int) -> Dict[str, A
         'model_kwargs': loaded.model_kwargs,
         'topk': topk,
         'classes': list(names),
+        'amp': amp,
     }
     return json.loads(json.dumps(record))
 
@@ -307,7 +313,7 @@ def predict_to_file(
     topk: int = 5,
     batch_size: int = 16,
     workers: Optional[int] = None,
-    amp: str = 'none',
+    amp: str = 'auto',
     compile: bool = False,
     device: str = 'auto',
     progress: bool = True,
@@ -323,7 +329,8 @@ def predict_to_file(
         results_file: ``.csv``, ``.jsonl``, ``.json`` or ``.parquet``, in a folder that exists.
         resume: add the images the file lacks to it; it must have been written for the same weights and top-k.
         overwrite: replace an existing file. Without ``resume`` or ``overwrite`` an existing file is refused.
-        topk, batch_size, amp, device: how to predict (``batch_size`` per process).
+        topk, batch_size, amp, device: how to predict (``batch_size`` per process; ``amp`` 'auto' as in
+            :func:`predict_images`).
         workers: data-loader processes per process; None: by core count.
         compile: ``torch.compile`` the model first (its first batch compiles).
         progress: a progress bar on rank 0.
@@ -337,10 +344,11 @@ def predict_to_file(
     images = find_images(paths)
     rank, world_size, run_on = init_distributed(device)
     try:
+        amp = resolve_amp(amp, run_on)[0]
         loaded = _load_classifier(weights, model, model_kwargs, use_ema)
         names = class_names(loaded.model.num_classes, loaded.metadata)
         results = ResultsFile(path, min(topk, len(names)))
-        record = _record(loaded, names, topk)
+        record = _record(loaded, names, topk, amp)
         results.check(record, resume, overwrite)
         _barrier(world_size)  # every rank has checked the files before rank 0 changes them
         if rank == 0:
@@ -382,7 +390,7 @@ def predict_to_file(
                 raise UnreadableImageError(
                     f'none of the {failed} images could be read; they are listed with their errors in {path}'
                 )
-        return PredictionSummary(path, predicted, failed, already, seconds, rank == 0)
+        return PredictionSummary(path, predicted, failed, already, seconds, amp, rank == 0)
     finally:
         if world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()

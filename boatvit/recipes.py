@@ -134,10 +134,9 @@ SMALL_DATA_RECIPE = 'small-data'
 FINETUNE_RECIPES = {'swin': 'finetune-swin', 'cswin': 'finetune-cswin'}
 
 
-def fit_to_data(num_images: int, image_side: int, fast_bf16: bool = False) -> Tuple[Dict[str, Any], List[str]]:
+def fit_to_data(num_images: int, image_side: int) -> Tuple[Dict[str, Any], List[str]]:
     """The small-data recipe's values for a training split of ``num_images`` images about ``image_side`` pixels on
-    their longer side, on a machine where bf16 is faster than float32 (``fast_bf16``) or not, and why each was
-    chosen (`boatvit.training.config_from_values` prints them).
+    their longer side, and why each was chosen (`boatvit.training.config_from_values` prints them).
 
     From scratch on a CPU, the model is the small `boat_swin_nano_32`: at 32 px for images of up to 48 px, at 64 px
     for larger ones (its patches of 2 px give 32x32 tokens, four FSLA clusters at stage 1). The batch is the
@@ -146,7 +145,7 @@ def fit_to_data(num_images: int, image_side: int, fast_bf16: bool = False) -> Tu
     from 20,000 images on, a light one (crops and flips, no RandAugment, mixup, cutmix, erasing or stochastic
     depth): a short run on many images underfits, and the strong augmentation meant for 300 ImageNet epochs keeps
     its loss near chance. Crops keep at least 35 % of a small image: timm's 8 % of a 32 px photo is a 9 px patch.
-    Where bf16 matrix products are faster (GPUs, CPUs with AMX or AVX512-BF16), bf16 autocast, as the GPU recipes.
+    The precision is every run's default, ``amp='auto'`` (`boatvit.runtime.resolve_amp`).
     """
     if num_images < 1 or image_side < 1:
         raise ValueError(f'fit_to_data needs at least one image of at least one pixel, got {num_images}, {image_side}')
@@ -174,9 +173,4 @@ def fit_to_data(num_images: int, image_side: int, fast_bf16: bool = False) -> Tu
         reasons.append('RandAugment m6 and a little random erasing, no mixup or cutmix, for a few thousand images')
     else:
         reasons.append('the reference augmentation (RandAugment m9, mixup, cutmix, random erasing) for few images')
-    if fast_bf16:
-        values['amp'] = 'bf16'
-        reasons.append(
-            'bf16 autocast: this machine multiplies bf16 matrices faster than float32 (--amp none to opt out)'
-        )
     return values, reasons

@@ -62,7 +62,16 @@ from .runs import (
     write_json,
     write_metrics,
 )
-from .runtime import AMP_DTYPES, autocast, fast_bf16, init_distributed, out_of_memory, require_extra, resolve_device
+from .runtime import (
+    AMP_CHOICES,
+    AMP_HELP,
+    autocast,
+    check_amp,
+    init_distributed,
+    out_of_memory,
+    require_extra,
+    resolve_amp,
+)
 from .time_budget import StepTimes, format_duration, parse_duration, plan_schedule
 from .weights import (
     Weights,
@@ -150,7 +159,9 @@ class TrainConfig:
     warmup_lr: float = _field(1e-6, 'optimisation', 'learning rate at the start of the warm-up')
     min_lr: float = _field(1e-5, 'optimisation', 'learning rate at the end of the cosine decay')
     ema_decay: Optional[float] = _field(None, 'optimisation', 'keep an EMA of the weights with this decay; 0 for none')
-    amp: str = _field('none', 'optimisation', 'autocast dtype', choices=sorted(AMP_DTYPES))
+    amp: str = _field(
+        'auto', 'optimisation', f"{AMP_HELP}; the run's config.json holds what it chose", choices=AMP_CHOICES
+    )
     smoothing: float = _field(0.1, 'regularisation and augmentation', 'label smoothing')
     mixup: float = _field(0.8, 'regularisation and augmentation', 'mixup alpha, 0 for off')
     cutmix: float = _field(1.0, 'regularisation and augmentation', 'cutmix alpha, 0 for off')
@@ -228,8 +239,7 @@ class TrainConfig:
             raise UsageError(f'--layer-decay must lie in (0, 1], e.g. 0.75, got {self.layer_decay}')
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise UsageError(f'--ema-decay must lie in (0, 1), e.g. 0.9998, got {self.ema_decay}')
-        if self.amp not in AMP_DTYPES:
-            raise UsageError(f'--amp must be one of {sorted(AMP_DTYPES)}, got {self.amp!r}')
+        check_amp(self.amp)
         check_logger(self.log)
         if self.uses_mixup and self.batch_size % 2:
             raise UsageError(
@@ -241,14 +251,12 @@ class TrainConfig:
         return self.mixup > 0 or self.cutmix > 0
 
 
-def config_from_values(
-    given: Mapping[str, Any], recipe: Optional[str] = None, device: str = 'auto'
-) -> Tuple[TrainConfig, Optional[str]]:
+def config_from_values(given: Mapping[str, Any], recipe: Optional[str] = None) -> Tuple[TrainConfig, Optional[str]]:
     """The recipe overridden by the values given; returns the config and the recipe name, and says which recipe is
     in use and why (rank 0).
 
     Without ``recipe``: the family's fine-tuning preset with ``weights``, the embedded default when the data are
-    the digits (or not given), else the small-data preset, fitted to an image folder's images and to ``device``
+    the digits (or not given), else the small-data preset, fitted to an image folder's images
     (`boatvit.recipes.fit_to_data`; the flags given override it). With ``weights``, the model, its arguments and image
     size default to those of the weights (`boatvit.weights.resolve_model`), and another ``img_size`` gets the
     Swin windows ``set_input_size`` would choose. ``clip_grad`` and ``ema_decay`` of 0 and ``aa`` of ``'none'``
@@ -270,7 +278,7 @@ def config_from_values(
     if recipe == SMALL_DATA_RECIPE and not given.get('dataset'):  # fitted to the image folder it trains on
         summary = folder_summary(given['data'], given.get('train_split', 'train'))
         if summary is not None:
-            fitted_values, fitted = fit_to_data(*summary, fast_bf16=fast_bf16(resolve_device(device)))
+            fitted_values, fitted = fit_to_data(*summary)
             values.update(fitted_values)
     model_kwargs = dict(values.get('model_kwargs', {}), **given.pop('model_kwargs', {}))
     values.update(given, model_kwargs=model_kwargs)
@@ -818,9 +826,11 @@ def fit(
     epoch it saved: model, optimizer, scheduler, EMA, loss scaler, RNG, metrics history and best epoch. Otherwise
     a config with ``weights`` starts from them (``initial_weights``: the source already read), and a config with a
     ``time_budget`` (counted from ``started``, a ``time.perf_counter()``; default: now) first measures itself and
-    gets the schedule that fits (`fit_to_budget`); the config the run writes holds that schedule.
+    gets the schedule that fits (`fit_to_budget`); the config the run writes holds that schedule, and the precision
+    that ``amp='auto'`` chose on ``device`` (`boatvit.runtime.resolve_amp`), so a resume elsewhere keeps it.
     """
     started = time.perf_counter() if started is None else started
+    config = _resolve_precision(config, device, world_size, say=rank == 0)
     random_seed(config.seed)  # the same initial weights on every rank
     train_ds, val_ds, classes = _open_data(config, say=rank == 0, progress=progress)
     model = build_model(
@@ -906,6 +916,19 @@ def fit(
         if log is not None:
             log.close()
     return history
+
+
+def _resolve_precision(config: TrainConfig, device: torch.device, world_size: int, say: bool) -> TrainConfig:
+    """``config`` with the autocast dtype its ``amp`` means on ``device`` (rank 0's, so that the processes of
+    machines with and without bf16 units agree), saying so when 'auto' chose bf16."""
+    amp, why = resolve_amp(config.amp, device)
+    if world_size > 1:
+        chosen = [(amp, why)]
+        dist.broadcast_object_list(chosen, src=0)
+        amp, why = chosen[0]
+    if say and why:
+        report(why)
+    return dataclasses.replace(config, amp=amp)
 
 
 def _rate(per_s: float) -> str:

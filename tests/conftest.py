@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import boatvit
+import boatvit.runtime
 
 # made with the reference code, see tests/fixtures/README.md
 FIXTURES = Path(__file__).resolve().parent / 'fixtures' / 'reference'
@@ -77,6 +78,16 @@ def _load(name: str) -> ReferenceFixture:
     return ReferenceFixture(
         name, json.loads((FIXTURES / f'{name}.json').read_text()), load_file(FIXTURES / f'{name}.safetensors')
     )
+
+
+@pytest.fixture(scope='session', autouse=True)
+def cpu_without_bf16_units():
+    """Every test runs as on a CPU without bf16 matrix units, whatever this machine has: ``--amp auto`` (the default)
+    is float32, so runs compare at float32 tolerances. The tests of 'auto' patch `boatvit.runtime.fast_bf16` again.
+    Session-wide, so that module-scoped runs see it too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(boatvit.runtime, 'fast_bf16', lambda device: device.type == 'cuda')
+        yield
 
 
 @pytest.fixture(scope='session')

@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import boatvit  # noqa: F401  registers the BOAT models
+from boatvit import runtime
 from boatvit.cli import main
 from boatvit.evaluation import evaluate
 from test_data import make_image_folder
@@ -90,6 +91,24 @@ def test_eval_on_image_folder_matches_independent_accuracy(tmp_path, capsys):
     assert result['top1'] == pytest.approx(100 * (logits.argmax(1) == targets).float().mean().item())
     assert result['top5'] == 100.0  # 3 classes
     assert result['loss'] == pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-4)
+    assert result['amp'] == 'none'  # 'auto' on a CPU without bf16 units (conftest)
+
+
+@pytest.mark.parametrize(
+    'units, flags, amp', [(True, [], 'bf16'), (True, ['--amp', 'none'], 'none'), (False, [], 'none')]
+)
+def test_eval_precision_follows_auto_and_is_reported(tmp_path, capsys, monkeypatch, units, flags, amp):
+    monkeypatch.setattr(runtime, 'fast_bf16', lambda device: units)
+    root = make_image_folder(tmp_path / 'data', {'val': {'a': 2, 'b': 2}}, size=32)
+    torch.manual_seed(0)
+    weights = tmp_path / 'w.safetensors'
+    save_file(timm.create_model('boat_swin_nano_32', num_classes=2, **TINY_KWARGS).state_dict(), str(weights))
+    argv = ['eval', '--data', str(root), '--model', 'boat_swin_nano_32', *TINY_FLAGS, '--weights', str(weights)]
+    argv += ['--workers', '0', '--device', 'cpu', *flags]
+    assert main([*argv, '--json']) == 0
+    assert json.loads(capsys.readouterr().out)['amp'] == amp
+    assert main(argv) == 0
+    assert capsys.readouterr().out.rstrip().endswith('bf16 autocast' if amp == 'bf16' else 'float32')
 
 
 def test_eval_rejects_weights_of_another_model(tmp_path, capsys):

@@ -148,7 +148,7 @@ def test_fitted_defaults_follow_the_number_and_size_of_the_images():
     assert many['mixup'] == many['cutmix'] == many['reprob'] == 0.0 and many['scale'] == (0.35, 1.0)
     assert fit_to_data(100, 224)[0]['img_size'] == 64 and few['img_size'] == 32
     assert '100 training images: batch 8' in why_few[1] and 'light augmentation' in why_many[-1]
-    assert 'amp' not in many and fit_to_data(50000, 32, fast_bf16=True)[0]['amp'] == 'bf16'
+    assert 'amp' not in few and 'amp' not in many  # every run's default, --amp auto, decides the precision
 
 
 def test_a_folder_of_100_and_one_of_5000_images_get_different_batches_and_say_so(tmp_path, capsys):

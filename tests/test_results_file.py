@@ -17,7 +17,7 @@ import pytest
 import timm
 import torch
 
-from boatvit import cli
+from boatvit import cli, runtime
 from boatvit.results_file import result_columns
 from boatvit.runs import save_weights
 from test_data import make_image_folder
@@ -92,7 +92,8 @@ def test_every_format_reads_back_each_image_once_with_names_and_probabilities(tm
     argv = [str(photos), '--weights', str(nano[0]), '--results-file', str(out), '--topk', '2', '--batch-size', '3']
     assert cli.main(['predict', *argv, '--workers', workers]) == 0
 
-    assert f'predicted 7 images, 1 failed (listed in {out})' in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f'predicted 7 images, 1 failed (listed in {out})' in err and 'images/s, float32' in err
     assert files_beside(out) == [out.name, f'{out.name}.meta.json']  # no partial or shard file left
     rows = {row['image']: row for row in read_results(out)}
     assert sorted(rows) == all_images(photos) and len(read_results(out)) == 8
@@ -106,12 +107,14 @@ def test_every_format_reads_back_each_image_once_with_names_and_probabilities(tm
         assert [row['probability_1'], row['probability_2']] == pytest.approx(probs.tolist(), abs=1e-6)
     meta = json.loads((tmp_path / f'{out.name}.meta.json').read_text())
     assert meta['topk'] == 2 and meta['classes'] == CLASSES and meta['weights'] == str(nano[0])
+    assert meta['amp'] == 'none'  # 'auto' on a CPU without bf16 units (conftest)
 
 
 def test_a_killed_run_resumes_with_no_image_twice_and_none_missing(tmp_path, nano):
     folder = make_image_folder(tmp_path / 'many', {'set': {'x': 60}}) / 'set'
     out = tmp_path / 'out.csv'
-    common = [str(folder), '--weights', str(nano[0]), '--workers', '0']
+    # float32 in the subprocess too, which does not see conftest's CPU without bf16 units
+    common = [str(folder), '--weights', str(nano[0]), '--workers', '0', '--amp', 'none']
     argv = [*common, '--results-file', str(out)]
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join([str(ROOT), *sys.path]))
     # one image per batch: many small writes, one of which the kill may cut
@@ -166,6 +169,7 @@ def test_resume_cuts_a_torn_row_and_merges_a_killed_torchrun_jobs_shards_once(tm
 def test_torchrun_two_gloo_processes_leave_one_file_with_every_image_once(tmp_path, nano, photos):
     out = tmp_path / 'out.json'
     argv = [str(photos), '--weights', str(nano[0]), '--results-file', str(out), '--device', 'cpu', '--workers', '0']
+    argv += ['--amp', 'none']  # float32 in the subprocesses too, which do not see conftest's patch
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join([str(ROOT), *sys.path]))
     torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2']
     done = subprocess.run(
@@ -190,6 +194,7 @@ def test_amp_and_compile_run_and_overwrite_replaces(tmp_path, nano, photos, monk
     base = [str(photos), '--weights', str(nano[0]), '--results-file', str(out)]
     assert predict(*base, '--amp', 'bf16', '--compile') == 0
     assert compiled == [{'dynamic': False}]
+    assert json.loads((tmp_path / f'{out.name}.meta.json').read_text())['amp'] == 'bf16'
     rows = [row for row in read_results(out) if row['error'] is None]
     assert len(rows) == 7
     for row in rows:  # bfloat16 autocast: the float32 probabilities to about 2 decimals
@@ -198,6 +203,14 @@ def test_amp_and_compile_run_and_overwrite_replaces(tmp_path, nano, photos, monk
 
     assert predict(*base, '--overwrite', '--topk', '1') == 0
     assert list(read_results(out)[0]) == result_columns(1) and len(read_results(out)) == 8
+
+
+def test_auto_precision_is_bf16_with_bf16_units_and_recorded(tmp_path, nano, photos, monkeypatch, capsys):
+    monkeypatch.setattr(runtime, 'fast_bf16', lambda device: True)
+    out = tmp_path / 'out.csv'
+    assert predict(str(photos), '--weights', str(nano[0]), '--results-file', str(out), '--device', 'cpu') == 0
+    assert json.loads((tmp_path / f'{out.name}.meta.json').read_text())['amp'] == 'bf16'
+    assert 'images/s, bf16 autocast' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

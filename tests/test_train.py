@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 import boatvit.training as train_mod
-from boatvit import runs
+from boatvit import evaluation, runs, runtime
+from boatvit.errors import UsageError
 from boatvit.cli import build_parser, main
 from boatvit.recipes import RECIPES
 from boatvit.weights import read_weights
@@ -231,6 +232,77 @@ def test_precision_and_checkpointing_options_train(tmp_path, capsys, flags):
     assert 'held-out top-1' in capsys.readouterr().out
 
 
+def record_precision(monkeypatch) -> list:
+    """The ``amp`` of every training and validation forward of the runs that follow."""
+    used = []
+
+    def recording(device, amp):
+        used.append(amp)
+        return runtime.autocast(device, amp)
+
+    monkeypatch.setattr(train_mod, 'autocast', recording)
+    monkeypatch.setattr(evaluation, 'autocast', recording)
+    return used
+
+
+BF16_LINE = 'bf16 autocast: this CPU has bf16 matrix units (AMX); --amp none to run float32'
+
+
+@pytest.mark.parametrize(
+    'units, flags, amp',
+    [(True, [], 'bf16'), (True, ['--amp', 'none'], 'none'), (False, [], 'none'), (False, ['--amp', 'bf16'], 'bf16')],
+)
+def test_auto_precision_is_bf16_with_bf16_units_and_said_once(tmp_path, capsys, monkeypatch, units, flags, amp):
+    monkeypatch.setattr(runtime, 'fast_bf16', lambda device: units)
+    used = record_precision(monkeypatch)
+    run_dir = train(tmp_path, 'run', '--epochs', '1', '--limit-batches', '1', '--device', 'cpu', *flags)
+    out = capsys.readouterr().out
+    assert out.count(BF16_LINE) == (1 if units and not flags else 0)
+    if not units:
+        assert 'bf16 matrix units' not in out  # a CPU without them hears nothing of them
+    assert set(used) == {amp}
+    assert json.loads((run_dir / 'config.json').read_text())['config']['amp'] == amp
+
+
+def test_a_resume_keeps_the_precision_its_run_chose(tmp_path, monkeypatch, capsys):
+    """A run started with bf16 units, resumed on a CPU without them, continues in bf16 and says nothing of it."""
+    monkeypatch.setattr(runtime, 'fast_bf16', lambda device: True)
+    crash_in_epoch_2(monkeypatch)
+    with pytest.raises(Crash):
+        train(tmp_path, 'run', '--device', 'cpu')
+    run_dir = tmp_path / 'run'
+    assert json.loads((run_dir / 'config.json').read_text())['config']['amp'] == 'bf16'
+    monkeypatch.undo()  # the crash, and the units: a CPU without them
+    capsys.readouterr()
+    used = record_precision(monkeypatch)
+    assert main(['train', '--resume', str(run_dir), '--quiet', '--workers', '0']) == 0
+    assert set(used) == {'bf16'} and BF16_LINE not in capsys.readouterr().out
+    assert json.loads((run_dir / 'config.json').read_text())['config']['amp'] == 'bf16'
+
+
+def test_a_config_json_of_before_auto_still_resumes(tmp_path, monkeypatch):
+    """Runs written before 'auto' existed hold 'none'; they resume in float32 even with bf16 units."""
+    crash_in_epoch_2(monkeypatch)
+    with pytest.raises(Crash):
+        train(tmp_path, 'run', '--amp', 'none')
+    monkeypatch.undo()
+    monkeypatch.setattr(runtime, 'fast_bf16', lambda device: True)
+    used = record_precision(monkeypatch)
+    assert main(['train', '--resume', str(tmp_path / 'run'), '--quiet', '--workers', '0']) == 0
+    assert set(used) == {'none'}
+
+
+def test_an_unknown_precision_is_refused_before_a_run_directory(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(['train', *SHORT, '--amp', 'fp8', '--output', str(tmp_path)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --amp: invalid choice: 'fp8'" in err and "'auto', 'none', 'bf16', 'fp16'" in err
+    with pytest.raises(UsageError, match="--amp must be one of auto, none, bf16, fp16, got 'fp8'"):
+        TrainConfig(data='digits', amp='fp8')
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(tmp_path):
     """2 gloo processes x 4 images train the same weights as 1 process x 8 images, to float noise."""
@@ -259,6 +331,8 @@ def test_torchrun_two_processes_match_one(tmp_path):
         'sgd',
         '--lr',
         '0.05',
+        '--amp',  # a subprocess does not see conftest's CPU without bf16 units
+        'none',
         *TINY_FLAGS,
     ]
     env = dict(os.environ, OMP_NUM_THREADS='1')

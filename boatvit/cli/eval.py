@@ -8,7 +8,7 @@ import json
 
 from ..data import DIGITS
 from ..evaluation import evaluate_weights
-from ..runtime import AMP_DTYPES
+from ..runtime import AMP_CHOICES, AMP_HELP, precision_name
 from ._args import DEVICE_HELP, add_img_size, add_model_arguments
 
 
@@ -33,7 +33,7 @@ def add_parser(subparsers) -> None:
     add_img_size(parser, 'input size (default: from the weights or the model cfg)')
     parser.add_argument('--batch-size', type=int, default=64)
     parser.add_argument('--workers', type=int, default=None, help='data loader processes (default: by core count)')
-    parser.add_argument('--amp', choices=sorted(AMP_DTYPES), default='none', help='autocast dtype (default: none)')
+    parser.add_argument('--amp', choices=AMP_CHOICES, default='auto', help=AMP_HELP)
     parser.add_argument('--device', default='auto', help=DEVICE_HELP)
     parser.add_argument('--json', action='store_true', help='print the result as one JSON object')
     parser.set_defaults(run=run)
@@ -60,6 +60,6 @@ def run(args: argparse.Namespace) -> int:
         print(
             f'{result["model"]} on {result["data"]} [{result["split"]}]: top-1 {result["top1"]:.2f} %  top-5 '
             f'{result["top5"]:.2f} %  loss {result["loss"]:.4f}  {result["images"]} images  '
-            f'{result["images_per_s"]:.1f} images/s'
+            f'{result["images_per_s"]:.1f} images/s  {precision_name(result["amp"])}'
         )
     return 0

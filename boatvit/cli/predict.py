@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 from ..errors import UsageError
 from ..prediction import PredictionSummary, predict_images, predict_to_file
 from ..results_file import RESULT_FORMATS
-from ..runtime import AMP_DTYPES
+from ..runtime import AMP_CHOICES, AMP_HELP, precision_name
 from ._args import DEVICE_HELP, add_model_arguments
 
 
@@ -30,7 +30,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument('--topk', type=int, default=5, help='classes to show per image (default: 5)')
     parser.add_argument('--batch-size', type=int, default=16, help='images per forward pass (default: 16)')
     parser.add_argument('--workers', type=int, default=None, help='data loader processes (default: by core count)')
-    parser.add_argument('--amp', choices=sorted(AMP_DTYPES), default='none', help='autocast dtype (default: none)')
+    parser.add_argument('--amp', choices=AMP_CHOICES, default='auto', help=AMP_HELP)
     parser.add_argument('--compile', action='store_true', help='torch.compile the model (the first batch compiles)')
     parser.add_argument('--device', default='auto', help=DEVICE_HELP)
     parser.add_argument('--json', action='store_true', help='print the results as JSON')
@@ -59,7 +59,7 @@ def _print_summary(summary: PredictionSummary) -> None:
     already = f'; {summary.already} already had a row' if summary.already else ''
     print(
         f'boatvit predict: predicted {summary.predicted} images, {summary.failed} failed (listed in {summary.path})'
-        f'{already}; {summary.images_per_s:.1f} images/s',
+        f'{already}; {summary.images_per_s:.1f} images/s, {precision_name(summary.amp)}',
         file=sys.stderr,
     )
 

@@ -92,7 +92,7 @@ def add_parser(subparsers) -> None:
 def config_from_args(args: argparse.Namespace) -> Tuple[TrainConfig, Optional[str]]:
     """The recipe (if any) overridden by the flags given; returns the config and the recipe name."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    return config_from_values(given, args.recipe, device=args.device)
+    return config_from_values(given, args.recipe)
 
 
 def run(args: argparse.Namespace) -> int:
