@@ -288,3 +288,14 @@ def test_inductor_graph_with_the_kernel_equals_torch_ops_in_float64():
         )
     torch._dynamo.reset()
     torch.testing.assert_close(compiled, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_operator_passes_opcheck(dtype):
+    """``boatvit::fused_clustering`` (the operator compiled graphs hold): its fake implementation, schema and
+    dispatch, by torch.library.opcheck, in every dtype the kernel reads (half precision without a float32 copy)."""
+    q = torch.randn(2, 3, 250, 8, generator=torch.Generator().manual_seed(4)).to(dtype)
+    layout = cluster_layout(250)
+    torch.library.opcheck(
+        torch.ops.boatvit.fused_clustering.default, (q, layout.padded_tokens, layout.levels, 2, 100.0, True)
+    )
