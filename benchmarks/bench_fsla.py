@@ -32,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import (
     add_device_args,
+    amp_dtype,
     autocast,
     environment,
     median,
@@ -139,14 +140,14 @@ def _steps(args: argparse.Namespace, shape: tuple, mode: str) -> Dict[str, Calla
             module.eval()
 
             def step() -> None:
-                with torch.inference_mode(), autocast(args.device):
+                with torch.inference_mode(), autocast(args.device, amp_dtype(args)):
                     fn()
 
             return step
         module.train()
 
         def step() -> None:
-            with autocast(args.device):
+            with autocast(args.device, amp_dtype(args)):
                 out = fn()
             out.float().square().mean().backward()
             module.zero_grad(set_to_none=True)

@@ -103,10 +103,9 @@ def amp_dtype(args: argparse.Namespace) -> Optional[torch.dtype]:
     return AMP_CHOICES[getattr(args, 'amp', None) or default_amp(args.device)]
 
 
-def autocast(device: str, dtype: Optional[torch.dtype] = None) -> ContextManager:
-    """``dtype`` autocast on ``device``; by default bfloat16 on CUDA and nothing on CPU (where the float32 targets
-    are). The FSLA clusters in float32 either way."""
-    dtype = dtype or (torch.bfloat16 if device == 'cuda' else None)
+def autocast(device: str, dtype: Optional[torch.dtype]) -> ContextManager:
+    """``dtype`` autocast on ``device``, None for float32 (:func:`amp_dtype` gives a benchmark's). The FSLA clusters
+    in float32 either way."""
     return torch.autocast(device, dtype=dtype) if dtype is not None else nullcontext()
 
 
@@ -166,11 +165,11 @@ def make_step(
     batch: int,
     img_size: int,
     device: str,
-    amp: Optional[torch.dtype] = None,
+    amp: Optional[torch.dtype],
 ) -> Callable[[], None]:
     """One inference forward (``mode='inference'``, eval mode, ``inference_mode``) or one training step
     (``'train'``: forward, cross-entropy on fixed random labels, backward, AdamW step) on a fixed random batch; the
-    forward under ``autocast(device, amp)``."""
+    forward under ``autocast(device, amp)`` (None: float32)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, img_size, img_size, generator=g).to(device)
     if mode == 'inference':

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import build_model, make_step, positive_int, resident_kib, sync
+from benchmarks.common import amp_dtype, build_model, make_step, positive_int, resident_kib, sync
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     model = build_model(args.model, args.device)
-    step = make_step(model, args.mode, args.batch, args.img_size, args.device)
+    step = make_step(model, args.mode, args.batch, args.img_size, args.device, amp_dtype(args))
     step()  # first call: optimizer state, allocator and kernel caches
     sync(args.device)
     if args.device == 'cuda':

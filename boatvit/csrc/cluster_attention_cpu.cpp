@@ -237,6 +237,34 @@ inline void masked_keys(const Layout& layout, const int64_t* slots, int64_t firs
   }
 }
 
+// The c rows of a cluster's query outputs (rows, each times factors[r], or 1 without factors) to the places of
+// their tokens in `to`, where token t of image b and head h starts at (b * N + t) * token_stride + h * d; ghost
+// queries are dropped. Rows are scaled in place.
+template <typename acc_t, typename io_t>
+inline void write_query_rows(const Layout& layout, const int64_t* query_slots, acc_t* rows, const acc_t* factors,
+                             io_t* to, int64_t token_stride, int64_t b, int64_t h) {
+  const int64_t d = layout.d;
+  for (int64_t r = 0; r < layout.cluster_size; ++r) {
+    const int64_t token = query_slots[r];
+    if (token >= layout.N) continue;  // a ghost query: dropped
+    store_row(rows + r * d, to + (b * layout.N + token) * token_stride + h * d, d, factors ? factors[r] : acc_t(1));
+  }
+}
+
+// The group's key and value gradients (group_slots rows of d each) to the k and v rows of their tokens in
+// grad_qkv; ghost slots write nothing.
+template <typename acc_t, typename io_t>
+inline void write_key_value_gradients(const Layout& layout, const int64_t* slots, acc_t* grad_k, acc_t* grad_v,
+                                      io_t* grad_qkv, int64_t b, int64_t h) {
+  const int64_t d = layout.d;
+  for (int64_t p = 0; p < layout.group_slots; ++p) {
+    if (slots[p] >= layout.N) continue;
+    io_t* row = grad_qkv + (b * layout.N + slots[p]) * layout.token_stride + h * d;
+    store_row(grad_k + p * d, row + layout.heads * d, d, acc_t(1));
+    store_row(grad_v + p * d, row + 2 * layout.heads * d, d, acc_t(1));
+  }
+}
+
 // dS = P * (dP - rowsum(P * dP)) * scale, row by row in place of dP (c x m, both leading dimension m)
 template <typename acc_t>
 inline void softmax_gradient(const acc_t* probs, acc_t* grad_s, int64_t c, int64_t m, acc_t scale) {
@@ -295,11 +323,7 @@ struct Forward {
       unnormalised_softmax<acc_t>(st.logits.data(), m, c, m, scale, st.masked, st.inv.data());
       product<acc_t, kHeadRows, kHeadVectors>(st.logits.data(), m, st.v.data() + first_key * d, d, st.o.data(), d, c,
                                               d, m);
-      for (int64_t r = 0; r < c; ++r) {
-        const int64_t token = slots[first_query + r];
-        if (token >= layout.N) continue;  // a ghost query: dropped
-        store_row(st.o.data() + r * d, out + ((b * layout.N + token) * layout.heads + h) * d, d, st.inv[r]);
-      }
+      write_query_rows(layout, slots + first_query, st.o.data(), st.inv.data(), out, layout.heads * d, b, h);
     }
   }
 };
@@ -370,12 +394,8 @@ struct Backward {
       softmax_gradient(probs, grad_s, c, m, scale);
       // dQ of the cluster's real queries, straight to their rows
       product<acc_t, kHeadRows, kHeadVectors>(grad_s, m, st.k.data() + first_key * d, d, st.block.data(), d, c, d, m);
-      for (int64_t r = 0; r < c; ++r) {
-        const int64_t token = slots[first_query + r];
-        if (token < N) {
-          store_row(st.block.data() + r * d, grad_qkv + (b * N + token) * layout.token_stride + h * d, d, acc_t(1));
-        }
-      }
+      write_query_rows<acc_t>(layout, slots + first_query, st.block.data(), nullptr, grad_qkv, layout.token_stride, b,
+                              h);
       // dV and dK of the window, added to the group's
       const std::pair<acc_t*, const acc_t*> to_window[2] = {{probs, st.grad_o.data()}, {grad_s, st.q.data()}};
       acc_t* window_grads[2] = {st.grad_v.data(), st.grad_k.data()};
@@ -387,12 +407,7 @@ struct Backward {
         for (int64_t i = 0; i < m * d; ++i) grads[i] += st.block[i];
       }
     }
-    for (int64_t p = 0; p < G; ++p) {
-      if (slots[p] >= N) continue;
-      io_t* row = grad_qkv + (b * N + slots[p]) * layout.token_stride + h * d;
-      store_row(st.grad_k.data() + p * d, row + layout.heads * d, d, acc_t(1));
-      store_row(st.grad_v.data() + p * d, row + 2 * layout.heads * d, d, acc_t(1));
-    }
+    write_key_value_gradients(layout, slots, st.grad_k.data(), st.grad_v.data(), grad_qkv, b, h);
   }
 };
 
@@ -493,11 +508,7 @@ struct MatrixForward {
       round_rows(st.logits.data(), c, m, st.probs.data(), even(m));
       pack_rows(st.v.data() + first_key * d, d, m, d, st.v_packed.data());
       matrix_product(st.probs.data(), even(m), st.v_packed.data(), d, st.o.data(), d, c, d, even(m), false);
-      for (int64_t r = 0; r < c; ++r) {
-        const int64_t token = slots[first_query + r];
-        if (token >= layout.N) continue;  // a ghost query: dropped
-        store_row(st.o.data() + r * d, out + ((b * layout.N + token) * layout.heads + h) * d, d, st.inv[r]);
-      }
+      write_query_rows(layout, slots + first_query, st.o.data(), st.inv.data(), out, layout.heads * d, b, h);
     }
   }
 };
@@ -575,10 +586,8 @@ struct MatrixBackward {
       round_rows(grad_s, c, m, st.rounded.data(), even(m));
       pack_rows(st.k.data() + first_key * d, d, m, d, st.rhs.data());
       matrix_product(st.rounded.data(), even(m), st.rhs.data(), d, st.block.data(), d, c, d, even(m), false);
-      for (int64_t r = 0; r < c; ++r) {
-        const int64_t token = slots[first_query + r];
-        if (token < N) store_row(st.block.data() + r * d, grad_qkv + (b * N + token) * layout.token_stride + h * d, d, 1.f);
-      }
+      write_query_rows<float>(layout, slots + first_query, st.block.data(), nullptr, grad_qkv, layout.token_stride, b,
+                              h);
       // dV and dK of the window, added to the group's
       const std::pair<const float*, const io_t*> to_window[2] = {{probs, st.grad_o.data()}, {grad_s, st.q.data()}};
       float* window_grads[2] = {st.grad_v.data(), st.grad_k.data()};
@@ -589,12 +598,7 @@ struct MatrixBackward {
                        even(c), true);
       }
     }
-    for (int64_t p = 0; p < G; ++p) {
-      if (slots[p] >= N) continue;
-      io_t* row = grad_qkv + (b * N + slots[p]) * layout.token_stride + h * d;
-      store_row(st.grad_k.data() + p * d, row + layout.heads * d, d, 1.f);
-      store_row(st.grad_v.data() + p * d, row + 2 * layout.heads * d, d, 1.f);
-    }
+    write_key_value_gradients(layout, slots, st.grad_k.data(), st.grad_v.data(), grad_qkv, b, h);
   }
 };
 
