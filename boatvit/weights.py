@@ -118,6 +118,7 @@ MODEL_KWARGS: Dict[str, Callable[[Any], bool]] = {
     'attn_drop_rate': _float(0.0, 1.0),
     'drop_path_rate': _float(0.0, 1.0),
     'dynamic_img_size': lambda v: isinstance(v, bool),
+    'stem': lambda v: v in ('patch', 'conv'),
     'fsla_blocks': _str,
     'fsla_drop_path': lambda v: isinstance(v, bool),
     'fsla_scale': _optional(_float(0.0, 1e6)),

@@ -167,3 +167,28 @@ def test_bad_input_raises_clear_errors(family):
         small_model(family, img_size=16)
     with pytest.raises(ValueError, match='fsla_blocks'):
         small_model(family, fsla_blocks='sometimes')
+
+
+def test_conv_stem_keeps_the_patch_grid_and_the_model_around_it():
+    patch = timm.create_model('boat_swin_nano_32', dynamic_img_size=True).eval()
+    conv = timm.create_model('boat_swin_nano_convstem_32', dynamic_img_size=True).eval()
+    # only the stem's convolution differs: its one patch-sized conv becomes 3x3 convs with BatchNorm
+    differ = set(patch.state_dict()) ^ set(conv.state_dict())
+    assert differ and all(k.startswith('patch_embed.proj.') for k in differ)
+    assert conv.pretrained_cfg['first_conv'] + '.weight' in conv.state_dict()
+    x = torch.randn(3, 3, 45, 37)  # odd sides: padded to the patch, as PatchEmbed pads
+    with torch.no_grad():
+        assert conv.forward_features(x).shape == patch.forward_features(x).shape
+        # BatchNorm in eval mode uses its running statistics: an image's logits do not depend on its batch
+        torch.testing.assert_close(conv(x[1:2]), conv(x)[1:2], rtol=1e-5, atol=1e-5)
+    for patch_size, grid in ((2, 16), (4, 8)):
+        model = timm.create_model('boat_swin_nano_32', stem='conv', patch_size=patch_size, window_size=2)
+        halvings = [m.stride for m in model.patch_embed.proj if isinstance(m, torch.nn.Conv2d)][1:]
+        assert halvings == [(2, 2)] * (patch_size.bit_length() - 1)
+        assert model.patch_embed(torch.randn(1, 3, 32, 32)).shape == (1, grid, grid, 32)
+    with pytest.raises(ValueError, match="stem must be 'patch' or 'conv'"):
+        timm.create_model('boat_swin_nano_32', stem='convolution')
+    with pytest.raises(ValueError, match='power of two'):
+        timm.create_model('boat_swin_nano_32', stem='conv', patch_size=3)
+    with pytest.raises(ValueError, match="model's weights are torch.float64"):
+        conv.double()(x)

@@ -12,7 +12,7 @@ import torch
 
 import boatvit
 
-NAMES = ['boat_swin_tiny_224', 'boat_cswin_tiny_224', 'boat_swin_nano_32']
+NAMES = ['boat_swin_tiny_224', 'boat_cswin_tiny_224', 'boat_swin_nano_32', 'boat_swin_nano_convstem_32']
 
 
 def test_registered_names():
@@ -25,6 +25,7 @@ def test_registered_names():
         'boat_cswin_small_224',
         'boat_cswin_base_224',
         'boat_swin_nano_32',
+        'boat_swin_nano_convstem_32',
     } <= names
 
 

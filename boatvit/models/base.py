@@ -259,7 +259,7 @@ class BoatTransformer(nn.Module):
         if x.shape[0] == 0:
             raise ValueError('got an empty batch (B = 0); pass at least one image.')
         # otherwise the first conv fails with "Input type ... and bias type ... should be the same"; autocast casts
-        weight = self.patch_embed.proj.weight
+        weight = next(self.patch_embed.parameters())  # the stem's first convolution
         if x.device != weight.device:
             raise ValueError(
                 f'the images are on {x.device} but the model is on {weight.device}; move one of them '
