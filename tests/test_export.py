@@ -183,6 +183,18 @@ def test_cli_export_passes_at_the_first_check_batch_that_matches(tmp_path, capsy
     assert result.differing_checks[0][1] == pytest.approx(1.0, abs=1e-3)
 
 
+def test_the_conv_stem_model_exports_and_onnx_runtime_matches_it(tmp_path):
+    # BatchNorm with running statistics unlike its defaults, so that a stem exported in training mode would differ
+    model = timm.create_model('boat_swin_nano_convstem_32', dynamic_img_size=True)
+    with torch.no_grad():
+        for module in model.patch_embed.proj:
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2)
+    result = export_onnx(model.eval(), tmp_path / 'model.onnx', img_size=(40, 48), batch_size=2)
+    assert result.input_shape == (2, 3, 40, 48) and result.max_abs_diff < 1e-4 and result.path.is_file()
+
+
 def test_cli_export_failed_check_writes_nothing(tmp_path, capsys, monkeypatch):
     _off_by_one_runs(monkeypatch, runs=10**9)
     out = tmp_path / 'model.onnx'
