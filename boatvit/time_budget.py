@@ -4,7 +4,9 @@ A budgeted run measures itself before it starts: a few real optimizer steps and 
 model, data and machine (`boatvit.training` does that, on a copy of the starting state). `plan_schedule` turns those
 measurements into a whole schedule, epochs, batches per epoch and warm-up, that ends annealed (the cosine decay at its
 minimum learning rate), evaluated and saved inside the budget. The plan is written into the run's config, so a
-resumed run keeps it. The functions here are pure: times in, schedule out, so they are tested against a fake clock.
+resumed run keeps it. After each epoch the run checks its plan against its clock (`replan_epochs`): when the
+machine's load has changed since it measured itself, the rest of the schedule is stretched or shrunk over the epochs
+that now fit. The functions here are pure: times in, schedule out, so they are tested against a fake clock.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import re
 
 from .errors import UsageError
 
-__all__ = ['parse_duration', 'format_duration', 'StepTimes', 'SchedulePlan', 'plan_schedule']
+__all__ = ['parse_duration', 'format_duration', 'StepTimes', 'SchedulePlan', 'plan_schedule', 'replan_epochs']
 
 _UNITS = {'s': 1, 'm': 60, 'h': 3600, 'd': 86400}
 # 90s, 20m, 1.5h, 1h30m, 2h 15m: numbers each followed by a unit, largest first
@@ -25,6 +27,8 @@ _PART = re.compile(r'(\d+(?:\.\d+)?)\s*([smhd])')
 SAFETY_MARGIN = 0.03
 #: the share of a budget whole epochs may leave unused before the epochs are shortened to fill it
 WHOLE_EPOCH_SLACK = 0.05
+#: how far (a share of the budget) a run's projected end may drift from its plan before its epochs are re-planned
+REPLAN_TOLERANCE = 0.04
 
 
 def parse_duration(text: str, flag: str = '--time-budget') -> float:
@@ -146,3 +150,25 @@ def plan_schedule(
     batches = max(batches, grad_accum)
     seconds = spent + epochs * (batches * times.step + per_epoch_fixed)
     return SchedulePlan(epochs, batches, warmup_fraction * epochs, seconds)
+
+
+def replan_epochs(budget: float, elapsed: float, epoch_s: float, epochs_done: int, epochs: int) -> int:
+    """The epochs a budgeted run should have in all, after ``epochs_done`` of its planned ``epochs``, when
+    ``elapsed`` seconds of its ``budget`` are gone and its last epoch (training, validation, save) took ``epoch_s``.
+
+    The plan holds while the end it projects (every remaining epoch as long as the last one) stays within
+    ``REPLAN_TOLERANCE`` of the budget's usable part (the budget less ``SAFETY_MARGIN``); past that, the run gets the
+    epochs that fit, at least one more: a run cannot end annealed without one, so a run slowed down that much ends
+    late by at most an epoch. A finished run stays finished: its schedule has annealed.
+    """
+    if not (budget > 0 and elapsed >= 0 and epoch_s > 0 and 0 <= epochs_done and epochs >= 1):
+        raise ValueError(
+            f'replan_epochs needs budget and epoch_s > 0, elapsed and epochs_done >= 0, epochs >= 1; got {budget},'
+            f' {elapsed}, {epoch_s}, {epochs_done}, {epochs}'
+        )
+    if epochs_done >= epochs:
+        return epochs
+    usable = budget * (1 - SAFETY_MARGIN)
+    if abs(elapsed + (epochs - epochs_done) * epoch_s - usable) <= REPLAN_TOLERANCE * budget:
+        return epochs
+    return epochs_done + max(1, int((usable - elapsed) // epoch_s))

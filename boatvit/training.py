@@ -72,7 +72,7 @@ from .runtime import (
     require_extra,
     resolve_amp,
 )
-from .time_budget import StepTimes, format_duration, parse_duration, plan_schedule
+from .time_budget import StepTimes, format_duration, parse_duration, plan_schedule, replan_epochs
 from .weights import (
     Weights,
     build_model,
@@ -413,6 +413,9 @@ class Trainer:
             step_on_epochs=False,
             updates_per_epoch=updates_per_epoch,
         )
+        # where the schedule is: scheduler update = origin + (num_updates - origin_updates) * rate; a budgeted run whose
+        # epochs are re-planned stretches or shrinks the rest of the schedule by moving it (stretch_schedule)
+        self.lr_clock = (0, 0.0, 1.0)
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.amp == 'fp16')
         self.ema = ModelEmaV3(unwrap_model(model), decay=config.ema_decay) if config.ema_decay else None
         self.mixup = (
@@ -447,6 +450,7 @@ class Trainer:
             'scheduler': self.scheduler.state_dict(),
             'scaler': self.scaler.state_dict(),
             'num_updates': self.num_updates,
+            'lr_clock': list(self.lr_clock),
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -457,6 +461,20 @@ class Trainer:
         self.scheduler.load_state_dict(state['scheduler'])
         self.scaler.load_state_dict(state['scaler'])
         self.num_updates = state['num_updates']
+        self.lr_clock = tuple(state.get('lr_clock', (0, 0.0, 1.0)))  # runs saved before it had their schedule's own
+
+    def schedule_position(self) -> float:
+        """The scheduler's update count for the optimizer updates done so far (`lr_clock`)."""
+        origin_updates, origin, rate = self.lr_clock
+        return origin + (self.num_updates - origin_updates) * rate
+
+    def stretch_schedule(self, remaining_updates: int) -> None:
+        """Make the rest of the learning-rate schedule, from where it is now, take ``remaining_updates`` more
+        optimizer updates, so that it still ends annealed (at the minimum lr) after them."""
+        scheduler = self.scheduler
+        end = scheduler.t_initial + (scheduler.warmup_t if scheduler.warmup_prefix else 0)
+        now = self.schedule_position()
+        self.lr_clock = (self.num_updates, now, max(0.0, end - now) / max(1, remaining_updates))
 
     def train_one_epoch(
         self,
@@ -550,7 +568,7 @@ class Trainer:
         self.num_updates += 1
         if self.ema is not None:
             self.ema.update(unwrap_model(self.model), step=self.num_updates)
-        self.scheduler.step_update(num_updates=self.num_updates)
+        self.scheduler.step_update(num_updates=self.schedule_position())
 
 
 def build_loaders(
@@ -896,8 +914,12 @@ def fit(
     resumed_at = None if resume_state is None else trainer.num_updates
     # TensorBoard is the one logger (loggers.LOGGERS); config.log was checked when the config was made
     log = TensorBoardLog(run_dir, read_run_config(run_dir), resumed_at) if rank == 0 and config.log else None
+    # the budget is the wall time of the first process; a resumed run keeps the schedule it had, re-planned or not
+    replan = config.time_budget is not None and resume_state is None
+    save_s = 0.0
     try:
-        for epoch in range(start_epoch, config.epochs):
+        epoch = start_epoch
+        while epoch < config.epochs:
             train_loader.sampler.set_epoch(epoch)
             on_probe = say_how_long if epoch == start_epoch else None
             row = _train_and_validate(trainer, train_loader, val_loader, epoch, bar, on_probe, log)
@@ -906,9 +928,19 @@ def fit(
             is_best = best is None or row['eval_top1'] > best['eval_top1']
             if is_best:
                 best = row
+            epoch += 1
+            if replan:  # before the save, so that last.pt holds the schedule the config will name
+                planned = config.epochs
+                config = _replan(config, trainer, epoch, row['epoch_s'] + save_s, started, world_size, rank == 0)
+                bar.total = (config.epochs - start_epoch) * batches
+                bar.refresh()
             ranks_rng = _gather_rng(world_size)
             if rank == 0:
+                save_start = time.perf_counter()
                 _save_epoch(run_dir, trainer, history, ranks_rng, weights_metadata, is_best)
+                if replan and config.epochs != planned:
+                    _write_run_config(run_dir, config, recipe, world_size, updates_per_epoch, classes, data_config)
+                save_s = time.perf_counter() - save_start
                 if log is not None:
                     log.epoch(trainer.num_updates, row)
     finally:
@@ -1014,6 +1046,36 @@ def fit_to_budget(
             f' planned to end in {format_duration(plan.seconds)}'
         )
     return planned
+
+
+def _replan(
+    config: TrainConfig,
+    trainer: Trainer,
+    epochs_done: int,
+    epoch_s: float,
+    started: float,
+    world_size: int,
+    say: bool,
+) -> TrainConfig:
+    """``config`` with the epochs that still fit its time budget after ``epochs_done`` (`replan_epochs`), the rest
+    of ``trainer``'s lr schedule stretched or shrunk over them; rank 0 decides for every process."""
+    budget = parse_duration(config.time_budget)
+    elapsed = time.perf_counter() - started
+    epochs = [replan_epochs(budget, elapsed, epoch_s, epochs_done, config.epochs)]
+    if world_size > 1:
+        dist.broadcast_object_list(epochs, src=0)
+    epochs = epochs[0]
+    if epochs == config.epochs:
+        return config
+    trainer.stretch_schedule((epochs - epochs_done) * trainer.updates_per_epoch)
+    if say:
+        report(
+            f'time budget {format_duration(budget)}: after {format_duration(elapsed)} an epoch takes'
+            f" {format_duration(epoch_s)} (the machine's load changed): the schedule is now {epochs} epochs instead of"
+            f' {config.epochs}, the rest of its cosine decay fitted to them; planned to end in'
+            f' {format_duration(elapsed + (epochs - epochs_done) * epoch_s)}'
+        )
+    return dataclasses.replace(config, epochs=epochs)
 
 
 def _check_weights(config: TrainConfig) -> Weights:

@@ -1,5 +1,6 @@
 """`boatvit train --time-budget`: parsing durations, the schedule that fits a budget (against made-up times), and a
-budgeted run end to end with its measurements replaced by fixed times (a fake clock), resumed with the same plan."""
+budgeted run end to end with its measurements replaced by fixed times (a fake clock), resumed with the same plan,
+and re-planned when its epochs take longer or shorter than it measured."""
 
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ import pytest
 import boatvit.training as train_mod
 from boatvit.cli import main
 from boatvit.errors import UsageError
-from boatvit.time_budget import SAFETY_MARGIN, StepTimes, format_duration, parse_duration, plan_schedule
+from boatvit.time_budget import (
+    REPLAN_TOLERANCE,
+    SAFETY_MARGIN,
+    StepTimes,
+    format_duration,
+    parse_duration,
+    plan_schedule,
+    replan_epochs,
+)
 from test_data import make_image_folder
 from test_evaluate import TINY_FLAGS
 
@@ -115,6 +124,8 @@ def test_a_budgeted_run_trains_the_planned_schedule_ends_annealed_and_resumes_wi
         return FAKE
 
     monkeypatch.setattr(train_mod, '_measure_run', fake_measure)
+    # the epochs take milliseconds, not the fake minute: the plan is held to (re-planning: the test below)
+    monkeypatch.setattr(train_mod, 'replan_epochs', lambda budget, elapsed, epoch_s, done, epochs: epochs)
     out = tmp_path / 'runs'
     argv = ['train', '--data', str(data), *TINY_FLAGS, '--batch-size', '4', '--workers', '0', '--quiet']
     interrupted = {}
@@ -159,3 +170,70 @@ def test_the_planner_and_the_fitted_defaults_refuse_impossible_inputs():
         plan_schedule(60.0, 0.0, StepTimes(0.0, 1.0, 1.0), 10, 0.1)
     with pytest.raises(ValueError, match='at least one image'):
         fit_to_data(0, 32)
+
+
+def test_the_plan_holds_within_its_tolerance_and_is_redone_past_it():
+    usable = 1000 * (1 - SAFETY_MARGIN)
+    # 10 epochs of 97 s: the plan's end is the usable budget, and drifts within the tolerance keep it
+    assert replan_epochs(1000, 97, 97, 1, 10) == 10
+    assert replan_epochs(1000, 97, 97 + 0.9 * REPLAN_TOLERANCE * 1000 / 9, 1, 10) == 10
+    # the machine got twice as fast after the first epoch: the epochs that now fit
+    assert replan_epochs(1000, 97, 48.5, 1, 10) == 1 + int((usable - 97) // 48.5) == 19
+    # three times as slow: fewer epochs, the last of them ending inside the budget
+    epochs = replan_epochs(1000, 291, 291, 1, 10)
+    assert epochs == 3 and 291 + (epochs - 1) * 291 <= usable
+    # slower than the whole rest of the budget: one more epoch, to end annealed; a finished run stays finished
+    assert replan_epochs(1000, 900, 300, 3, 10) == 4
+    assert replan_epochs(1000, 2000, 300, 10, 10) == 10
+    with pytest.raises(ValueError, match='replan_epochs needs'):
+        replan_epochs(1000, 10, 0, 1, 10)
+
+
+@pytest.mark.parametrize('speed', [0.5, 2.0])
+def test_a_budgeted_run_replans_when_its_epochs_change_speed_and_still_ends_annealed(
+    tmp_path, capsys, monkeypatch, speed
+):
+    """Measured at 8 s a batch, the epochs then take ``speed`` times the planned time (the clock is faked, the
+    decision is the real `replan_epochs`): the run re-plans once, trains the new number of epochs with its cosine
+    decay fitted to them (the lr never jumps up, and ends at the minimum), and writes the new plan into its config;
+    interrupted after two epochs and resumed, it keeps that plan."""
+    data = make_image_folder(tmp_path / 'data', {'train': {'a': 16, 'b': 16}, 'val': {'a': 2, 'b': 2}})
+    monkeypatch.setattr(train_mod, '_measure_run', lambda *args: FAKE)
+    planned = {}
+
+    def fake_clock_replan(budget, elapsed, epoch_s, done, epochs):
+        planned.setdefault('epochs', epochs)
+        first = plan_schedule(budget, 0.0, FAKE, batches_per_epoch=8, warmup_fraction=0.05)
+        fake_epoch = (first.seconds / first.epochs) * speed
+        decided = replan_epochs(budget, done * fake_epoch, fake_epoch, done, epochs)
+        planned.setdefault('decisions', []).append(decided)
+        return decided
+
+    monkeypatch.setattr(train_mod, 'replan_epochs', fake_clock_replan)
+    real_save = train_mod._save_epoch
+    interrupted = {}
+
+    def stop_after_two(run_dir, trainer, history, *rest):
+        real_save(run_dir, trainer, history, *rest)
+        if len(history) == 2 and not interrupted:
+            interrupted['at'] = 2
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, '_save_epoch', stop_after_two)
+    out = tmp_path / 'runs'
+    argv = ['train', '--data', str(data), *TINY_FLAGS, '--batch-size', '4', '--workers', '0', '--quiet']
+    assert main([*argv, '--time-budget', '10m', '--min-lr', '1e-6', '--output', str(out), '--name', 'run']) == 130
+    said = capsys.readouterr().out
+    config = json.loads((out / 'run' / 'config.json').read_text())['config']
+    first_plan = planned['epochs']
+    assert (config['epochs'] > first_plan) == (speed < 1) and config['epochs'] != first_plan
+    assert f'the schedule is now {config["epochs"]} epochs instead of {first_plan}' in said
+    decisions = len(planned['decisions'])
+
+    assert main(['train', '--resume', str(out / 'run'), '--quiet']) == 0
+    assert len(planned['decisions']) == decisions  # a resumed run keeps the plan it had
+    history = json.loads((out / 'run' / 'metrics.json').read_text())
+    assert [row['epoch'] for row in history] == list(range(1, config['epochs'] + 1))
+    lrs = [row['lr'] for row in history]
+    assert all(later <= earlier * (1 + 1e-9) for earlier, later in zip(lrs[1:], lrs[2:]))  # no jump after warm-up
+    assert lrs[-1] == pytest.approx(1e-6, rel=1e-3)  # annealed over the new number of epochs
