@@ -4,9 +4,10 @@ A budgeted run measures itself before it starts: a few real optimizer steps and 
 model, data and machine (`boatvit.training` does that, on a copy of the starting state). `plan_schedule` turns those
 measurements into a whole schedule, epochs, batches per epoch and warm-up, that ends annealed (the cosine decay at its
 minimum learning rate), evaluated and saved inside the budget. The plan is written into the run's config, so a
-resumed run keeps it. After each epoch the run checks its plan against its clock (`replan_epochs`): when the
-machine's load has changed since it measured itself, the rest of the schedule is stretched or shrunk over the epochs
-that now fit. The functions here are pure: times in, schedule out, so they are tested against a fake clock.
+resumed run keeps it. After each epoch the run checks its plan against its clock: when the machine's load has
+changed since it measured itself, the rest of the schedule is planned again for the time left (`replan_schedule`),
+its cosine decay stretched or shrunk over it. The functions here are pure: times in, schedule out, so they are tested
+against a fake clock.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from typing import Optional
 
 from .errors import UsageError
 
-__all__ = ['parse_duration', 'format_duration', 'StepTimes', 'SchedulePlan', 'plan_schedule', 'replan_epochs']
+__all__ = ['parse_duration', 'format_duration', 'StepTimes', 'SchedulePlan', 'plan_schedule', 'replan_schedule']
 
 _UNITS = {'s': 1, 'm': 60, 'h': 3600, 'd': 86400}
 # 90s, 20m, 1.5h, 1h30m, 2h 15m: numbers each followed by a unit, largest first
@@ -152,23 +154,49 @@ def plan_schedule(
     return SchedulePlan(epochs, batches, warmup_fraction * epochs, seconds)
 
 
-def replan_epochs(budget: float, elapsed: float, epoch_s: float, epochs_done: int, epochs: int) -> int:
-    """The epochs a budgeted run should have in all, after ``epochs_done`` of its planned ``epochs``, when
-    ``elapsed`` seconds of its ``budget`` are gone and its last epoch (training, validation, save) took ``epoch_s``.
+def replan_schedule(
+    budget: float,
+    elapsed: float,
+    times: StepTimes,
+    epochs_done: int,
+    epochs: int,
+    batches_per_epoch: int,
+    full_epoch_batches: int,
+    grad_accum: int = 1,
+) -> Optional[SchedulePlan]:
+    """The rest of a budgeted run's schedule, re-planned, or None while its plan holds.
 
-    The plan holds while the end it projects (every remaining epoch as long as the last one) stays within
-    ``REPLAN_TOLERANCE`` of the budget's usable part (the budget less ``SAFETY_MARGIN``); past that, the run gets the
-    epochs that fit, at least one more: a run cannot end annealed without one, so a run slowed down that much ends
-    late by at most an epoch. A finished run stays finished: its schedule has annealed.
+    After ``epochs_done`` of its ``epochs`` (of ``batches_per_epoch`` batches each), with ``elapsed`` seconds of its
+    ``budget`` gone and ``times`` measured on its last epoch: the plan holds while the end it projects stays within
+    ``REPLAN_TOLERANCE`` of the budget's usable part (the budget less ``SAFETY_MARGIN``). Past that, the remaining
+    time gets a schedule of its own (`plan_schedule`: its epochs, and the batches of each, up to
+    ``full_epoch_batches``); the returned plan's ``epochs`` and ``seconds`` are the remaining ones. A run with no
+    time left for even one more step, validation and save still gets one more epoch of one optimizer step, so that it
+    ends annealed, late by that. A finished run stays finished: its schedule has annealed.
     """
-    if not (budget > 0 and elapsed >= 0 and epoch_s > 0 and 0 <= epochs_done and epochs >= 1):
+    if not (
+        budget > 0
+        and elapsed >= 0
+        and 0 <= epochs_done
+        and epochs >= 1
+        and 1 <= batches_per_epoch <= full_epoch_batches
+        and grad_accum >= 1
+        and times.step > 0
+    ):
         raise ValueError(
-            f'replan_epochs needs budget and epoch_s > 0, elapsed and epochs_done >= 0, epochs >= 1; got {budget},'
-            f' {elapsed}, {epoch_s}, {epochs_done}, {epochs}'
+            f'replan_schedule needs budget > 0, elapsed and epochs_done >= 0, epochs >= 1, 1 <= batches_per_epoch <='
+            f' full_epoch_batches, grad_accum >= 1 and a positive step time; got {budget}, {elapsed}, {epochs_done},'
+            f' {epochs}, {batches_per_epoch}, {full_epoch_batches}, {grad_accum}, {times}'
         )
     if epochs_done >= epochs:
-        return epochs
+        return None
     usable = budget * (1 - SAFETY_MARGIN)
+    epoch_s = batches_per_epoch * times.step + times.eval_epoch + times.save_epoch
     if abs(elapsed + (epochs - epochs_done) * epoch_s - usable) <= REPLAN_TOLERANCE * budget:
-        return epochs
-    return epochs_done + max(1, int((usable - elapsed) // epoch_s))
+        return None
+    try:
+        plan = plan_schedule(budget, elapsed, times, full_epoch_batches, 0.0, grad_accum)
+    except UsageError:  # not even one more step fits
+        last = grad_accum * times.step + times.eval_epoch + times.save_epoch
+        return SchedulePlan(1, grad_accum, 0.0, last)
+    return dataclasses.replace(plan, seconds=plan.seconds - elapsed)

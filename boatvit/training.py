@@ -72,7 +72,7 @@ from .runtime import (
     require_extra,
     resolve_amp,
 )
-from .time_budget import StepTimes, format_duration, parse_duration, plan_schedule, replan_epochs
+from .time_budget import StepTimes, format_duration, parse_duration, plan_schedule, replan_schedule
 from .weights import (
     Weights,
     build_model,
@@ -930,15 +930,17 @@ def fit(
                 best = row
             epoch += 1
             if replan:  # before the save, so that last.pt holds the schedule the config will name
-                planned = config.epochs
-                config = _replan(config, trainer, epoch, row['epoch_s'] + save_s, started, world_size, rank == 0)
-                bar.total = (config.epochs - start_epoch) * batches
+                planned = config
+                full = _full_epoch_batches(config, train_loader)
+                config = _replan(config, trainer, full, epoch, row, save_s, started, world_size, rank)
+                batches = trainer.updates_per_epoch * config.grad_accum
+                bar.total = bar.n + (config.epochs - epoch) * batches
                 bar.refresh()
             ranks_rng = _gather_rng(world_size)
             if rank == 0:
                 save_start = time.perf_counter()
                 _save_epoch(run_dir, trainer, history, ranks_rng, weights_metadata, is_best)
-                if replan and config.epochs != planned:
+                if replan and config != planned:
                     _write_run_config(run_dir, config, recipe, world_size, updates_per_epoch, classes, data_config)
                 save_s = time.perf_counter() - save_start
                 if log is not None:
@@ -1028,7 +1030,7 @@ def fit_to_budget(
     of the schedule. Says what it chose when ``say``."""
     budget = parse_duration(config.time_budget)
     times = _measure_run(model, config, device, world_size, train_loader, val_loader, budget)
-    full = len(train_loader) if config.limit_batches is None else min(len(train_loader), config.limit_batches)
+    full = _full_epoch_batches(config, train_loader)
     warmup_fraction = min(0.5, config.warmup_epochs / config.epochs)
     plan = plan_schedule(budget, time.perf_counter() - started, times, full, warmup_fraction, config.grad_accum)
     planned = dataclasses.replace(
@@ -1048,34 +1050,59 @@ def fit_to_budget(
     return planned
 
 
+def _full_epoch_batches(config: TrainConfig, train_loader) -> int:
+    """The training batches of a whole pass, as far as ``--limit-batches`` allows: the most a plan can give an epoch."""
+    return len(train_loader) if config.limit_batches is None else min(len(train_loader), config.limit_batches)
+
+
 def _replan(
     config: TrainConfig,
     trainer: Trainer,
+    full_epoch_batches: int,
     epochs_done: int,
-    epoch_s: float,
+    row: Dict[str, Any],
+    save_s: float,
     started: float,
     world_size: int,
-    say: bool,
+    rank: int,
 ) -> TrainConfig:
-    """``config`` with the epochs that still fit its time budget after ``epochs_done`` (`replan_epochs`), the rest
-    of ``trainer``'s lr schedule stretched or shrunk over them; rank 0 decides for every process."""
+    """``config`` with the rest of its schedule planned again for the time its budget has left when the epoch just
+    done (``row``, saved in about ``save_s``) shows that the plan no longer fits (`replan_schedule`): its epochs and
+    batches per epoch, and ``trainer``'s lr schedule stretched or shrunk over them. Rank 0 decides for every
+    process."""
     budget = parse_duration(config.time_budget)
     elapsed = time.perf_counter() - started
-    epochs = [replan_epochs(budget, elapsed, epoch_s, epochs_done, config.epochs)]
+    batches = trainer.updates_per_epoch * config.grad_accum
+    train_s = batches * config.batch_size * world_size / row['train_images_per_s']
+    times = StepTimes(train_s / batches, max(0.0, row['epoch_s'] - train_s), save_s)
+    plan = [
+        replan_schedule(
+            budget, elapsed, times, epochs_done, config.epochs, batches, full_epoch_batches, config.grad_accum
+        )
+    ]
     if world_size > 1:
-        dist.broadcast_object_list(epochs, src=0)
-    epochs = epochs[0]
-    if epochs == config.epochs:
+        dist.broadcast_object_list(plan, src=0)
+    plan = plan[0]
+    if plan is None:
         return config
-    trainer.stretch_schedule((epochs - epochs_done) * trainer.updates_per_epoch)
-    if say:
+    trainer.updates_per_epoch = plan.batches_per_epoch // config.grad_accum
+    trainer.stretch_schedule(plan.epochs * trainer.updates_per_epoch)
+    replanned = dataclasses.replace(
+        config,
+        epochs=epochs_done + plan.epochs,
+        train_batches=plan.batches_per_epoch if plan.batches_per_epoch < full_epoch_batches else None,
+    )
+    trainer.config = replanned  # its progress bar names the epochs
+    if rank == 0:
+        share = '' if plan.batches_per_epoch == full_epoch_batches else f' of {plan.batches_per_epoch} batches'
         report(
             f'time budget {format_duration(budget)}: after {format_duration(elapsed)} an epoch takes'
-            f" {format_duration(epoch_s)} (the machine's load changed): the schedule is now {epochs} epochs instead of"
-            f' {config.epochs}, the rest of its cosine decay fitted to them; planned to end in'
-            f' {format_duration(elapsed + (epochs - epochs_done) * epoch_s)}'
+            f" {format_duration(row['epoch_s'] + save_s)}, not as planned (the machine's load changed): the rest of"
+            f' the schedule is {plan.epochs} more epochs{share}, {replanned.epochs} in all instead of'
+            f' {config.epochs}, its cosine decay fitted to them; planned to end in'
+            f' {format_duration(elapsed + plan.seconds)}'
         )
-    return dataclasses.replace(config, epochs=epochs)
+    return replanned
 
 
 def _check_weights(config: TrainConfig) -> Weights:

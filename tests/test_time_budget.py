@@ -4,6 +4,7 @@ and re-planned when its epochs take longer or shorter than it measured."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -18,7 +19,7 @@ from boatvit.time_budget import (
     format_duration,
     parse_duration,
     plan_schedule,
-    replan_epochs,
+    replan_schedule,
 )
 from test_data import make_image_folder
 from test_evaluate import TINY_FLAGS
@@ -125,7 +126,7 @@ def test_a_budgeted_run_trains_the_planned_schedule_ends_annealed_and_resumes_wi
 
     monkeypatch.setattr(train_mod, '_measure_run', fake_measure)
     # the epochs take milliseconds, not the fake minute: the plan is held to (re-planning: the test below)
-    monkeypatch.setattr(train_mod, 'replan_epochs', lambda budget, elapsed, epoch_s, done, epochs: epochs)
+    monkeypatch.setattr(train_mod, 'replan_schedule', lambda *args: None)
     out = tmp_path / 'runs'
     argv = ['train', '--data', str(data), *TINY_FLAGS, '--batch-size', '4', '--workers', '0', '--quiet']
     interrupted = {}
@@ -173,20 +174,29 @@ def test_the_planner_and_the_fitted_defaults_refuse_impossible_inputs():
 
 
 def test_the_plan_holds_within_its_tolerance_and_is_redone_past_it():
+    times = StepTimes(step=1.0, eval_epoch=5.0, save_epoch=1.0)  # 96 s an epoch of 90 batches
     usable = 1000 * (1 - SAFETY_MARGIN)
-    # 10 epochs of 97 s: the plan's end is the usable budget, and drifts within the tolerance keep it
-    assert replan_epochs(1000, 97, 97, 1, 10) == 10
-    assert replan_epochs(1000, 97, 97 + 0.9 * REPLAN_TOLERANCE * 1000 / 9, 1, 10) == 10
-    # the machine got twice as fast after the first epoch: the epochs that now fit
-    assert replan_epochs(1000, 97, 48.5, 1, 10) == 1 + int((usable - 97) // 48.5) == 19
-    # three times as slow: fewer epochs, the last of them ending inside the budget
-    epochs = replan_epochs(1000, 291, 291, 1, 10)
-    assert epochs == 3 and 291 + (epochs - 1) * 291 <= usable
-    # slower than the whole rest of the budget: one more epoch, to end annealed; a finished run stays finished
-    assert replan_epochs(1000, 900, 300, 3, 10) == 4
-    assert replan_epochs(1000, 2000, 300, 10, 10) == 10
-    with pytest.raises(ValueError, match='replan_epochs needs'):
-        replan_epochs(1000, 10, 0, 1, 10)
+
+    def replan(elapsed, done, step=1.0, epochs=10, batches=90):
+        return replan_schedule(1000, elapsed, dataclasses.replace(times, step=step), done, epochs, batches, 100)
+
+    # 10 epochs of 96 s end at 960 s, inside the usable 970, and drifts within the tolerance keep the plan
+    # (the projected end drifts by 810 (step - 1) - 10 s: nine epochs of 90 batches left)
+    within, past = (1 + (f * REPLAN_TOLERANCE * 1000 + 10) / 810 for f in (0.9, 1.1))
+    assert replan(96, 1) is None and replan(96, 1, step=within) is None and replan(96, 1, step=past) is not None
+    # the machine got twice as fast after the first epoch: the time left is planned again, and filled
+    faster = replan(96, 1, step=0.5)
+    assert faster.epochs > 9 and 96 + faster.seconds <= usable and 96 + faster.seconds >= usable * 0.95
+    # twice as slow: fewer epochs (or shorter ones), ending inside the budget and near its end
+    slower = replan(96, 1, step=2.0)
+    assert slower.epochs < 9 and usable * 0.95 <= 96 + slower.seconds <= usable
+    assert slower.batches_per_epoch <= 100 and faster.warmup_epochs == slower.warmup_epochs == 0
+    # no time left for even a step: one more epoch of one step, to end annealed; a finished run stays finished
+    last = replan(995, 3)
+    assert (last.epochs, last.batches_per_epoch) == (1, 1) and last.seconds == pytest.approx(1 + 5 + 1)
+    assert replan(2000, 10) is None
+    with pytest.raises(ValueError, match='replan_schedule needs'):
+        replan(10, 1, batches=101)
 
 
 @pytest.mark.parametrize('speed', [0.5, 2.0])
@@ -201,15 +211,18 @@ def test_a_budgeted_run_replans_when_its_epochs_change_speed_and_still_ends_anne
     monkeypatch.setattr(train_mod, '_measure_run', lambda *args: FAKE)
     planned = {}
 
-    def fake_clock_replan(budget, elapsed, epoch_s, done, epochs):
+    def fake_clock_replan(budget, elapsed, times, done, epochs, batches, full, grad_accum):
         planned.setdefault('epochs', epochs)
-        first = plan_schedule(budget, 0.0, FAKE, batches_per_epoch=8, warmup_fraction=0.05)
-        fake_epoch = (first.seconds / first.epochs) * speed
-        decided = replan_epochs(budget, done * fake_epoch, fake_epoch, done, epochs)
-        planned.setdefault('decisions', []).append(decided)
+        # the epochs run at `speed` times the measured step, whatever the real clock says
+        fake = dataclasses.replace(FAKE, step=FAKE.step * speed)
+        fake_epoch = batches * fake.step + fake.eval_epoch + fake.save_epoch
+        spent = planned.setdefault('spent', [0.0])
+        spent[0] += fake_epoch
+        decided = replan_schedule(budget, spent[0], fake, done, epochs, batches, full, grad_accum)
+        planned.setdefault('decisions', []).append((spent[0], decided))
         return decided
 
-    monkeypatch.setattr(train_mod, 'replan_epochs', fake_clock_replan)
+    monkeypatch.setattr(train_mod, 'replan_schedule', fake_clock_replan)
     real_save = train_mod._save_epoch
     interrupted = {}
 
@@ -227,13 +240,17 @@ def test_a_budgeted_run_replans_when_its_epochs_change_speed_and_still_ends_anne
     config = json.loads((out / 'run' / 'config.json').read_text())['config']
     first_plan = planned['epochs']
     assert (config['epochs'] > first_plan) == (speed < 1) and config['epochs'] != first_plan
-    assert f'the schedule is now {config["epochs"]} epochs instead of {first_plan}' in said
+    assert f'{config["epochs"]} in all instead of {first_plan}, its cosine decay fitted to them' in said
     decisions = len(planned['decisions'])
 
     assert main(['train', '--resume', str(out / 'run'), '--quiet']) == 0
     assert len(planned['decisions']) == decisions  # a resumed run keeps the plan it had
     history = json.loads((out / 'run' / 'metrics.json').read_text())
     assert [row['epoch'] for row in history] == list(range(1, config['epochs'] + 1))
+    assert json.loads((out / 'run' / 'config.json').read_text())['config'] == config
+    # by the fake clock, the re-planned run ends inside the budget, near its end
+    spent, plan = [(spent, plan) for spent, plan in planned['decisions'] if plan is not None][-1]
+    assert 0.9 * 600 <= spent + plan.seconds <= 600
     lrs = [row['lr'] for row in history]
     assert all(later <= earlier * (1 + 1e-9) for earlier, later in zip(lrs[1:], lrs[2:]))  # no jump after warm-up
     assert lrs[-1] == pytest.approx(1e-6, rel=1e-3)  # annealed over the new number of epochs
