@@ -941,7 +941,8 @@ def fit(
                 save_start = time.perf_counter()
                 _save_epoch(run_dir, trainer, history, ranks_rng, weights_metadata, is_best)
                 if replan and config != planned:
-                    _write_run_config(run_dir, config, recipe, world_size, updates_per_epoch, classes, data_config)
+                    updates = trainer.updates_per_epoch
+                    _write_run_config(run_dir, config, recipe, world_size, updates, classes, data_config)
                 save_s = time.perf_counter() - save_start
                 if log is not None:
                     log.epoch(trainer.num_updates, row)
