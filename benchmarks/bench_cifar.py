@@ -185,7 +185,7 @@ def main() -> None:
         if not todo:
             continue
         print(f'{", ".join(todo)} seed {seed}, budget {args.budget} ...', flush=True)
-        with ThreadPoolExecutor(max(1, len(todo) if args.side_by_side else 1)) as pool:  # each waits on a process
+        with ThreadPoolExecutor(len(todo) if args.side_by_side else 1) as pool:  # each waits on a process
             runs = pool.map(
                 lambda m: run_one(args.data, args.output, m, args.budget, seed, args.extra, args.side_by_side), todo
             )

@@ -114,6 +114,20 @@ def test_a_budget_chooses_the_epochs_so_epochs_are_refused_beside_it(tmp_path, c
 FAKE = StepTimes(step=8.0, eval_epoch=3.0, save_epoch=1.0)
 
 
+def interrupt_after_two_epochs(monkeypatch):
+    """The next run stops with Ctrl-C once its second epoch is saved (exit 130); later runs are not stopped."""
+    real_save = train_mod._save_epoch
+    interrupted = []
+
+    def stop_after_two(run_dir, trainer, history, *rest):
+        real_save(run_dir, trainer, history, *rest)
+        if len(history) == 2 and not interrupted:
+            interrupted.append(2)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, '_save_epoch', stop_after_two)
+
+
 def test_a_budgeted_run_trains_the_planned_schedule_ends_annealed_and_resumes_with_it(tmp_path, capsys, monkeypatch):
     """The measurements replaced by fixed times: 8 batches an epoch at 8 s, so 3 minutes plan 3 epochs of 8 or
     fewer batches; the run trains that schedule, its lr ends at the minimum, and a resume does not plan again."""
@@ -129,16 +143,7 @@ def test_a_budgeted_run_trains_the_planned_schedule_ends_annealed_and_resumes_wi
     monkeypatch.setattr(train_mod, 'replan_schedule', lambda *args: None)
     out = tmp_path / 'runs'
     argv = ['train', '--data', str(data), *TINY_FLAGS, '--batch-size', '4', '--workers', '0', '--quiet']
-    interrupted = {}
-    real_save = train_mod._save_epoch
-
-    def stop_after_two(run_dir, trainer, history, *rest):
-        real_save(run_dir, trainer, history, *rest)
-        if len(history) == 2 and not interrupted:
-            interrupted['at'] = 2
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod, '_save_epoch', stop_after_two)
+    interrupt_after_two_epochs(monkeypatch)
     assert main([*argv, '--time-budget', '3m', '--min-lr', '1e-6', '--output', str(out), '--name', 'run']) == 130
     out_text = capsys.readouterr().out
     config = json.loads((out / 'run' / 'config.json').read_text())['config']
@@ -204,7 +209,7 @@ def test_a_budgeted_run_replans_when_its_epochs_change_speed_and_still_ends_anne
     tmp_path, capsys, monkeypatch, speed
 ):
     """Measured at 8 s a batch, the epochs then take ``speed`` times the planned time (the clock is faked, the
-    decision is the real `replan_epochs`): the run re-plans once, trains the new number of epochs with its cosine
+    decision is the real `replan_schedule`): the run re-plans once, trains the new number of epochs with its cosine
     decay fitted to them (the lr never jumps up, and ends at the minimum), and writes the new plan into its config;
     interrupted after two epochs and resumed, it keeps that plan."""
     data = make_image_folder(tmp_path / 'data', {'train': {'a': 16, 'b': 16}, 'val': {'a': 2, 'b': 2}})
@@ -223,16 +228,7 @@ def test_a_budgeted_run_replans_when_its_epochs_change_speed_and_still_ends_anne
         return decided
 
     monkeypatch.setattr(train_mod, 'replan_schedule', fake_clock_replan)
-    real_save = train_mod._save_epoch
-    interrupted = {}
-
-    def stop_after_two(run_dir, trainer, history, *rest):
-        real_save(run_dir, trainer, history, *rest)
-        if len(history) == 2 and not interrupted:
-            interrupted['at'] = 2
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod, '_save_epoch', stop_after_two)
+    interrupt_after_two_epochs(monkeypatch)
     out = tmp_path / 'runs'
     argv = ['train', '--data', str(data), *TINY_FLAGS, '--batch-size', '4', '--workers', '0', '--quiet']
     assert main([*argv, '--time-budget', '10m', '--min-lr', '1e-6', '--output', str(out), '--name', 'run']) == 130

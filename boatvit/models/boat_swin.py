@@ -99,7 +99,7 @@ class ConvPatchStem(nn.Sequential):
         width = embed_dim * 3 // 4
         layers = [nn.Conv2d(in_chans, width, 3, padding=1, bias=False, **dd), nn.BatchNorm2d(width, **dd), nn.GELU()]
         halvings = patch_size.bit_length() - 1
-        for i in range(halvings - 1):
+        for _ in range(halvings - 1):
             layers += [
                 nn.Conv2d(width, width, 3, stride=2, padding=1, bias=False, **dd),
                 nn.BatchNorm2d(width, **dd),
