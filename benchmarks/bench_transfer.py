@@ -1,10 +1,10 @@
 """Transfer really happens: fine-tuning from weights against training from scratch, at the same number of steps.
 
 Two scenarios, each with a source run of the embedded model (boat_swin_nano_32, recipe ``digits``) and, per seed,
-a few labelled images per class of a target task trained with ``boatvit train`` four times: three from the source
-(``--weights``, the ``finetune-swin`` preset): as the preset is (``finetune_preset``), at ``--finetune-lr``
-(``finetune_lr``), and with the backbone frozen at that lr (``frozen``, a linear probe); and one from scratch (the
-``digits`` recipe's settings, tuned for this model from scratch). All four have the same epochs, batch size and
+a few labelled images per class of a target task trained with ``boatvit train`` several times: from the source
+(``--weights``, the ``finetune-swin`` preset) as the preset is (``finetune_preset``), at each ``--finetune-lr``
+(``finetune_lr_<lr>``), and with the backbone frozen at ``--frozen-lr`` (``frozen``, a linear probe); and one from
+scratch (the ``digits`` recipe's settings, tuned for this model from scratch). All have the same epochs, batch and
 augmentation (the digits recipe's), so the same number of optimizer steps on the same images, and are scored with
 their last weights on the held-out validation images of the target classes (never trained on by any run).
 
@@ -22,12 +22,15 @@ the target classes apart better than an untrained model's. Accuracy only, no tim
 
 ``photos`` (CIFAR-10 as image folders): the source is BOAT trained from scratch (``boatvit train --data`` with its
 fitted defaults and ``--source-budget``) on the first five classes, the target the other five with 10 and 50
-photos per class (``--photo-shots``); the same four runs and probes, with crops and flips as augmentation.
+photos per class (``--photo-shots``); the same runs and probes, with crops and flips as augmentation.
+``--source RUN_DIR`` reuses a photos source run (``photos-source`` under an earlier ``--output``) instead of
+training one, so that fine-tuning settings compare on the same source.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -161,14 +164,19 @@ def scenario(
     return source, rows
 
 
+def finetune_column(lr: float) -> str:
+    return f'finetune_lr_{lr:g}'
+
+
 def compare(row: Dict[str, Any], same: dict, scratch_recipe: str, source: Path, args, tmp: Path) -> Dict[str, Any]:
-    """``row`` with the four runs on one target folder (``same``: its data, epochs, batch, augmentation and seed)
-    and the linear probes."""
+    """``row`` with the runs on one target folder (``same``: its data, epochs, batch, augmentation and seed) and
+    the linear probes."""
     tag = '-'.join(str(v) for v in row.values())
     weights = dict(same, weights=str(source))
     row['finetune_preset'] = run(weights, None, tmp, f'{tag}-ft')
-    row['finetune_lr'] = run(dict(weights, lr=args.finetune_lr), None, tmp, f'{tag}-ft-lr')
-    row['frozen'] = run(dict(weights, lr=args.finetune_lr, freeze_backbone=True), None, tmp, f'{tag}-frozen')
+    for lr in args.finetune_lr:
+        row[finetune_column(lr)] = run(dict(weights, lr=lr), None, tmp, f'{tag}-ft-lr{lr:g}')
+    row['frozen'] = run(dict(weights, lr=args.frozen_lr, freeze_backbone=True), None, tmp, f'{tag}-frozen')
     row['scratch'] = run(dict(same, model='boat_swin_nano_32', img_size=32), scratch_recipe, tmp, f'{tag}-scratch')
     row.update(linear_probes(source, same['data']))
     print(', '.join(f'{k} {v}' if isinstance(v, (str, int)) else f'{k} {v:.2f} %' for k, v in row.items()))
@@ -196,11 +204,17 @@ def link_folder(root: Path, photos: Path, classes: List[str], shots: int, seed: 
 
 def photo_scenario(args: argparse.Namespace, tmp: Path) -> Tuple[float, List[Dict[str, Any]]]:
     """``photos``: CIFAR-10's first five classes (all their photos) as the source, trained from scratch in
-    ``--source-budget``; its last five as the target, ``--photo-shots`` photos per class. The source's held-out
-    top-1 % and one row per shots and seed."""
+    ``--source-budget`` (or ``--source``, trained before); its last five as the target, ``--photo-shots`` photos per
+    class. The source's held-out top-1 % and one row per shots and seed."""
     classes = sorted(p.name for p in (args.photos / 'train').iterdir() if p.is_dir())
-    source_data = link_folder(tmp / 'photos-source-data', args.photos, classes[:5], 0, 0)
-    source = run(dict(data=str(source_data), time_budget=args.source_budget), None, tmp, 'photos-source')
+    if args.source:
+        source_dir = args.source
+        source_data = json.loads((source_dir / 'config.json').read_text())['config']['data']
+        source = evaluate_weights(source_dir / 'last.safetensors', data=source_data, split='val', workers=0)['top1']
+    else:
+        source_dir = tmp / 'photos-source'
+        source_data = link_folder(tmp / 'photos-source-data', args.photos, classes[:5], 0, 0)
+        source = run(dict(data=str(source_data), time_budget=args.source_budget), None, tmp, 'photos-source')
     print(f'photos: source, {classes[:5]}, held-out top-1 {source:.2f} %', flush=True)
     rows = []
     for shots in args.photo_shots:
@@ -208,7 +222,7 @@ def photo_scenario(args: argparse.Namespace, tmp: Path) -> Tuple[float, List[Dic
             data = link_folder(tmp / f'photos-target-{shots}-seed{seed}', args.photos, classes[5:], shots, seed)
             same = dict(PHOTO_AUG, data=str(data), epochs=args.epochs, batch_size=args.batch_size, seed=seed)
             row = {'scenario': 'photos', 'shots': shots, 'seed': seed}
-            rows.append(compare(row, same, 'small-data', tmp / 'photos-source', args, tmp))
+            rows.append(compare(row, same, 'small-data', source_dir, args, tmp))
     return source, rows
 
 
@@ -231,8 +245,14 @@ def main_benchmark() -> None:
     parser.add_argument(
         '--finetune-lr',
         type=float,
-        default=2e-3,
-        help="the fine-tuning runs' peak lr (the preset's layer decay scales it down towards the stem)",
+        nargs='+',
+        default=[2e-3],
+        help="peak lrs of the fine-tuning runs beside the preset's, a run each (the preset's layer decay scales each"
+        ' down towards the stem)',
+    )
+    parser.add_argument('--frozen-lr', type=float, default=2e-3, help='lr of the frozen-backbone run')
+    parser.add_argument(
+        '--source', type=Path, default=None, help='a photos source run directory to reuse instead of training one'
     )
     parser.add_argument('--batch-size', type=positive_int, default=5, help='batch of the runs on the target')
     parser.add_argument('--threads', type=positive_int, default=2, help='CPU threads (torch.set_num_threads)')
@@ -241,6 +261,8 @@ def main_benchmark() -> None:
     args = parser.parse_args()
     if 'photos' in args.scenarios and not (args.photos and (args.photos / 'train').is_dir()):
         parser.error('--scenarios photos needs --photos DIR with train/ and val/ folders of class folders')
+    if args.source and not (args.source / 'config.json').is_file():
+        parser.error(f'--source {args.source}: not a run directory (no config.json); give a photos-source run')
     torch.set_num_threads(args.threads)
     args.device, args.compile, args.repeats, args.warmup = 'cpu', False, args.seeds, 0  # for environment()
     env = environment(args)
@@ -258,7 +280,7 @@ def main_benchmark() -> None:
             for row in scenario_rows:
                 row.setdefault('shots', args.shots)
             rows += scenario_rows
-    columns = ['finetune_preset', 'finetune_lr', 'frozen', 'scratch']
+    columns = ['finetune_preset', *map(finetune_column, args.finetune_lr), 'frozen', 'scratch']
     columns += ['probe_source', 'probe_random_init', 'probe_pixels']
     groups = sorted({(r['scenario'], r['shots']) for r in rows})
     means = {

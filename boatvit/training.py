@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import io
 import itertools
+import math
 import os
 import random
 import sys
@@ -50,7 +51,7 @@ from .evaluation import evaluate
 from .image_cache import CACHE_MODES, InMemoryImages, cache_split, collate_samples
 from .batch_augment import BatchAugment
 from .loggers import TensorBoardLog, check_logger
-from .recipes import DEFAULT_RECIPE, FINETUNE_RECIPES, RECIPES, SMALL_DATA_RECIPE, fit_to_data
+from .recipes import DEFAULT_RECIPE, FINETUNE_RECIPES, RECIPES, SMALL_DATA_RECIPE, fit_finetune_to_data, fit_to_data
 from .runs import (
     CONFIG_FILE,
     hold_run_dir,
@@ -93,6 +94,10 @@ __all__ = [
     'fit',
     'train',
 ]
+
+#: how ``lr_base`` follows the global batch: linearly (SGD's rule, the reference recipes') or by its square root
+#: (the rule for adaptive optimizers such as AdamW, and timm's default for them)
+LR_BASE_SCALES = ('linear', 'sqrt')
 
 
 def _field(default: Any, group: str, help: str = '', **flag: Any) -> Any:
@@ -147,6 +152,13 @@ class TrainConfig:
     lr: Optional[float] = _field(None, 'optimisation', 'learning rate; default: --lr-base scaled to the global batch')
     lr_base: float = _field(5e-4, 'optimisation', 'learning rate at a global batch of --lr-base-size')
     lr_base_size: int = _field(512, 'optimisation', 'the global batch --lr-base is for')
+    lr_base_scale: str = _field(
+        'linear',
+        'optimisation',
+        "how --lr-base follows the global batch: 'linear' (the reference recipes') or 'sqrt' (the fine-tuning"
+        " presets': adaptive optimizers' rule, timm's --lr-base-scale)",
+        choices=LR_BASE_SCALES,
+    )
     weight_decay: float = _field(0.05, 'optimisation', 'AdamW weight decay')
     layer_decay: Optional[float] = _field(
         None, 'optimisation', 'layer-wise lr decay: each block towards the stem gets this factor more, e.g. 0.75'
@@ -233,6 +245,8 @@ class TrainConfig:
             raise UsageError(f'--warmup-epochs must be 0 or more, got {self.warmup_epochs}')
         if self.time_budget is not None:
             parse_duration(self.time_budget)
+        if self.lr_base_scale not in LR_BASE_SCALES:
+            raise UsageError(f'--lr-base-scale must be one of {list(LR_BASE_SCALES)}, got {self.lr_base_scale!r}')
         if self.data_cache not in CACHE_MODES:
             raise UsageError(f'--data-cache must be one of {list(CACHE_MODES)}, got {self.data_cache!r}')
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
@@ -256,8 +270,9 @@ def config_from_values(given: Mapping[str, Any], recipe: Optional[str] = None) -
     in use and why (rank 0).
 
     Without ``recipe``: the family's fine-tuning preset with ``weights``, the embedded default when the data are
-    the digits (or not given), else the small-data preset, fitted to an image folder's images
-    (`boatvit.recipes.fit_to_data`; the flags given override it). With ``weights``, the model, its arguments and image
+    the digits (or not given), else the small-data preset. The small-data and fine-tuning presets are fitted to an
+    image folder's images (`boatvit.recipes.fit_to_data`, `~boatvit.recipes.fit_finetune_to_data`; the flags given
+    override them). With ``weights``, the model, its arguments and image
     size default to those of the weights (`boatvit.weights.resolve_model`), and another ``img_size`` gets the
     Swin windows ``set_input_size`` would choose. ``clip_grad`` and ``ema_decay`` of 0 and ``aa`` of ``'none'``
     switch those off (the command line cannot type None).
@@ -275,10 +290,14 @@ def config_from_values(given: Mapping[str, Any], recipe: Optional[str] = None) -
     recipe, why = (recipe, 'asked for') if recipe else _default_recipe(given)
     values = dict(RECIPES[recipe]) if recipe else {}
     fitted = []
-    if recipe == SMALL_DATA_RECIPE and not given.get('dataset'):  # fitted to the image folder it trains on
+    fits_folder = recipe == SMALL_DATA_RECIPE or recipe in FINETUNE_RECIPES.values()
+    if fits_folder and given.get('data') not in (None, DIGITS) and not given.get('dataset'):
         summary = folder_summary(given['data'], given.get('train_split', 'train'))
-        if summary is not None:
-            fitted_values, fitted = fit_to_data(*summary)
+        if summary is not None:  # fitted to the image folder it trains on
+            num_images, image_side = summary
+            fitted_values, fitted = (
+                fit_to_data(num_images, image_side) if recipe == SMALL_DATA_RECIPE else fit_finetune_to_data(num_images)
+            )
             values.update(fitted_values)
     model_kwargs = dict(values.get('model_kwargs', {}), **given.pop('model_kwargs', {}))
     values.update(given, model_kwargs=model_kwargs)
@@ -321,10 +340,12 @@ def global_batch_size(config: TrainConfig, world_size: int) -> int:
 
 
 def learning_rate(config: TrainConfig, world_size: int) -> float:
-    """``--lr``, or ``--lr-base`` scaled linearly from ``--lr-base-size`` to the global batch."""
+    """``--lr``, or ``--lr-base`` scaled from ``--lr-base-size`` to the global batch, linearly or by its square root
+    (``--lr-base-scale``)."""
     if config.lr is not None:
         return config.lr
-    return config.lr_base * global_batch_size(config, world_size) / config.lr_base_size
+    ratio = global_batch_size(config, world_size) / config.lr_base_size
+    return config.lr_base * (math.sqrt(ratio) if config.lr_base_scale == 'sqrt' else ratio)
 
 
 def rng_state() -> Dict[str, Any]:

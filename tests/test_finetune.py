@@ -14,7 +14,8 @@ from timm.layers import DropPath
 from boatvit.cli import main
 from boatvit.cli.train import config_from_args
 import boatvit.training as train_mod
-from boatvit.training import Trainer, TrainConfig, train
+from boatvit.recipes import RECIPES
+from boatvit.training import Trainer, TrainConfig, learning_rate, train
 from boatvit.runs import save_weights
 from boatvit.weights import build_model, load_backbone, read_weights
 from reference_checkpoints import save_cswin_checkpoint, save_swin_checkpoint
@@ -269,6 +270,31 @@ def test_defaults_follow_what_the_user_gives(checkpoints, capsys):
     )
     assert recipe == 'finetune-cswin' and config.epochs == 3 and config.clip_grad is None
     assert config.model == 'boat_cswin_tiny_224' and config.layer_decay == 0.75
+
+
+def test_the_preset_fits_its_batch_to_the_folder_and_its_lr_follows_the_batch_by_the_square_root(
+    tmp_path, checkpoints, capsys
+):
+    def fitted(train_per_class: int, *flags: str) -> tuple:
+        root = tmp_path / f'{train_per_class}{"".join(flags)}'
+        sizes = {'train': {c: train_per_class for c in CLASSES}, 'val': {c: 1 for c in CLASSES}}
+        data = make_image_folder(root, sizes, size=8)
+        argv = ['--data', str(data), '--weights', str(checkpoints['swin'][0]), *arch_flags('swin'), *flags]
+        config, recipe = config_from_args(parse_train(*argv))
+        assert recipe == 'finetune-swin'
+        return config, capsys.readouterr().out
+
+    few, said_few = fitted(40)  # 120 photos: the preset's batch of 32 would leave 3 steps an epoch
+    many, _ = fitted(500)
+    tiny, _ = fitted(2)  # 6 photos: never a batch larger than the folder
+    yours, said_yours = fitted(40, '--batch-size', '16')
+    assert (few.batch_size, many.batch_size, tiny.batch_size, yours.batch_size) == (8, 32, 4, 16)
+    assert 'fitted to the data: 120 training images: batch 8 (15 steps an epoch)' in said_few
+    assert '(yours: --batch-size)' in said_yours
+    preset = RECIPES['finetune-swin']
+    assert few.lr_base_scale == 'sqrt' and preset['lr_base_size'] == many.batch_size
+    assert learning_rate(many, world_size=1) == pytest.approx(preset['lr_base'])
+    assert learning_rate(few, world_size=1) == pytest.approx(preset['lr_base'] / 2)  # a quarter of the batch
 
 
 def test_the_head_is_kept_for_the_same_classes_only(tmp_path, zero_lr_run, capsys):

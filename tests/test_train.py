@@ -300,6 +300,11 @@ def test_an_unknown_precision_is_refused_before_a_run_directory(tmp_path, capsys
     assert "argument --amp: invalid choice: 'fp8'" in err and "'auto', 'none', 'bf16', 'fp16'" in err
     with pytest.raises(UsageError, match="--amp must be one of auto, none, bf16, fp16, got 'fp8'"):
         TrainConfig(data='digits', amp='fp8')
+    with pytest.raises(UsageError, match=r"--lr-base-scale must be one of \['linear', 'sqrt'\], got 'log'"):
+        TrainConfig(data='digits', lr_base_scale='log')
+    with pytest.raises(SystemExit):
+        main(['train', *SHORT, '--lr-base-scale', 'log', '--output', str(tmp_path)])
+    assert "argument --lr-base-scale: invalid choice: 'log'" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
 
@@ -439,6 +444,11 @@ def test_flags_override_the_recipe_and_the_lr_scales_with_the_global_batch():
     # reference: lr 1e-3 at 8 GPUs x 256
     assert learning_rate(config, world_size=8) == pytest.approx(1e-3)
     assert learning_rate(config, world_size=2) == pytest.approx(2.5e-4)
+    # AdamW's rule: by the square root of the batch ratio, a quarter of the batch at half the lr
+    sqrt = dataclasses.replace(config, lr_base_scale='sqrt')
+    assert learning_rate(sqrt, world_size=8) == pytest.approx(1e-3)
+    assert learning_rate(sqrt, world_size=2) == pytest.approx(5e-4)
+    assert learning_rate(dataclasses.replace(sqrt, lr=3e-4), world_size=2) == 3e-4  # --lr is taken as it is
     config, recipe = config_from_args(parse_train('--data', 'x', '--clip-grad', '0', '--aa', 'none'))
     assert recipe == 'small-data' and config.clip_grad is None and config.aa is None
     assert config.epochs == RECIPES['small-data']['epochs'] != TrainConfig.epochs
