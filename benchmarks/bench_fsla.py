@@ -11,6 +11,7 @@ attention) over 2, so ``time ratio / mac ratio`` is the FSLA's cost per multiply
     python -m benchmarks.bench_fsla                        # CPU, float32, batch 8, 2 threads
     python -m benchmarks.bench_fsla --device cuda --compile
     python -m benchmarks.bench_fsla --before 30da489      # the FSLA before issue 7's work, side by side
+    python -m benchmarks.bench_fsla --amp bf16            # bf16 autocast: FSLA's half-precision kernels on the CPU
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import (
+    add_amp_arg,
     add_device_args,
     amp_dtype,
     autocast,
@@ -174,6 +176,7 @@ def main() -> None:
     parser.add_argument('--batch', type=positive_int, help='batch (default: cpu 8, cuda 64)')
     parser.add_argument('--shapes', default=','.join(SHAPES), help=f'comma-separated subset of {list(SHAPES)}')
     parser.add_argument('--before', default=None, help='git revision whose FSLA is timed beside the current one')
+    add_amp_arg(parser)
     args = parser.parse_args()
     setup(args)
     args.before_module = _fsla_at(args.before) if args.before else None
