@@ -30,7 +30,6 @@ training one, so that fine-tuning settings compare on the same source.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -43,8 +42,10 @@ from PIL import Image
 
 from benchmarks.common import environment, positive_int, print_table, write_json
 from boatvit.data import DigitsDataset, eval_transform
+from boatvit.errors import UsageError
 from boatvit.evaluation import evaluate_weights
 from boatvit.recipes import RECIPES
+from boatvit.runs import read_run_config
 from boatvit.training import config_from_values, train
 from boatvit.weights import load_model
 
@@ -209,7 +210,7 @@ def photo_scenario(args: argparse.Namespace, tmp: Path) -> Tuple[float, List[Dic
     classes = sorted(p.name for p in (args.photos / 'train').iterdir() if p.is_dir())
     if args.source:
         source_dir = args.source
-        source_data = json.loads((source_dir / 'config.json').read_text())['config']['data']
+        source_data = args.source_config['config']['data']
         source = evaluate_weights(source_dir / 'last.safetensors', data=source_data, split='val', workers=0)['top1']
     else:
         source_dir = tmp / 'photos-source'
@@ -261,8 +262,10 @@ def main_benchmark() -> None:
     args = parser.parse_args()
     if 'photos' in args.scenarios and not (args.photos and (args.photos / 'train').is_dir()):
         parser.error('--scenarios photos needs --photos DIR with train/ and val/ folders of class folders')
-    if args.source and not (args.source / 'config.json').is_file():
-        parser.error(f'--source {args.source}: not a run directory (no config.json); give a photos-source run')
+    try:  # a photos source run to reuse, read before any training
+        args.source_config = read_run_config(args.source) if args.source else None
+    except UsageError as e:
+        parser.error(f'--source: {e}')
     torch.set_num_threads(args.threads)
     args.device, args.compile, args.repeats, args.warmup = 'cpu', False, args.seeds, 0  # for environment()
     env = environment(args)

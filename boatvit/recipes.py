@@ -139,7 +139,7 @@ SMALL_DATA_RECIPE = 'small-data'
 FINETUNE_RECIPES = {'swin': 'finetune-swin', 'cswin': 'finetune-cswin'}
 
 
-def fitted_batch(num_images: int, largest: int) -> int:
+def _fitted_batch(num_images: int, largest: int) -> int:
     """The largest power of two from 8 to ``largest`` that leaves at least 40 steps an epoch of ``num_images``, and
     never more than the images (a batch of 8 from 5 images is 4)."""
     return min(largest, max(8, 2 ** int(math.log2(max(1, num_images // 40)))), 2 ** int(math.log2(num_images)))
@@ -151,7 +151,7 @@ def fit_finetune_to_data(num_images: int) -> Tuple[Dict[str, Any], List[str]]:
     for at least 40 steps an epoch where it can), the lr following by its square root (``lr_base_scale``)."""
     if num_images < 1:
         raise ValueError(f'fit_finetune_to_data needs at least one image, got {num_images}')
-    batch = fitted_batch(num_images, largest=_FINETUNE['batch_size'])
+    batch = _fitted_batch(num_images, largest=_FINETUNE['batch_size'])
     why = f'{num_images} training images: batch {batch} ({num_images // batch} steps an epoch)'
     return {'batch_size': batch}, [why]
 
@@ -177,7 +177,7 @@ def fit_to_data(num_images: int, image_side: int) -> Tuple[Dict[str, Any], List[
     img_size = 32 if image_side <= 48 else 64
     values: Dict[str, Any] = {'model': 'boat_swin_nano_convstem_32', 'img_size': img_size}
     reasons.append(f'images of about {image_side} px: boat_swin_nano_convstem_32 at {img_size} px')
-    values['batch_size'] = fitted_batch(num_images, largest=128)
+    values['batch_size'] = _fitted_batch(num_images, largest=128)
     reasons.append(
         f'{num_images} training images: batch {values["batch_size"]}'
         f' ({num_images // values["batch_size"]} steps an epoch), lr {1e-3 * values["batch_size"] / 64:.2e}'

@@ -165,7 +165,7 @@ def test_a_budgeted_run_trains_the_planned_schedule_ends_annealed_and_resumes_wi
 
 
 def test_the_planner_and_the_fitted_defaults_refuse_impossible_inputs():
-    from boatvit.recipes import fit_to_data
+    from boatvit.recipes import fit_finetune_to_data, fit_to_data
 
     for bad in (dict(budget=0.0), dict(batches_per_epoch=0), dict(warmup_fraction=1.0), dict(spent=-1.0)):
         args = dict(budget=60.0, spent=0.0, times=CIFAR, batches_per_epoch=10, warmup_fraction=0.1, **{})
@@ -176,6 +176,8 @@ def test_the_planner_and_the_fitted_defaults_refuse_impossible_inputs():
         plan_schedule(60.0, 0.0, StepTimes(0.0, 1.0, 1.0), 10, 0.1)
     with pytest.raises(ValueError, match='at least one image'):
         fit_to_data(0, 32)
+    with pytest.raises(ValueError, match='fit_finetune_to_data needs at least one image, got 0'):
+        fit_finetune_to_data(0)
 
 
 def test_the_plan_holds_within_its_tolerance_and_is_redone_past_it():
