@@ -217,6 +217,8 @@ void cluster_row(const input_t* q, int64_t token_stride, int64_t N, int64_t d, i
   std::vector<int32_t> slot_of(n_pad);  // a token's slot in its group's current order
   std::vector<int64_t> source(n_pad), moved_order(n_pad);
   for (int64_t t = 0; t < N; ++t) {
+    // the queries of a row lie a token's whole q, k and v apart: each is a wait on memory unless asked for early
+    if (t + 16 < N) __builtin_prefetch(q + (t + 16) * token_stride);
     load_query(q + t * token_stride, x.data() + t * d, d);
     inv_norm[t] = scalar_t(1) / std::max(std::sqrt(rows.dot(x.data() + t * d, x.data() + t * d)), scalar_t(1e-12));
   }
