@@ -22,7 +22,6 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
-#include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -35,7 +34,11 @@
 #include <utility>
 #include <vector>
 
+#include "avx512_vectors.h"
+
 namespace {
+
+using boatvit_avx512::exp_nonpositive;
 
 using at::vec::Vectorized;
 
@@ -437,9 +440,11 @@ struct Backward {
 // float32 between them. The units read the right-hand matrix B (K x N) in the VNNI layout: rows paired, element
 // (k, n) at (k / 2) * 2 * ldb + 2 * n + k % 2, with K even (an odd K gets a zero row).
 //
-// Whether this CPU has them for `dtype` (oneDNN's own test); a head size must be even for the pairs.
+// Whether this CPU has them for `dtype` (oneDNN's own test) and the AVX512 the softmax between them runs in; a head
+// size must be even for the pairs.
 inline bool matrix_units(at::ScalarType dtype, int64_t d) {
-  return (dtype == at::kBFloat16 || dtype == at::kHalf) && d % 2 == 0 && at::native::cpublas::could_pack(dtype);
+  return (dtype == at::kBFloat16 || dtype == at::kHalf) && d % 2 == 0 && at::native::cpublas::could_pack(dtype) &&
+         boatvit_avx512::cpu_has_avx512();
 }
 
 inline int64_t even(int64_t n) { return n + n % 2; }
@@ -495,35 +500,11 @@ inline void round_rows(const float* from, int64_t rows, int64_t cols, io_t* to, 
   }
 }
 
-// The softmax of the matrix units' route in 16-lane AVX512 vectors, compiled for them alone: every CPU with AMX has
-// AVX512 (F, BW, VL, DQ), while the rest of the kernels keep the AVX2 vectors that fit the float32 route better. A
+// The softmax of the matrix units' route in 16-lane AVX512 vectors (avx512_vectors.h): every CPU with AMX has them,
+// while the rest of the kernels keep the AVX2 vectors that fit the float32 route better. A
 // row of 69 logits took four passes at 8 lanes with a horizontal reduction and a partial vector each (scale, max,
 // exp, rounding): a third of the bf16 forward. Here a row is two passes of 5 vectors, the scale folded into the
 // exp's argument and the probabilities rounded to half precision as they are made.
-#define BOATVIT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
-
-// exp(x) for x <= 0, within 2 ulp of float: 2^n * e^r with n = round(x / ln 2) and |r| <= ln(2) / 2, e^r by its
-// Taylor polynomial to degree 6 (the next term is under 1.3e-7). Below -87.3, where exp leaves float's normal
-// numbers, and at -inf it is exactly 0: a subnormal reaching the row's sum would cost a microcode assist per vector
-// (every row's last, partial vector has such lanes), and no probability here can tell it from 0.
-BOATVIT_AVX512 inline __m512 exp_nonpositive(__m512 x) {
-  const __m512 lowest = _mm512_set1_ps(-87.3f);
-  const __mmask16 normal = _mm512_cmp_ps_mask(x, lowest, _CMP_GE_OQ);
-  x = _mm512_max_ps(x, lowest);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln 2 in two parts: n * hi exact
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_maskz_scalef_ps(normal, p, n);
-}
-
 // 16 floats rounded to nearest even in bf16 or fp16 (no NaN reaches here), as at::vec::convert rounds them
 template <typename io_t>
 BOATVIT_AVX512 inline __m256i round_half(__m512 x) {

@@ -26,6 +26,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "avx512_vectors.h"
+
 namespace {
 
 constexpr int64_t kBlock = 16;
@@ -182,6 +184,106 @@ inline void two_way_softmax(scalar_t* w0, scalar_t* w1, int64_t count) {
   }
 }
 
+// The per-token passes of a split for float32 head rows of 32 (every BOAT model's, and bf16/fp16 queries, which are
+// clustered in float32) in AVX512 vectors: 16 tokens at a time, a row being two vectors. A dot product per token
+// with its own horizontal reduction (the AVX2 route) cost more than the products themselves; here the 16 tokens'
+// partial sums are reduced together (lane_sums), and the centroid sums stay in registers over the whole group.
+namespace wide {
+
+using namespace boatvit_avx512;
+
+// lane j: the sum of the 16 lanes of v[j], by a tree of lane shuffles and adds (45 instructions for 16 sums)
+BOATVIT_AVX512 inline __m512 lane_sums(__m512 v[16]) {
+  __m512 pairs[8];  // in 128-bit lane l: partial sums of rows 2i, 2i + 1 interleaved
+  for (int i = 0; i < 8; ++i) {
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  }
+  __m512 quads[4];  // in 128-bit lane l: partial sums of rows 4i..4i + 3, one each
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(pairs[2 * i]), b = _mm512_castps_pd(pairs[2 * i + 1]);
+    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // the four 128-bit lanes of each quad summed: lanes (0 + 1, 2 + 3) of two quads, then once more
+  const __m512 halves01 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x88),
+                                        _mm512_shuffle_f32x4(quads[0], quads[1], 0xdd));
+  const __m512 halves23 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x88),
+                                        _mm512_shuffle_f32x4(quads[2], quads[3], 0xdd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(halves01, halves23, 0x88), _mm512_shuffle_f32x4(halves01, halves23, 0xdd));
+}
+
+// lane j: a . x_j for the 16 rows x_j = x + 32 j
+BOATVIT_AVX512 inline __m512 dots(const float* a, const float* x) {
+  const __m512 a0 = _mm512_loadu_ps(a), a1 = _mm512_loadu_ps(a + 16);
+  __m512 products[16];
+  for (int j = 0; j < 16; ++j) {
+    products[j] = _mm512_fmadd_ps(_mm512_loadu_ps(x + 32 * j + 16), a1, _mm512_mul_ps(_mm512_loadu_ps(x + 32 * j), a0));
+  }
+  return lane_sums(products);
+}
+
+inline __mmask16 first_lanes(int64_t count) { return static_cast<__mmask16>((1u << count) - 1); }
+
+// sum of the `count` rows x_j added to sum (32 floats)
+BOATVIT_AVX512 inline void add_rows(float* sum, const float* x, int64_t count) {
+  __m512 s0 = _mm512_loadu_ps(sum), s1 = _mm512_loadu_ps(sum + 16);
+  for (int64_t j = 0; j < count; ++j) {
+    s0 = _mm512_add_ps(s0, _mm512_loadu_ps(x + 32 * j));
+    s1 = _mm512_add_ps(s1, _mm512_loadu_ps(x + 32 * j + 16));
+  }
+  _mm512_storeu_ps(sum, s0);
+  _mm512_storeu_ps(sum + 16, s1);
+}
+
+// One soft k-means step over the group's `real` rows (x; inv_norm their inverse norms; the buffer reads up to 15
+// rows past them): sums (2 x 32) = the rows weighted by the softmax over the two centroids of temperature * cosine,
+// from the difference of the centroids (see cluster_row).
+BOATVIT_AVX512 inline void soft_step(const float* difference, const float* x, const float* inv_norm, int64_t real,
+                                     float temperature, float* sums) {
+  __m512 s00 = _mm512_setzero_ps(), s01 = s00, s10 = s00, s11 = s00;
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t start = 0; start < real; start += 16) {
+    const int64_t count = std::min<int64_t>(16, real - start);
+    const float* bx = x + start * 32;
+    const __m512 scaled = _mm512_mul_ps(_mm512_maskz_loadu_ps(first_lanes(count), inv_norm + start),
+                                        _mm512_set1_ps(temperature));
+    const __m512 w = _mm512_mul_ps(dots(difference, bx), scaled);
+    // the softmax of (w, 0): 1 / (1 + e) for the larger logit, e / (1 + e) for the other, e = exp(-|w|)
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(w)));
+    const __m512 larger = _mm512_div_ps(one, _mm512_add_ps(one, e)), smaller = _mm512_mul_ps(e, larger);
+    const __mmask16 first_larger = _mm512_cmp_ps_mask(w, _mm512_setzero_ps(), _CMP_GE_OQ);
+    alignas(64) float w0[16], w1[16];
+    _mm512_store_ps(w0, _mm512_mask_blend_ps(first_larger, smaller, larger));
+    _mm512_store_ps(w1, _mm512_mask_blend_ps(first_larger, larger, smaller));
+    for (int64_t j = 0; j < count; ++j) {
+      const __m512 x0 = _mm512_loadu_ps(bx + 32 * j), x1 = _mm512_loadu_ps(bx + 32 * j + 16);
+      const __m512 a = _mm512_set1_ps(w0[j]), b = _mm512_set1_ps(w1[j]);
+      s00 = _mm512_fmadd_ps(a, x0, s00);
+      s01 = _mm512_fmadd_ps(a, x1, s01);
+      s10 = _mm512_fmadd_ps(b, x0, s10);
+      s11 = _mm512_fmadd_ps(b, x1, s11);
+    }
+  }
+  _mm512_storeu_ps(sums, s00);
+  _mm512_storeu_ps(sums + 16, s01);
+  _mm512_storeu_ps(sums + 32, s10);
+  _mm512_storeu_ps(sums + 48, s11);
+}
+
+// keys[i] = (cos0 + 1) / (cos1 + 1) of the group's `real` rows, cos the cosine with the centroid c0 or c1 (unit)
+BOATVIT_AVX512 inline void split_keys(const float* c0, const float* c1, const float* x, const float* inv_norm,
+                                      int64_t real, float* keys) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t start = 0; start < real; start += 16) {
+    const __mmask16 lanes = first_lanes(std::min<int64_t>(16, real - start));
+    const float* bx = x + start * 32;
+    const __m512 inv = _mm512_maskz_loadu_ps(lanes, inv_norm + start);
+    const __m512 key = _mm512_div_ps(_mm512_fmadd_ps(dots(c0, bx), inv, one), _mm512_fmadd_ps(dots(c1, bx), inv, one));
+    _mm512_mask_storeu_ps(keys + start, lanes, key);
+  }
+}
+
+}  // namespace wide
+
 // A query row into the row's copy: bf16 and fp16 queries are clustered in float32, as the PyTorch route clusters
 // them (q.float()); converted by vectors, since a scalar conversion per value cost a tenth of the clustering
 template <typename input_t, typename scalar_t>
@@ -210,8 +312,12 @@ void cluster_row(const input_t* q, int64_t token_stride, int64_t N, int64_t d, i
                  const int64_t* ghosts, int64_t iterations, scalar_t temperature, int64_t* order, int64_t n_pad) {
   const Rows<scalar_t, Dim> rows{d};
   d = rows.size();
-  std::vector<scalar_t> x(n_pad * d, scalar_t(0)), moved(n_pad * d), inv_norm(n_pad, scalar_t(0)),
-      moved_inv(n_pad), centroids(2 * d), difference(d), sums(2 * d);
+  constexpr bool float_rows_of_32 = std::is_same_v<scalar_t, float> && Dim == 32;
+  const bool wide_rows = float_rows_of_32 && wide::cpu_has_avx512();
+  // 16 rows past the end: the wide passes read whole blocks of 16 rows
+  std::vector<scalar_t> x((n_pad + 16) * d, scalar_t(0)), moved((n_pad + 16) * d, scalar_t(0)),
+      inv_norm(n_pad, scalar_t(0)), moved_inv(n_pad), centroids(2 * d), difference(d), sums(2 * d),
+      key_values(wide_rows ? n_pad : 0);
   std::vector<split_key_t<scalar_t>> keys(n_pad);
   std::vector<int64_t> scratch;
   std::vector<int32_t> slot_of(n_pad);  // a token's slot in its group's current order
@@ -237,7 +343,13 @@ void cluster_row(const input_t* q, int64_t token_stride, int64_t N, int64_t d, i
 
       // initial centroids: the means of the group's two halves in its current order (ghosts are zeros)
       std::fill(centroids.begin(), centroids.end(), scalar_t(0));
-      for (int64_t i = 0; i < real; ++i) rows.add(i < half ? c0 : c1, scalar_t(1), gx + i * d);
+      if constexpr (float_rows_of_32) {
+        if (wide_rows) {
+          wide::add_rows(c0, gx, std::min(half, real));
+          if (real > half) wide::add_rows(c1, gx + half * d, real - half);
+        }
+      }
+      for (int64_t i = 0; i < real && !wide_rows; ++i) rows.add(i < half ? c0 : c1, scalar_t(1), gx + i * d);
       for (int64_t k = 0; k < 2 * d; ++k) centroids[k] /= scalar_t(half);
       rows.normalize(c0);
       rows.normalize(c1);
@@ -250,7 +362,10 @@ void cluster_row(const input_t* q, int64_t token_stride, int64_t N, int64_t d, i
       for (int64_t step = 0; step < iterations; ++step) {
         for (int64_t k = 0; k < d; ++k) difference[k] = c0[k] - c1[k];
         std::fill(sums.begin(), sums.end(), scalar_t(0));
-        for (int64_t start = 0; start < real; start += kBlock) {
+        if constexpr (float_rows_of_32) {
+          if (wide_rows) wide::soft_step(difference.data(), gx, ginv, real, temperature, sums.data());
+        }
+        for (int64_t start = 0; start < real && !wide_rows; start += kBlock) {
           const int64_t count = std::min(kBlock, real - start);
           const scalar_t* bx = gx + start * d;
           scalar_t w0[kBlock], w1[kBlock];
@@ -266,9 +381,13 @@ void cluster_row(const input_t* q, int64_t token_stride, int64_t N, int64_t d, i
       }
 
       // the split key (cos0 + 1) / (cos1 + 1), ascending
+      if constexpr (float_rows_of_32) {
+        if (wide_rows) wide::split_keys(c0, c1, gx, ginv, real, key_values.data());
+      }
       for (int64_t i = 0; i < real; ++i) {
         const scalar_t* xi = gx + i * d;
-        const scalar_t key = (rows.dot(c0, xi) * ginv[i] + 1) / (rows.dot(c1, xi) * ginv[i] + 1);
+        const scalar_t key =
+            wide_rows ? key_values[i] : (rows.dot(c0, xi) * ginv[i] + 1) / (rows.dot(c1, xi) * ginv[i] + 1);
         const int64_t token = order[offset + i];
         keys[i] = split_key<scalar_t>(order_code(key), token);
         slot_of[token] = static_cast<int32_t>(i);

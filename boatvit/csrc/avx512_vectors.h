@@ -1,0 +1,40 @@
+// AVX512 helpers of both kernels, compiled for those vectors alone (a target attribute) while the rest of the
+// kernels keep the build's AVX2 vectors: callers check at run time that the CPU has them (cpu_has_avx512).
+#pragma once
+
+#include <immintrin.h>
+
+#define BOATVIT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+
+namespace boatvit_avx512 {
+
+// AVX512 F, BW, VL and DQ: every CPU with AMX has them
+inline bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return has;
+}
+
+// exp(x) for x <= 0, within 2 ulp of float: 2^n * e^r with n = round(x / ln 2) and |r| <= ln(2) / 2, e^r by its
+// Taylor polynomial to degree 6 (the next term is under 1.3e-7). Below -87.3, where exp leaves float's normal
+// numbers, and at -inf it is exactly 0: a subnormal reaching the row's sum would cost a microcode assist per vector
+// (every row's last, partial vector has such lanes), and no probability here can tell it from 0.
+BOATVIT_AVX512 inline __m512 exp_nonpositive(__m512 x) {
+  const __m512 lowest = _mm512_set1_ps(-87.3f);
+  const __mmask16 normal = _mm512_cmp_ps_mask(x, lowest, _CMP_GE_OQ);
+  x = _mm512_max_ps(x, lowest);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln 2 in two parts: n * hi exact
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_maskz_scalef_ps(normal, p, n);
+}
+
+}  // namespace boatvit_avx512
