@@ -234,9 +234,10 @@ def test_operators_pass_opcheck(dtype):
 
 
 def test_a_cpu_without_bf16_matrix_units_runs_the_vector_route(tmp_path):
-    """On a CPU without AMX (emulated by capping oneDNN's instruction set, as such a CPU would report it) bf16 runs
-    the vector route, converted to float32 as it is gathered: no warning, and within bf16 rounding of the float64
-    route, as on the matrix units."""
+    """On a CPU without AMX or AVX512 (emulated by capping oneDNN's instruction set, as such a CPU would report it,
+    which also turns off the kernels' own AVX512 routes) bf16 runs the vector route, converted to float32 as it is
+    gathered: no warning, and within bf16 rounding of the float64 route, as on the matrix units; the clustering's
+    AVX2 route gives the PyTorch route's clusters of ``q.float()``."""
     script = tmp_path / 'no_amx.py'
     script.write_text(
         'import warnings\n'
@@ -247,7 +248,9 @@ def test_a_cpu_without_bf16_matrix_units_runs_the_vector_route(tmp_path):
         'from boatvit.kernels import cpu_kernels\n'
         "warnings.simplefilter('error')\n"
         'qkv = torch.randn(2, 784, 3, 2, 32, generator=torch.Generator().manual_seed(0)).bfloat16()\n'
-        'order = balanced_hierarchical_clustering(qkv[:, :, 0].transpose(1, 2), return_padded=True).contiguous()\n'
+        'q = qkv[:, :, 0].transpose(1, 2)\n'
+        "order = balanced_hierarchical_clustering(q, return_padded=True, backend='kernel').contiguous()\n"
+        "assert torch.equal(order, balanced_hierarchical_clustering(q.float(), return_padded=True, backend='torch'))\n"
         'kernels = cpu_kernels(required=True)\n'
         'assert not kernels.cluster_attention_matrix_units(torch.bfloat16, 32)\n'
         'out = torch.ops.boatvit.fused_cluster_attention(qkv, order, 49, 20, 32**-0.5, True)\n'

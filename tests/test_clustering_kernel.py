@@ -1,6 +1,9 @@
 """The compiled CPU clustering kernel (boatvit/csrc/clustering_cpu.cpp) against the eager clustering, its oracle,
 and the build and routing of boatvit's CPU kernels."""
 
+import subprocess
+import sysconfig
+
 import pytest
 import torch
 
@@ -28,6 +31,20 @@ def _queries_with_ties(dtype):
 
 def test_kernel_builds_here():
     assert cpu_kernels(required=True) is not None, 'the CPU kernels did not build: a C++ compiler is needed'
+
+
+@pytest.mark.parametrize('source', kernels._SOURCES, ids=lambda path: path.name)
+def test_sources_compile_without_the_x86_vector_routes(source):
+    """On a CPU other than x86-64 the kernels keep their portable routes, without the AVX512 helpers of
+    ``csrc/avx512_vectors.h``: the sources compile so (``-DBOATVIT_PORTABLE_ONLY``, checked here on x86)."""
+    from torch.utils.cpp_extension import include_paths
+
+    includes = [*include_paths(), sysconfig.get_paths()['include']]
+    command = ['c++', '-std=c++20', '-fsyntax-only', '-fopenmp', '-DBOATVIT_PORTABLE_ONLY', str(source)]
+    result = subprocess.run(
+        command + [f'-I{path}' for path in includes], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize(

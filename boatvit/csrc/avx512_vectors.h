@@ -1,20 +1,43 @@
 // AVX512 helpers of both kernels, compiled for those vectors alone (a target attribute) while the rest of the
-// kernels keep the build's AVX2 vectors: callers check at run time that the CPU has them (cpu_has_avx512).
+// kernels keep the build's AVX2 vectors: callers check at run time that the CPU has them (cpu_has_avx512). Built on
+// x86-64 with GCC or Clang only (BOATVIT_X86_VECTORS); elsewhere, or built with -DBOATVIT_PORTABLE_ONLY (how the
+// portable build is checked on x86), the callers keep their portable routes.
 #pragma once
 
-#include <immintrin.h>
+#include <cstdlib>
+#include <cstring>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(BOATVIT_PORTABLE_ONLY)
+#define BOATVIT_X86_VECTORS 1
+#include <immintrin.h>
 #define BOATVIT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#else
+#define BOATVIT_X86_VECTORS 0
+#endif
 
 namespace boatvit_avx512 {
 
-// AVX512 F, BW, VL and DQ: every CPU with AMX has them
+// Whether this CPU has AVX512 F, BW, VL and DQ (every CPU with AMX has them) and the process may use them: an
+// ONEDNN_MAX_CPU_ISA below AVX512 (oneDNN's cap on its own instruction set, which boatvit's matrix products run
+// through) turns them off too, so a capped process runs as an older CPU would, vectors and matrix units alike.
 inline bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#if BOATVIT_X86_VECTORS
+  static const bool has = [] {
+    const char* cap = std::getenv("ONEDNN_MAX_CPU_ISA");
+    if (cap && *cap && !std::strstr(cap, "512") && !std::strstr(cap, "AVX10") && std::strcmp(cap, "DEFAULT") != 0 &&
+        std::strcmp(cap, "ALL") != 0) {
+      return false;
+    }
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  }();
   return has;
+#else
+  return false;
+#endif
 }
 
+#if BOATVIT_X86_VECTORS
 // exp(x) for x <= 0, within 2 ulp of float: 2^n * e^r with n = round(x / ln 2) and |r| <= ln(2) / 2, e^r by its
 // Taylor polynomial to degree 6 (the next term is under 1.3e-7). Below -87.3, where exp leaves float's normal
 // numbers, and at -inf it is exactly 0: a subnormal reaching the row's sum would cost a microcode assist per vector
@@ -36,5 +59,7 @@ BOATVIT_AVX512 inline __m512 exp_nonpositive(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
   return _mm512_maskz_scalef_ps(normal, p, n);
 }
+
+#endif  // BOATVIT_X86_VECTORS
 
 }  // namespace boatvit_avx512

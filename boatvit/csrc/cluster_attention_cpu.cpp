@@ -38,7 +38,6 @@
 
 namespace {
 
-using boatvit_avx512::exp_nonpositive;
 
 using at::vec::Vectorized;
 
@@ -435,6 +434,7 @@ struct Backward {
   }
 };
 
+#if BOATVIT_X86_VECTORS
 // bf16 and fp16 on the CPU's matrix units (Intel AMX, through oneDNN's brgemm ukernel, as ATen's CPU flash attention
 // uses them): the products read half-precision tiles and accumulate in float32; the softmax and its gradient run in
 // float32 between them. The units read the right-hand matrix B (K x N) in the VNNI layout: rows paired, element
@@ -499,6 +499,8 @@ inline void round_rows(const float* from, int64_t rows, int64_t cols, io_t* to, 
     std::fill(to + r * ld + cols, to + (r + 1) * ld, io_t(0));
   }
 }
+
+using boatvit_avx512::exp_nonpositive;
 
 // The softmax of the matrix units' route in 16-lane AVX512 vectors (avx512_vectors.h): every CPU with AMX has them,
 // while the rest of the kernels keep the AVX2 vectors that fit the float32 route better. A
@@ -755,6 +757,8 @@ struct MatrixBackward {
   }
 };
 
+#endif  // BOATVIT_X86_VECTORS
+
 void check_arguments(const at::Tensor& qkv, const at::Tensor& order, int64_t cluster_size, int64_t num_clusters,
                      int64_t overlap) {
   TORCH_CHECK(qkv.device().is_cpu() && order.device().is_cpu(), "cluster_attention: CPU tensors only");
@@ -782,6 +786,7 @@ at::Tensor cluster_attention(const at::Tensor& qkv, const at::Tensor& order, int
   if (qkv.size(1) == 0) return out;
   const Layout layout(qkv, order, cluster_size, num_clusters, overlap);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "cluster_attention", [&] {
+#if BOATVIT_X86_VECTORS
     if constexpr (c10::is_reduced_floating_point_v<scalar_t>) {
       if (matrix_units(qkv.scalar_type(), layout.d)) {
         const MatrixForward<scalar_t> forward{layout, qkv.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
@@ -790,6 +795,7 @@ at::Tensor cluster_attention(const at::Tensor& qkv, const at::Tensor& order, int
         return;
       }
     }
+#endif
     const Forward<scalar_t> forward{layout, qkv.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                                     static_cast<at::opmath_type<scalar_t>>(scale)};
     for_each_group(layout, order, forward);
@@ -808,6 +814,7 @@ at::Tensor cluster_attention_backward(const at::Tensor& grad_out, const at::Tens
   if (qkv.size(1) == 0) return grad_qkv;
   const Layout layout(qkv, order, cluster_size, num_clusters, overlap);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "cluster_attention_backward", [&] {
+#if BOATVIT_X86_VECTORS
     if constexpr (c10::is_reduced_floating_point_v<scalar_t>) {
       if (matrix_units(qkv.scalar_type(), layout.d)) {
         const MatrixBackward<scalar_t> backward{layout, qkv.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
@@ -816,6 +823,7 @@ at::Tensor cluster_attention_backward(const at::Tensor& grad_out, const at::Tens
         return;
       }
     }
+#endif
     const Backward<scalar_t> backward{layout, qkv.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
                                       grad_qkv.data_ptr<scalar_t>(), static_cast<at::opmath_type<scalar_t>>(scale)};
     for_each_group(layout, order, backward);
@@ -836,5 +844,11 @@ TORCH_LIBRARY_FRAGMENT(boatvit, m) {
   m.impl("cluster_attention_backward", c10::DispatchKey::CPU, &cluster_attention_backward);
   // whether bf16 or fp16 (B, N, 3, heads, head_dim) inputs run on the CPU's matrix units: for the benchmarks' records
   m.def("cluster_attention_matrix_units(ScalarType dtype, int head_dim) -> bool",
-        [](at::ScalarType dtype, int64_t head_dim) { return matrix_units(dtype, head_dim); });
+        []([[maybe_unused]] at::ScalarType dtype, [[maybe_unused]] int64_t head_dim) {
+#if BOATVIT_X86_VECTORS
+          return matrix_units(dtype, head_dim);
+#else
+          return false;
+#endif
+        });
 }

@@ -188,6 +188,7 @@ inline void two_way_softmax(scalar_t* w0, scalar_t* w1, int64_t count) {
 // clustered in float32) in AVX512 vectors: 16 tokens at a time, a row being two vectors. A dot product per token
 // with its own horizontal reduction (the AVX2 route) cost more than the products themselves; here the 16 tokens'
 // partial sums are reduced together (lane_sums), and the centroid sums stay in registers over the whole group.
+#if BOATVIT_X86_VECTORS
 namespace wide {
 
 using namespace boatvit_avx512;
@@ -283,6 +284,7 @@ BOATVIT_AVX512 inline void split_keys(const float* c0, const float* c1, const fl
 }
 
 }  // namespace wide
+#endif  // BOATVIT_X86_VECTORS
 
 // A query row into the row's copy: bf16 and fp16 queries are clustered in float32, as the PyTorch route clusters
 // them (q.float()); converted by vectors, since a scalar conversion per value cost a tenth of the clustering
@@ -313,7 +315,7 @@ void cluster_row(const input_t* q, int64_t token_stride, int64_t N, int64_t d, i
   const Rows<scalar_t, Dim> rows{d};
   d = rows.size();
   constexpr bool float_rows_of_32 = std::is_same_v<scalar_t, float> && Dim == 32;
-  const bool wide_rows = float_rows_of_32 && wide::cpu_has_avx512();
+  const bool wide_rows = float_rows_of_32 && boatvit_avx512::cpu_has_avx512();
   // 16 rows past the end: the wide passes read whole blocks of 16 rows
   std::vector<scalar_t> x((n_pad + 16) * d, scalar_t(0)), moved((n_pad + 16) * d, scalar_t(0)),
       inv_norm(n_pad, scalar_t(0)), moved_inv(n_pad), centroids(2 * d), difference(d), sums(2 * d),
@@ -343,12 +345,14 @@ void cluster_row(const input_t* q, int64_t token_stride, int64_t N, int64_t d, i
 
       // initial centroids: the means of the group's two halves in its current order (ghosts are zeros)
       std::fill(centroids.begin(), centroids.end(), scalar_t(0));
+#if BOATVIT_X86_VECTORS
       if constexpr (float_rows_of_32) {
         if (wide_rows) {
           wide::add_rows(c0, gx, std::min(half, real));
           if (real > half) wide::add_rows(c1, gx + half * d, real - half);
         }
       }
+#endif
       for (int64_t i = 0; i < real && !wide_rows; ++i) rows.add(i < half ? c0 : c1, scalar_t(1), gx + i * d);
       for (int64_t k = 0; k < 2 * d; ++k) centroids[k] /= scalar_t(half);
       rows.normalize(c0);
@@ -362,9 +366,11 @@ void cluster_row(const input_t* q, int64_t token_stride, int64_t N, int64_t d, i
       for (int64_t step = 0; step < iterations; ++step) {
         for (int64_t k = 0; k < d; ++k) difference[k] = c0[k] - c1[k];
         std::fill(sums.begin(), sums.end(), scalar_t(0));
+#if BOATVIT_X86_VECTORS
         if constexpr (float_rows_of_32) {
           if (wide_rows) wide::soft_step(difference.data(), gx, ginv, real, temperature, sums.data());
         }
+#endif
         for (int64_t start = 0; start < real && !wide_rows; start += kBlock) {
           const int64_t count = std::min(kBlock, real - start);
           const scalar_t* bx = gx + start * d;
@@ -381,9 +387,11 @@ void cluster_row(const input_t* q, int64_t token_stride, int64_t N, int64_t d, i
       }
 
       // the split key (cos0 + 1) / (cos1 + 1), ascending
+#if BOATVIT_X86_VECTORS
       if constexpr (float_rows_of_32) {
         if (wide_rows) wide::split_keys(c0, c1, gx, ginv, real, key_values.data());
       }
+#endif
       for (int64_t i = 0; i < real; ++i) {
         const scalar_t* xi = gx + i * d;
         const scalar_t key =
