@@ -142,6 +142,9 @@ struct Rows {
     return s;
   }
 
+  // a fixed-size copy where the size is known: a call to memmove per row cost a tenth of the clustering
+  void copy(const scalar_t* from, scalar_t* to) const { std::memcpy(to, from, size() * sizeof(scalar_t)); }
+
   void add(scalar_t* acc, scalar_t weight, const scalar_t* x) const {
 #pragma omp simd
     for (int64_t k = 0; k < size(); ++k) acc[k] += weight * x[k];
@@ -304,6 +307,31 @@ inline void load_query(const input_t* from, scalar_t* to, int64_t d) {
   }
 }
 
+// The buffers of cluster_row, made once for all the rows a thread clusters in one call: made for every row, their
+// allocation and zeroing (the page faults of two fresh copies of the queries) cost a tenth of the clustering.
+template <typename scalar_t>
+struct Workspace {
+  std::vector<scalar_t> x, moved, inv_norm, moved_inv, centroids, difference, sums, key_values;
+  std::vector<split_key_t<scalar_t>> keys;
+  std::vector<int64_t> scratch, source, moved_order;
+  std::vector<int32_t> slot_of;  // a token's slot in its group's current order
+
+  Workspace(int64_t n_pad, int64_t d)
+      // 16 rows past the end: the wide passes read whole blocks of 16 rows
+      : x((n_pad + 16) * d),
+        moved((n_pad + 16) * d, scalar_t(0)),
+        inv_norm(n_pad),
+        moved_inv(n_pad),
+        centroids(2 * d),
+        difference(d),
+        sums(2 * d),
+        key_values(n_pad),
+        keys(n_pad),
+        source(n_pad),
+        moved_order(n_pad),
+        slot_of(n_pad) {}
+};
+
 // One row: queries q(t, :) = q + t * token_stride for the real tokens t < N; the slots t >= N are ghosts (zero
 // queries). `order` (n_pad) receives the clustered order.
 //
@@ -311,19 +339,17 @@ inline void load_query(const input_t* from, scalar_t* to, int64_t d) {
 // level, so that every pass over a group reads memory in sequence.
 template <typename scalar_t, int64_t Dim, typename input_t>
 void cluster_row(const input_t* q, int64_t token_stride, int64_t N, int64_t d, int64_t levels,
-                 const int64_t* ghosts, int64_t iterations, scalar_t temperature, int64_t* order, int64_t n_pad) {
+                 const int64_t* ghosts, int64_t iterations, scalar_t temperature, int64_t* order, int64_t n_pad,
+                 Workspace<scalar_t>& work) {
   const Rows<scalar_t, Dim> rows{d};
   d = rows.size();
   constexpr bool float_rows_of_32 = std::is_same_v<scalar_t, float> && Dim == 32;
   const bool wide_rows = float_rows_of_32 && boatvit_avx512::cpu_has_avx512();
-  // 16 rows past the end: the wide passes read whole blocks of 16 rows
-  std::vector<scalar_t> x((n_pad + 16) * d, scalar_t(0)), moved((n_pad + 16) * d, scalar_t(0)),
-      inv_norm(n_pad, scalar_t(0)), moved_inv(n_pad), centroids(2 * d), difference(d), sums(2 * d),
-      key_values(wide_rows ? n_pad : 0);
-  std::vector<split_key_t<scalar_t>> keys(n_pad);
-  std::vector<int64_t> scratch;
-  std::vector<int32_t> slot_of(n_pad);  // a token's slot in its group's current order
-  std::vector<int64_t> source(n_pad), moved_order(n_pad);
+  auto& [x, moved, inv_norm, moved_inv, centroids, difference, sums, key_values, keys, scratch, source, moved_order,
+         slot_of] = work;
+  // ghosts are zero queries; the rows past them are read by whole blocks (see Workspace)
+  std::fill(x.begin() + N * d, x.end(), scalar_t(0));
+  std::fill(inv_norm.begin() + N, inv_norm.end(), scalar_t(0));
   for (int64_t t = 0; t < N; ++t) {
     // the queries of a row lie a token's whole q, k and v apart: each is a wait on memory unless asked for early
     if (t + 16 < N) __builtin_prefetch(q + (t + 16) * token_stride);
@@ -422,7 +448,7 @@ void cluster_row(const input_t* q, int64_t token_stride, int64_t N, int64_t d, i
     std::copy(moved_order.begin(), moved_order.end(), order);
     if (!last) {
       for (int64_t i = 0; i < n_pad; ++i) {
-        std::copy(x.data() + source[i] * d, x.data() + (source[i] + 1) * d, moved.data() + i * d);
+        rows.copy(x.data() + source[i] * d, moved.data() + i * d);
         moved_inv[i] = inv_norm[source[i]];
       }
       x.swap(moved);
@@ -468,14 +494,15 @@ at::Tensor clustered_order(const at::Tensor& q, int64_t n_pad, int64_t levels, i
     const scalar_t* base = q.data_ptr<scalar_t>();
     int64_t* out = order.data_ptr<int64_t>();
     at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
+      Workspace<acc_t> work(n_pad, d);
       for (int64_t row = begin; row < end; ++row) {
         const scalar_t* rq = base + (row / heads) * q.stride(0) + (row % heads) * q.stride(1);
         if (d == 32) {
           cluster_row<acc_t, 32>(rq, q.stride(2), N, d, levels, ghosts.data(), iterations,
-                                 static_cast<acc_t>(temperature), out + row * n_pad, n_pad);
+                                 static_cast<acc_t>(temperature), out + row * n_pad, n_pad, work);
         } else {
           cluster_row<acc_t, 0>(rq, q.stride(2), N, d, levels, ghosts.data(), iterations,
-                                static_cast<acc_t>(temperature), out + row * n_pad, n_pad);
+                                static_cast<acc_t>(temperature), out + row * n_pad, n_pad, work);
         }
       }
     });
