@@ -611,6 +611,25 @@ BOATVIT_AVX512 void round_transposed(const float* from, int64_t rows, int64_t co
   }
 }
 
+// write_query_rows of the matrix units' route: each row scaled and rounded in 16-lane vectors on its way to the
+// token's row, where the AVX2 route scaled it in place, then converted it in a second pass
+template <typename io_t>
+BOATVIT_AVX512 void write_rounded_rows(const Layout& layout, const int64_t* query_slots, const float* rows,
+                                       const float* factors, io_t* to, int64_t token_stride, int64_t b, int64_t h) {
+  const int64_t d = layout.d;
+  for (int64_t r = 0; r < layout.cluster_size; ++r) {
+    const int64_t token = query_slots[r];
+    if (token >= layout.N) continue;  // a ghost query: dropped
+    const __m512 factor = _mm512_set1_ps(factors ? factors[r] : 1.f);
+    io_t* row = to + (b * layout.N + token) * token_stride + h * d;
+    for (int64_t j = 0; j < d; j += 16) {
+      const __mmask16 lanes = static_cast<__mmask16>((1u << std::min<int64_t>(16, d - j)) - 1);
+      const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, rows + r * d + j), factor);
+      _mm256_mask_storeu_epi16(row + j, lanes, round_half<io_t>(x));
+    }
+  }
+}
+
 // key_bias of exp_rows for a cluster's masked key columns, or null when it has none
 inline const float* key_bias(const std::vector<int64_t>& masked, int64_t m, std::vector<float>& bias) {
   if (masked.empty()) return nullptr;
@@ -661,7 +680,7 @@ struct MatrixForward {
                      st.inv.data());
       pack_rows(st.v.data() + first_key * d, d, m, d, st.v_packed.data());
       matrix_product(st.probs.data(), even(m), st.v_packed.data(), d, st.o.data(), d, c, d, even(m), false);
-      write_query_rows(layout, slots + first_query, st.o.data(), st.inv.data(), out, layout.heads * d, b, h);
+      write_rounded_rows(layout, slots + first_query, st.o.data(), st.inv.data(), out, layout.heads * d, b, h);
     }
   }
 };
@@ -741,8 +760,7 @@ struct MatrixBackward {
       round_rows(grad_s, c, m, st.rounded.data(), even(m));
       pack_rows(st.k.data() + first_key * d, d, m, d, st.rhs.data());
       matrix_product(st.rounded.data(), even(m), st.rhs.data(), d, st.block.data(), d, c, d, even(m), false);
-      write_query_rows<float>(layout, slots + first_query, st.block.data(), nullptr, grad_qkv, layout.token_stride, b,
-                              h);
+      write_rounded_rows(layout, slots + first_query, st.block.data(), nullptr, grad_qkv, layout.token_stride, b, h);
       // dV and dK of the window, added to the group's
       const std::pair<const float*, const io_t*> to_window[2] = {{probs, st.grad_o.data()}, {grad_s, st.q.data()}};
       float* window_grads[2] = {st.grad_v.data(), st.grad_k.data()};
