@@ -503,10 +503,10 @@ inline void round_rows(const float* from, int64_t rows, int64_t cols, io_t* to, 
 using boatvit_avx512::exp_nonpositive;
 
 // The softmax of the matrix units' route in 16-lane AVX512 vectors (avx512_vectors.h): every CPU with AMX has them,
-// while the rest of the kernels keep the AVX2 vectors that fit the float32 route better. A
-// row of 69 logits took four passes at 8 lanes with a horizontal reduction and a partial vector each (scale, max,
-// exp, rounding): a third of the bf16 forward. Here a row is two passes of 5 vectors, the scale folded into the
-// exp's argument and the probabilities rounded to half precision as they are made.
+// while the rest of the kernels keep the AVX2 vectors that fit the float32 route better. A row of 69 logits took
+// four passes at 8 lanes with a horizontal reduction and a partial vector each (scale, max, exp, rounding): over a
+// third of the bf16 forward. Here a row is two passes of 5 vectors, the scale folded into the exp's argument and the
+// probabilities rounded to half precision as they are made.
 // 16 floats rounded to nearest even in bf16 or fp16 (no NaN reaches here), as at::vec::convert rounds them
 template <typename io_t>
 BOATVIT_AVX512 inline __m256i round_half(__m512 x) {
