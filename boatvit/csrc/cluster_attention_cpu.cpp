@@ -484,13 +484,6 @@ inline void pack_rows(const io_t* rows_data, int64_t ld, int64_t rows, int64_t d
   }
 }
 
-// row (d entries, d even) as column p of B (K = d, N = the slots) in the VNNI layout of leading dimension ldb: its
-// pairs (row[2j], row[2j + 1]) land whole at (j * ldb + p) * 2
-template <typename io_t>
-inline void pack_column(const io_t* row, int64_t d, int64_t p, int64_t ldb, io_t* to) {
-  for (int64_t j = 0; j < d / 2; ++j) std::memcpy(to + (j * ldb + p) * 2, row + 2 * j, 2 * sizeof(io_t));
-}
-
 // rows x cols float32 (leading dimension cols) into half-precision rows of leading dimension ld >= cols, zero padded
 template <typename io_t>
 inline void round_rows(const float* from, int64_t rows, int64_t cols, io_t* to, int64_t ld) {
@@ -630,6 +623,30 @@ BOATVIT_AVX512 void write_rounded_rows(const Layout& layout, const int64_t* quer
   }
 }
 
+// The rows (G x d, d even) as the VNNI columns of B (K = d, N = G, ldb = G): row p's pairs (row[2j], row[2j + 1])
+// land whole at (j * G + p) * 2, so this is a transpose of the rows seen as G x d / 2 32-bit pairs, 16 x 16 pairs
+// in registers at a time (bit patterns only move). A pair at a time (pack_column) was a scattered 4-byte store each.
+template <typename io_t>
+BOATVIT_AVX512 void pack_columns(const io_t* rows, int64_t G, int64_t d, io_t* to) {
+  const int64_t pairs = d / 2;
+  const auto* from = reinterpret_cast<const float*>(rows);  // a pair of half-precision values as one 32-bit lane
+  auto* out = reinterpret_cast<float*>(to);
+  for (int64_t p0 = 0; p0 < G; p0 += 16) {
+    const int64_t block_rows = std::min<int64_t>(16, G - p0);
+    const __mmask16 stored = static_cast<__mmask16>((1u << block_rows) - 1);
+    for (int64_t j0 = 0; j0 < pairs; j0 += 16) {
+      const int64_t block_pairs = std::min<int64_t>(16, pairs - j0);
+      const __mmask16 loaded = static_cast<__mmask16>((1u << block_pairs) - 1);
+      __m512 x[16];
+      for (int64_t k = 0; k < 16; ++k) {
+        x[k] = k < block_rows ? _mm512_maskz_loadu_ps(loaded, from + (p0 + k) * pairs + j0) : _mm512_setzero_ps();
+      }
+      transpose_16x16(x);
+      for (int64_t k = 0; k < block_pairs; ++k) _mm512_mask_storeu_ps(out + (j0 + k) * G + p0, stored, x[k]);
+    }
+  }
+}
+
 // key_bias of exp_rows for a cluster's masked key columns, or null when it has none
 inline const float* key_bias(const std::vector<int64_t>& masked, int64_t m, std::vector<float>& bias) {
   if (masked.empty()) return nullptr;
@@ -648,14 +665,14 @@ struct MatrixForward {
   // the group's q and v rows and its keys as the VNNI columns of QK^T's B (ldb = group slots), one cluster's values
   // as P V's B, its logits, its probabilities rounded, its output
   struct State {
-    std::vector<io_t> q, k_packed, v, v_packed, probs;
+    std::vector<io_t> q, k, k_packed, v, v_packed, probs;
     std::vector<float> logits, o, inv, bias;
     std::vector<int64_t> masked;
   };
 
   State make_state() const {
     const int64_t G = layout.group_slots, d = layout.d, c = layout.cluster_size, m = layout.keys;
-    return State{std::vector<io_t>(G * d),  std::vector<io_t>(d * G), std::vector<io_t>(G * d),
+    return State{std::vector<io_t>(G * d),  std::vector<io_t>(G * d), std::vector<io_t>(d * G), std::vector<io_t>(G * d),
                  std::vector<io_t>(even(m) * d), std::vector<io_t>(c * even(m)),
                  std::vector<float>(c * m + kHeadVectors * Vectorized<float>::size()), std::vector<float>(c * d),
                  std::vector<float>(c), {}, {}};
@@ -668,9 +685,10 @@ struct MatrixForward {
     for (int64_t p = 0; p < G; ++p) {
       prefetch_slot<io_t>(qkv, nullptr, layout, b, h, slots, p);
       load_row(qkv_row(qkv, layout, b, h, slots[p], 0), st.q.data() + p * d, d);
-      pack_column(qkv_row(qkv, layout, b, h, slots[p], 1), d, p, G, st.k_packed.data());
+      load_row(qkv_row(qkv, layout, b, h, slots[p], 1), st.k.data() + p * d, d);
       load_row(qkv_row(qkv, layout, b, h, slots[p], 2), st.v.data() + p * d, d);
     }
+    pack_columns(st.k.data(), G, d, st.k_packed.data());
     for (int64_t cluster = 0; cluster < layout.clusters_per_group(); ++cluster) {
       const int64_t first_query = cluster * c, first_key = layout.first_key(cluster);
       masked_keys(layout, slots, first_key, st.masked);
@@ -697,7 +715,7 @@ struct MatrixBackward {
   float scale;
 
   struct State {
-    std::vector<io_t> q, k, k_packed, v_packed, grad_o, rounded, rhs;
+    std::vector<io_t> q, k, k_packed, v, v_packed, grad_o, rounded, rhs;
     std::vector<float> probs, grad_s, block, grad_k, grad_v, inv, bias;
     std::vector<int64_t> masked;
   };
@@ -710,6 +728,7 @@ struct MatrixBackward {
     return State{half(G * d),
                  half(G * d),
                  half(d * G),
+                 half(G * d),
                  half(d * G),
                  half(G * d),
                  half(std::max(c * even(m), m * even(c))),
@@ -731,10 +750,8 @@ struct MatrixBackward {
     for (int64_t p = 0; p < G; ++p) {
       prefetch_slot(qkv, grad_out, layout, b, h, slots, p);
       load_row(qkv_row(qkv, layout, b, h, slots[p], 0), st.q.data() + p * d, d);
-      const io_t* k_row = qkv_row(qkv, layout, b, h, slots[p], 1);
-      load_row(k_row, st.k.data() + p * d, d);
-      pack_column(k_row, d, p, G, st.k_packed.data());
-      pack_column(qkv_row(qkv, layout, b, h, slots[p], 2), d, p, G, st.v_packed.data());
+      load_row(qkv_row(qkv, layout, b, h, slots[p], 1), st.k.data() + p * d, d);
+      load_row(qkv_row(qkv, layout, b, h, slots[p], 2), st.v.data() + p * d, d);
       // a ghost query's output was dropped: its gradient is zero
       io_t* grad_o_row = st.grad_o.data() + p * d;
       if (slots[p] < N) {
@@ -743,6 +760,8 @@ struct MatrixBackward {
         std::fill(grad_o_row, grad_o_row + d, io_t(0));
       }
     }
+    pack_columns(st.k.data(), G, d, st.k_packed.data());
+    pack_columns(st.v.data(), G, d, st.v_packed.data());
     std::fill(st.grad_k.begin(), st.grad_k.end(), 0.f);
     std::fill(st.grad_v.begin(), st.grad_v.end(), 0.f);
     for (int64_t cluster = 0; cluster < layout.clusters_per_group(); ++cluster) {
