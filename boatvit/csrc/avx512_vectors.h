@@ -4,6 +4,7 @@
 // portable build is checked on x86), the callers keep their portable routes.
 #pragma once
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
@@ -38,6 +39,12 @@ inline bool cpu_has_avx512() {
 }
 
 #if BOATVIT_X86_VECTORS
+
+// the mask of the first min(count, 16) lanes of a vector
+inline __mmask16 first_lanes(int64_t count) {
+  return static_cast<__mmask16>((1u << (count < 16 ? count : 16)) - 1);
+}
+
 // exp(x) for x <= 0, within 2 ulp of float: 2^n * e^r with n = round(x / ln 2) and |r| <= ln(2) / 2, e^r by its
 // Taylor polynomial to degree 6 (the next term is under 1.3e-7). Below -87.3, where exp leaves float's normal
 // numbers, and at -inf it is exactly 0: a subnormal reaching the row's sum would cost a microcode assist per vector

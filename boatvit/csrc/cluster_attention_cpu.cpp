@@ -494,6 +494,7 @@ inline void round_rows(const float* from, int64_t rows, int64_t cols, io_t* to, 
 }
 
 using boatvit_avx512::exp_nonpositive;
+using boatvit_avx512::first_lanes;
 
 // The softmax of the matrix units' route in 16-lane AVX512 vectors (avx512_vectors.h): every CPU with AMX has them,
 // while the rest of the kernels keep the AVX2 vectors that fit the float32 route better. A row of 69 logits took
@@ -526,7 +527,7 @@ template <typename io_t>
 BOATVIT_AVX512 void exp_rows(float* S, int64_t lds, int64_t M, int64_t N, float scale, const float* key_bias, io_t* P,
                              int64_t ldp, float* inv) {
   const int64_t full = N / 16 * 16;
-  const __mmask16 tail = static_cast<__mmask16>((1u << (N - full)) - 1);
+  const __mmask16 tail = first_lanes(N - full);
   const __m512 vscale = _mm512_set1_ps(scale);
   for (int64_t i = 0; i < M; ++i) {
     float* s = S + i * lds;
@@ -588,10 +589,10 @@ BOATVIT_AVX512 void round_transposed(const float* from, int64_t rows, int64_t co
   for (int64_t i0 = 0; i0 < ld; i0 += 16) {
     // block rows past `rows` are zeros, which fill the padding
     const int64_t block_rows = std::max<int64_t>(0, std::min<int64_t>(16, rows - i0));
-    const __mmask16 stored = static_cast<__mmask16>((1u << std::min<int64_t>(16, ld - i0)) - 1);
+    const __mmask16 stored = first_lanes(ld - i0);
     for (int64_t j0 = 0; j0 < cols; j0 += 16) {
       const int64_t block_cols = std::min<int64_t>(16, cols - j0);
-      const __mmask16 loaded = static_cast<__mmask16>((1u << block_cols) - 1);
+      const __mmask16 loaded = first_lanes(block_cols);
       __m512 x[16];
       for (int64_t k = 0; k < 16; ++k) {
         x[k] = k < block_rows ? _mm512_maskz_loadu_ps(loaded, from + (i0 + k) * cols + j0) : _mm512_setzero_ps();
@@ -616,7 +617,7 @@ BOATVIT_AVX512 void write_rounded_rows(const Layout& layout, const int64_t* quer
     const __m512 factor = _mm512_set1_ps(factors ? factors[r] : 1.f);
     io_t* row = to + (b * layout.N + token) * token_stride + h * d;
     for (int64_t j = 0; j < d; j += 16) {
-      const __mmask16 lanes = static_cast<__mmask16>((1u << std::min<int64_t>(16, d - j)) - 1);
+      const __mmask16 lanes = first_lanes(d - j);
       const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, rows + r * d + j), factor);
       _mm256_mask_storeu_epi16(row + j, lanes, round_half<io_t>(x));
     }
@@ -626,6 +627,8 @@ BOATVIT_AVX512 void write_rounded_rows(const Layout& layout, const int64_t* quer
 // The rows (G x d, d even) as the VNNI columns of B (K = d, N = G, ldb = G): row p's pairs (row[2j], row[2j + 1])
 // land whole at (j * G + p) * 2, so this is a transpose of the rows seen as G x d / 2 32-bit pairs, 16 x 16 pairs
 // in registers at a time (bit patterns only move). A pair at a time (pack_column) was a scattered 4-byte store each.
+// Its block loop is round_transposed's with another store: one loop taking the store as a functor measured the bf16
+// backward 2-3 % slower, so each keeps its own.
 template <typename io_t>
 BOATVIT_AVX512 void pack_columns(const io_t* rows, int64_t G, int64_t d, io_t* to) {
   const int64_t pairs = d / 2;
@@ -633,10 +636,10 @@ BOATVIT_AVX512 void pack_columns(const io_t* rows, int64_t G, int64_t d, io_t* t
   auto* out = reinterpret_cast<float*>(to);
   for (int64_t p0 = 0; p0 < G; p0 += 16) {
     const int64_t block_rows = std::min<int64_t>(16, G - p0);
-    const __mmask16 stored = static_cast<__mmask16>((1u << block_rows) - 1);
+    const __mmask16 stored = first_lanes(block_rows);
     for (int64_t j0 = 0; j0 < pairs; j0 += 16) {
       const int64_t block_pairs = std::min<int64_t>(16, pairs - j0);
-      const __mmask16 loaded = static_cast<__mmask16>((1u << block_pairs) - 1);
+      const __mmask16 loaded = first_lanes(block_pairs);
       __m512 x[16];
       for (int64_t k = 0; k < 16; ++k) {
         x[k] = k < block_rows ? _mm512_maskz_loadu_ps(loaded, from + (p0 + k) * pairs + j0) : _mm512_setzero_ps();
@@ -672,7 +675,10 @@ struct MatrixForward {
 
   State make_state() const {
     const int64_t G = layout.group_slots, d = layout.d, c = layout.cluster_size, m = layout.keys;
-    return State{std::vector<io_t>(G * d),  std::vector<io_t>(G * d), std::vector<io_t>(d * G), std::vector<io_t>(G * d),
+    return State{std::vector<io_t>(G * d),
+                 std::vector<io_t>(G * d),
+                 std::vector<io_t>(d * G),
+                 std::vector<io_t>(G * d),
                  std::vector<io_t>(even(m) * d), std::vector<io_t>(c * even(m)),
                  std::vector<float>(c * m + kHeadVectors * Vectorized<float>::size()), std::vector<float>(c * d),
                  std::vector<float>(c), {}, {}};

@@ -225,8 +225,6 @@ BOATVIT_AVX512 inline __m512 dots(const float* a, const float* x) {
   return lane_sums(products);
 }
 
-inline __mmask16 first_lanes(int64_t count) { return static_cast<__mmask16>((1u << count) - 1); }
-
 // sum of the `count` rows x_j added to sum (32 floats)
 BOATVIT_AVX512 inline void add_rows(float* sum, const float* x, int64_t count) {
   __m512 s0 = _mm512_loadu_ps(sum), s1 = _mm512_loadu_ps(sum + 16);
@@ -278,7 +276,7 @@ BOATVIT_AVX512 inline void split_keys(const float* c0, const float* c1, const fl
                                       int64_t real, float* keys) {
   const __m512 one = _mm512_set1_ps(1.f);
   for (int64_t start = 0; start < real; start += 16) {
-    const __mmask16 lanes = first_lanes(std::min<int64_t>(16, real - start));
+    const __mmask16 lanes = first_lanes(real - start);
     const float* bx = x + start * 32;
     const __m512 inv = _mm512_maskz_loadu_ps(lanes, inv_norm + start);
     const __m512 key = _mm512_div_ps(_mm512_fmadd_ps(dots(c0, bx), inv, one), _mm512_fmadd_ps(dots(c1, bx), inv, one));
