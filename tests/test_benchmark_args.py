@@ -57,6 +57,8 @@ def test_unknown_before_revision_is_named():
         ('benchmarks.bench_onnx', ['--device', 'cuda'], 'CPU provider only'),
         ('benchmarks.bench_onnx', ['--keep-dir', '/no/such/dir'], '--keep-dir /no/such/dir: not an existing directory'),
         ('benchmarks.bench_precision', ['--model', 'boat_swin_nano_32', '--sections', 'bogus'], 'invalid choice'),
+        ('benchmarks.bench_cost_split', ['--pair', 'boat_swin_tiny_224'], 'expected BOAT_SPEC=BASE_SPEC'),
+        ('benchmarks.bench_cost_split', ['--device', 'cuda'], 'the CPU route only'),
     ],
 )
 def test_options_that_do_not_apply_are_usage_errors(script, argv, message):
