@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -292,6 +292,46 @@ def _fused_cluster_attention_gradient(ctx, grad):
 _fused_cluster_attention.register_autograd(_fused_cluster_attention_gradient, setup_context=_save_for_the_backward)
 
 
+def _lepe_by_conv(conv: Callable[[torch.Tensor], torch.Tensor], qkv: torch.Tensor, height: int, width: int):
+    """The LePE term of the V of ``qkv`` ``(B, N, 3, heads, head_dim)`` on its ``height x width`` grid: ``conv``
+    (the depthwise 3x3 conv) on V laid out as an NHWC image, returned as ``(B, N, heads * head_dim)``."""
+    B, N, _, heads, d = static_shape(qkv)
+    # the conv keeps its input for backward, and a view would keep all of q, k and v alive: V is copied out of qkv
+    v = qkv[:, :, 2].contiguous().view(B, height, width, heads * d).permute(0, 3, 1, 2)
+    return conv(v).permute(0, 2, 3, 1).reshape(B, N, heads * d)
+
+
+@torch.library.custom_op('boatvit::fused_lepe', mutates_args=(), device_types='cpu')
+def _fused_lepe(
+    out: torch.Tensor,
+    qkv: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    height: int,
+    width: int,
+    required: bool,
+) -> torch.Tensor:
+    """``out`` ``(B, N, heads * head_dim)`` plus the LePE of the V of ``qkv`` ``(B, N, 3, heads, head_dim)`` (the
+    depthwise 3x3 conv of ``weight`` ``(C, 1, 3, 3)`` and ``bias`` on V as a ``height x width`` image), for
+    inference: one pass of the compiled CPU kernel (``csrc/lepe_cpu.cpp``), which reads V straight from ``qkv`` and
+    rounds the sum once; where the kernels cannot be built, the conv (after one warning) or, if ``required``, a
+    RuntimeError. No gradient: :class:`FeatureSpaceAttention` calls it only where autograd records nothing."""
+    kernels = cpu_kernels(required)
+    if kernels is None:
+
+        def conv(v: torch.Tensor) -> torch.Tensor:
+            b = None if bias is None else bias.to(v.dtype)
+            return F.conv2d(v, weight.to(v.dtype), b, padding=1, groups=v.shape[1])
+
+        return out + _lepe_by_conv(conv, qkv, height, width)
+    return kernels.add_lepe(out.contiguous(), qkv.contiguous(), weight, bias, height, width)
+
+
+@_fused_lepe.register_fake
+def _(out, qkv, weight, bias, height, width, required):
+    return torch.empty_like(out, memory_format=torch.contiguous_format)
+
+
 def _attend_in_clusters(
     qkv: torch.Tensor, order: torch.Tensor, layout: ClusterLayout, overlap: int, scale: float, dropout_p: float
 ) -> torch.Tensor:
@@ -579,9 +619,21 @@ class FeatureSpaceAttention(nn.Module):
             backend=self.backend,
             cluster_queries=self._cluster_queries(x, qkv),
         )
-        # V in token order is an NHWC image; the depthwise conv takes it channels-last. It is copied out of qkv since
-        # the conv keeps its input for backward, and a view would keep all of q, k and v alive
-        v = qkv[:, :, 2].contiguous().view(B, H, W, C).permute(0, 3, 1, 2)
-        # the attention output is a fresh gather that nothing else holds: the LePE adds into it
-        out = out.add_(self.lepe(v).permute(0, 2, 3, 1).reshape(B, N, C))
+        if self._lepe_in_kernel(qkv):
+            lepe = self.lepe
+            out = torch.ops.boatvit.fused_lepe(
+                out, qkv, lepe.weight, lepe.bias, H, W, resolve_backend(self.backend) == 'kernel'
+            )
+        else:
+            # the attention output is a fresh gather that nothing else holds: the LePE adds into it
+            out = out.add_(_lepe_by_conv(self.lepe, qkv, H, W))
         return self.proj_drop(self.proj(out))
+
+    def _lepe_in_kernel(self, qkv: torch.Tensor) -> bool:
+        """Whether the LePE term is added by the CPU kernel (``boatvit::fused_lepe``): where the cluster attention's
+        kernel would run and autograd records nothing (the kernel has no backward). In a BOAT-Swin-T forward it
+        saves the copy of V, the conv's output and the add, about 1 % in bf16 (benchmarks/RESULTS.md)."""
+        records = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (qkv, self.lepe.weight, self.lepe.bias)
+        )
+        return not records and use_cpu_kernel(qkv, self.backend)

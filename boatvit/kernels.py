@@ -1,9 +1,11 @@
-"""boatvit's compiled CPU kernels: the fused balanced hierarchical clustering of ``csrc/clustering_cpu.cpp`` and
-FSLA's fused attention inside clusters with its backward, ``csrc/cluster_attention_cpu.cpp``.
+"""boatvit's compiled CPU kernels: the fused balanced hierarchical clustering of ``csrc/clustering_cpu.cpp``,
+FSLA's fused attention inside clusters with its backward, ``csrc/cluster_attention_cpu.cpp``, and its LePE term added
+in inference, ``csrc/lepe_cpu.cpp``.
 
-Both are built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; once, then loaded from the
+They are built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; once, then loaded from the
 build cache) into one library, registered as ``torch.ops.boatvit.clustered_order``,
-``torch.ops.boatvit.cluster_attention`` and ``torch.ops.boatvit.cluster_attention_backward``. Where they cannot be
+``torch.ops.boatvit.cluster_attention``, ``torch.ops.boatvit.cluster_attention_backward`` and
+``torch.ops.boatvit.add_lepe``. Where they cannot be
 built, the PyTorch ops (the same computation) run instead, after one warning that names the reason.
 
 The ``backend`` argument of the clustering and of FSLA chooses: ``'auto'`` (the kernels where they apply, falling
@@ -32,7 +34,10 @@ KERNEL_ENV = 'BOATVIT_CPU_KERNEL'
 BACKENDS = ('auto', 'kernel', 'torch')
 # the environment variable's values, and the backend each one makes the default
 _ENV_BACKENDS = {'auto': 'auto', 'on': 'kernel', 'off': 'torch'}
-_SOURCES = [Path(__file__).parent / 'csrc' / name for name in ('clustering_cpu.cpp', 'cluster_attention_cpu.cpp')]
+_SOURCES = [
+    Path(__file__).parent / 'csrc' / name
+    for name in ('clustering_cpu.cpp', 'cluster_attention_cpu.cpp', 'lepe_cpu.cpp')
+]
 
 
 class CPUKernels(NamedTuple):
@@ -41,6 +46,7 @@ class CPUKernels(NamedTuple):
     clustered_order: Callable
     cluster_attention: Callable
     cluster_attention_backward: Callable
+    add_lepe: Callable
     #: ``(dtype, head_dim) -> bool``: whether bf16/fp16 attention runs on the CPU's matrix units (Intel AMX)
     cluster_attention_matrix_units: Callable = lambda dtype, head_dim: False
 
@@ -128,7 +134,11 @@ def _build() -> CPUKernels:
         )
     ops = torch.ops.boatvit
     return CPUKernels(
-        ops.clustered_order, ops.cluster_attention, ops.cluster_attention_backward, ops.cluster_attention_matrix_units
+        ops.clustered_order,
+        ops.cluster_attention,
+        ops.cluster_attention_backward,
+        ops.add_lepe,
+        ops.cluster_attention_matrix_units,
     )
 
 
@@ -173,6 +183,11 @@ def cpu_kernels(required: bool = False) -> Optional[CPUKernels]:
     ``boatvit.fsla._attend_in_clusters``, its oracle); ``cluster_attention_backward`` takes the output's gradient
     ``(B, N, heads * d)`` contiguous, then the same arguments, and returns the gradient of ``qkv``. The order must
     hold every token once per (image, head): a token it leaves out gets no output row and no gradient row.
+
+    ``add_lepe`` takes ``(out (B, N, heads * d), qkv (B, N, 3, heads, d))``, both contiguous and of one dtype, the
+    LePE's depthwise conv ``weight (heads * d, 1, 3, 3)`` and ``bias (heads * d)`` or None, and the grid's ``H, W``,
+    and returns ``out`` plus the conv (zero padding 1) of V laid out as an ``H x W`` NHWC image, summed in float32
+    (float64 for float64) and rounded once; no gradient (see ``boatvit.fsla._fused_lepe``).
     """
     global _loaded, _failure
     if _loaded is None and _failure is None:

@@ -103,7 +103,9 @@ def _forbid_the_attention_kernel(monkeypatch):
         raise AssertionError('the attention kernel ran')
 
     kernels_ = cpu_kernels(required=True)
-    monkeypatch.setattr(kernels, '_loaded', CPUKernels(kernels_.clustered_order, forbidden, forbidden))
+    monkeypatch.setattr(
+        kernels, '_loaded', CPUKernels(kernels_.clustered_order, forbidden, forbidden, kernels_.add_lepe)
+    )
 
 
 @pytest.mark.parametrize('case', ['dropout', 'torch backend', 'traced'])

@@ -166,7 +166,7 @@ def test_environment_variable_sets_the_default_backend(monkeypatch):
     def forbidden(*args):
         raise AssertionError('the kernel ran')
 
-    monkeypatch.setattr(kernels, '_loaded', CPUKernels(forbidden, forbidden, forbidden))
+    monkeypatch.setattr(kernels, '_loaded', CPUKernels(forbidden, forbidden, forbidden, forbidden))
     monkeypatch.setenv(KERNEL_ENV, 'off')
     balanced_hierarchical_clustering(torch.randn(1, 1, 196, 4))
     for setting in ('auto', 'on'):
@@ -181,7 +181,7 @@ def test_torch_backend_never_runs_the_kernel(monkeypatch):
     def forbidden(*args):
         raise AssertionError('the kernel ran')
 
-    monkeypatch.setattr(kernels, '_loaded', CPUKernels(forbidden, forbidden, forbidden))
+    monkeypatch.setattr(kernels, '_loaded', CPUKernels(forbidden, forbidden, forbidden, forbidden))
     q = torch.randn(1, 1, 196, 4)
     balanced_hierarchical_clustering(q, backend='torch')
     with pytest.raises(AssertionError, match='kernel ran'):
@@ -194,7 +194,7 @@ def test_kernel_is_left_out_of_traced_graphs(monkeypatch):
     def forbidden(*args):
         raise AssertionError('the kernel ran on a traced or non-CPU tensor')
 
-    monkeypatch.setattr(kernels, '_loaded', CPUKernels(forbidden, forbidden, forbidden))
+    monkeypatch.setattr(kernels, '_loaded', CPUKernels(forbidden, forbidden, forbidden, forbidden))
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():

@@ -204,13 +204,15 @@ def _inference_graph_ops(layer: torch.nn.Module, x: torch.Tensor, size) -> list:
 
 
 def test_compiled_cpu_inference_holds_the_fused_cluster_attention():
-    """CPU inference in float32 attends inside the clusters by the fused kernel: a compiled graph holds it as the
-    operator ``boatvit::fused_cluster_attention``, with no row gather and no attention op of its own."""
+    """CPU inference in float32 attends inside the clusters by the fused kernel and adds the LePE by its own: a
+    compiled graph holds them as the operators ``boatvit::fused_cluster_attention`` and ``boatvit::fused_lepe``,
+    with no row gather, no attention op and no conv of its own."""
     from boatvit import FeatureSpaceAttention
 
     graph = _inference_graph_ops(FeatureSpaceAttention(16, 2).eval(), torch.randn(2, 22 * 22, 16), (22, 22))
-    assert 'boatvit.fused_cluster_attention.default' in graph
-    assert not {op for op in graph if any(name in op for name in ('gather', 'index_select', 'matmul', 'softmax'))}
+    assert {'boatvit.fused_cluster_attention.default', 'boatvit.fused_lepe.default'} <= set(graph)
+    unfused = ('gather', 'index_select', 'matmul', 'softmax', 'conv')
+    assert not {op for op in graph if any(name in op for name in unfused)}
 
 
 def test_compiled_cpu_inference_keeps_the_matmul_attention():

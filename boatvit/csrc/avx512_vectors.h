@@ -45,6 +45,39 @@ inline __mmask16 first_lanes(int64_t count) {
   return static_cast<__mmask16>((1u << (count < 16 ? count : 16)) - 1);
 }
 
+// How lanes_combined combines: sums or maxima.
+enum class Combine { sum, max };
+
+template <Combine op>
+BOATVIT_AVX512 inline __m512 combine(__m512 a, __m512 b) {
+  if constexpr (op == Combine::sum) {
+    return _mm512_add_ps(a, b);
+  } else {
+    return _mm512_max_ps(a, b);
+  }
+}
+
+// lane j: the sum (or maximum) of the 16 lanes of v[j], by a tree of lane shuffles (45 instructions for all 16,
+// where one vector's own reduction is a chain of 8 dependent ones)
+template <Combine op>
+BOATVIT_AVX512 inline __m512 lanes_combined(__m512 v[16]) {
+  __m512 pairs[8];  // in 128-bit lane l: partial results of rows 2i, 2i + 1 interleaved
+  for (int i = 0; i < 8; ++i) {
+    pairs[i] = combine<op>(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  }
+  __m512 quads[4];  // in 128-bit lane l: partial results of rows 4i..4i + 3, one each
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(pairs[2 * i]), b = _mm512_castps_pd(pairs[2 * i + 1]);
+    quads[i] = combine<op>(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // the four 128-bit lanes of each quad combined: lanes (0 + 1, 2 + 3) of two quads, then once more
+  const __m512 halves01 = combine<op>(_mm512_shuffle_f32x4(quads[0], quads[1], 0x88),
+                                      _mm512_shuffle_f32x4(quads[0], quads[1], 0xdd));
+  const __m512 halves23 = combine<op>(_mm512_shuffle_f32x4(quads[2], quads[3], 0x88),
+                                      _mm512_shuffle_f32x4(quads[2], quads[3], 0xdd));
+  return combine<op>(_mm512_shuffle_f32x4(halves01, halves23, 0x88), _mm512_shuffle_f32x4(halves01, halves23, 0xdd));
+}
+
 // exp(x) for x <= 0, within 2 ulp of float: 2^n * e^r with n = round(x / ln 2) and |r| <= ln(2) / 2, e^r by its
 // Taylor polynomial to degree 6 (the next term is under 1.3e-7). Below -87.3, where exp leaves float's normal
 // numbers, and at -inf it is exactly 0: a subnormal reaching the row's sum would cost a microcode assist per vector

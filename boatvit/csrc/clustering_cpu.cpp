@@ -189,31 +189,12 @@ inline void two_way_softmax(scalar_t* w0, scalar_t* w1, int64_t count) {
 
 // The per-token passes of a split for float32 head rows of 32 (every BOAT model's, and bf16/fp16 queries, which are
 // clustered in float32) in AVX512 vectors: 16 tokens at a time, a row being two vectors. The AVX2 route reduces each
-// token's dot product on its own; here the 16 tokens' partial sums are reduced together (lane_sums), and the
+// token's dot product on its own; here the 16 tokens' partial sums are reduced together (lanes_combined), and the
 // centroid sums stay in registers over the whole group: about a tenth off the clustering of a bf16 BOAT-Swin-T.
 #if BOATVIT_X86_VECTORS
 namespace wide {
 
 using namespace boatvit_avx512;
-
-// lane j: the sum of the 16 lanes of v[j], by a tree of lane shuffles and adds (45 instructions for 16 sums)
-BOATVIT_AVX512 inline __m512 lane_sums(__m512 v[16]) {
-  __m512 pairs[8];  // in 128-bit lane l: partial sums of rows 2i, 2i + 1 interleaved
-  for (int i = 0; i < 8; ++i) {
-    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  }
-  __m512 quads[4];  // in 128-bit lane l: partial sums of rows 4i..4i + 3, one each
-  for (int i = 0; i < 4; ++i) {
-    const __m512d a = _mm512_castps_pd(pairs[2 * i]), b = _mm512_castps_pd(pairs[2 * i + 1]);
-    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-  }
-  // the four 128-bit lanes of each quad summed: lanes (0 + 1, 2 + 3) of two quads, then once more
-  const __m512 halves01 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x88),
-                                        _mm512_shuffle_f32x4(quads[0], quads[1], 0xdd));
-  const __m512 halves23 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x88),
-                                        _mm512_shuffle_f32x4(quads[2], quads[3], 0xdd));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(halves01, halves23, 0x88), _mm512_shuffle_f32x4(halves01, halves23, 0xdd));
-}
 
 // lane j: a . x_j for the 16 rows x_j = x + 32 j
 BOATVIT_AVX512 inline __m512 dots(const float* a, const float* x) {
@@ -222,7 +203,7 @@ BOATVIT_AVX512 inline __m512 dots(const float* a, const float* x) {
   for (int j = 0; j < 16; ++j) {
     products[j] = _mm512_fmadd_ps(_mm512_loadu_ps(x + 32 * j + 16), a1, _mm512_mul_ps(_mm512_loadu_ps(x + 32 * j), a0));
   }
-  return lane_sums(products);
+  return lanes_combined<Combine::sum>(products);
 }
 
 // sum of the `count` rows x_j added to sum (32 floats)
