@@ -138,6 +138,21 @@ def test_half_precision_queries_are_clustered_as_their_float32_values(dtype):
     assert torch.equal(fused, balanced_hierarchical_clustering(q.contiguous(), return_padded=True, backend='kernel'))
 
 
+def test_large_clusters_are_sorted_as_small_ones():
+    """The last level sorts a group's keys by rank up to 256 keys (BOAT's groups of 98, the test above) and by
+    std::sort beyond: with clusters of 196 slots (groups of 392) the kernel still clusters bf16 queries as the PyTorch
+    route clusters them in float32, but for the tokens within rounding of a cut (the two sum in different orders)."""
+    q = torch.randn(2, 3, 3136, 32, generator=torch.Generator().manual_seed(3)).bfloat16()
+    layout = cluster_layout(3136, 150)
+    cluster_of = []
+    for route, queries in (('kernel', q), ('torch', q.float())):
+        order = balanced_hierarchical_clustering(queries, 150, return_padded=True, backend=route)
+        slots = torch.arange(layout.padded_tokens).expand_as(order)
+        cluster_of.append(torch.empty_like(order).scatter_(-1, order, slots // layout.cluster_size))
+    assert layout.cluster_size * 2 > 256
+    assert (cluster_of[0] == cluster_of[1]).float().mean() > 0.999
+
+
 def test_tied_tokens_are_clustered_as_in_eager():
     """Which copy of a repeated token falls on which side of a cut changes the attention output at its index:
     both routes put the copies in the same places."""
