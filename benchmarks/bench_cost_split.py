@@ -39,6 +39,7 @@ from benchmarks.common import (
     add_device_args,
     amp_dtype,
     autocast,
+    build_model,
     environment,
     make_step,
     median,
@@ -49,7 +50,6 @@ from benchmarks.common import (
     summary,
     time_interleaved,
     write_json,
-    build_model,
 )
 from boatvit import FeatureSpaceAttention, balanced_hierarchical_clustering, cluster_layout
 
