@@ -137,3 +137,22 @@ def test_operator_passes_opcheck(dtype):
     by torch.library.opcheck."""
     qkv, out, weight, shift = _inputs(2, 6, 7, 2, 16, dtype)
     torch.library.opcheck(torch.ops.boatvit.fused_lepe.default, (out, qkv, weight.float(), shift.float(), 6, 7, True))
+
+
+def test_a_failed_build_adds_the_lepe_by_the_conv(kernels_fail_to_build):
+    """Where the kernels cannot be built the layer's inference still adds its LePE (by the conv, after the one
+    warning), in float32 and under CPU autocast, as the PyTorch route does; backend 'kernel' refuses by name."""
+    torch.manual_seed(0)
+    layer = FeatureSpaceAttention(24, 3).eval()
+    reference = FeatureSpaceAttention(24, 3, backend='torch').eval()
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 10 * 15, 24)
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match='could not build its CPU kernels'):
+            fallback = layer(x, (10, 15))
+        torch.testing.assert_close(fallback, reference(x, (10, 15)), rtol=1e-6, atol=1e-6)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            torch.testing.assert_close(layer(x, (10, 15)), reference(x, (10, 15)), rtol=0.02, atol=0.02)
+    qkv, out, weight, _ = _inputs(1, 2, 2, 1, 4, torch.float32)
+    with pytest.raises(RuntimeError, match="backend 'kernel'.*could not be built"):
+        torch.ops.boatvit.fused_lepe(out, qkv, weight.float(), None, 2, 2, True)
