@@ -1,13 +1,26 @@
 """The benchmark scripts refuse counts that cannot be right (0 rounds, a negative batch) by name, before any model
 is built, instead of falling back to a default or failing deep inside."""
 
-import subprocess
+import runpy
 import sys
-from pathlib import Path
 
 import pytest
+import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+
+def _run(script: str, argv: list, monkeypatch, capsys):
+    """``python -m script *argv`` in this process (run as ``__main__``, as the command line runs it, without a fresh
+    interpreter importing torch for every case): its exit code or message, and what it wrote to stderr."""
+    monkeypatch.setattr(sys, 'argv', [script, *argv])
+    # imported by another script before: run afresh as __main__, as runpy asks
+    monkeypatch.delitem(sys.modules, script, raising=False)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_module(script, run_name='__main__', alter_sys=True)
+    finally:
+        torch.set_num_threads(threads)  # a script's set-up may have set it before it stopped
+    return exit_info.value.code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -26,24 +39,16 @@ ROOT = Path(__file__).resolve().parent.parent
         ('benchmarks.bench_precision', ['--chunk', '0'], '--chunk'),
     ],
 )
-def test_bad_counts_are_usage_errors(script, argv, flag):
-    result = subprocess.run(
-        [sys.executable, '-m', script, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 2
-    assert f'argument {flag}' in result.stderr and ('at least 1' in result.stderr or '0 or more' in result.stderr)
+def test_bad_counts_are_usage_errors(script, argv, flag, monkeypatch, capsys):
+    code, stderr = _run(script, argv, monkeypatch, capsys)
+    assert code == 2
+    assert f'argument {flag}' in stderr and ('at least 1' in stderr or '0 or more' in stderr)
 
 
-def test_unknown_before_revision_is_named():
-    result = subprocess.run(
-        [sys.executable, '-m', 'benchmarks.bench_fsla', '--before', 'no-such-revision'],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 1
-    assert '--before no-such-revision: boatvit/clustering.py is not in that revision' in result.stderr
+def test_unknown_before_revision_is_named(monkeypatch, capsys):
+    # a message as the exit code: the command line prints it and exits with 1
+    code, _ = _run('benchmarks.bench_fsla', ['--before', 'no-such-revision'], monkeypatch, capsys)
+    assert '--before no-such-revision: boatvit/clustering.py is not in that revision' in str(code)
 
 
 @pytest.mark.parametrize(
@@ -61,12 +66,10 @@ def test_unknown_before_revision_is_named():
         ('benchmarks.bench_cost_split', ['--device', 'cuda'], 'the CPU route only'),
     ],
 )
-def test_options_that_do_not_apply_are_usage_errors(script, argv, message):
-    result = subprocess.run(
-        [sys.executable, '-m', script, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 2
-    assert message in result.stderr
+def test_options_that_do_not_apply_are_usage_errors(script, argv, message, monkeypatch, capsys):
+    code, stderr = _run(script, argv, monkeypatch, capsys)
+    assert code == 2
+    assert message in stderr
 
 
 def test_precision_sections_and_counts_parse():
