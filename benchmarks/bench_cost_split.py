@@ -17,7 +17,7 @@ of their cluster and its sibling's overlap. In the dtype the qkv Linear gives un
 
     python -m benchmarks.bench_cost_split                   # bf16 autocast, BOAT-Swin-T and BOAT-CSWin-T, 2 threads
     python -m benchmarks.bench_cost_split --amp none        # float32
-    python -m benchmarks.bench_cost_split --pair boat_swin_nano_32=boat_swin_nano_32:fsla_blocks=none --img-size 32
+    python -m benchmarks.bench_cost_split --pair boat_swin_nano_32 boat_swin_nano_32:fsla_blocks=none --img-size 32
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import boatvit.fsla
+import timm
 from benchmarks.bench_models import BOAT_CSWIN, BOAT_SWIN, CSWIN_NO_FSLA, SWIN
 from benchmarks.common import (
     add_amp_arg,
@@ -43,6 +44,7 @@ from benchmarks.common import (
     environment,
     make_step,
     median,
+    parse_spec,
     positive_int,
     print_table,
     ratio,
@@ -69,16 +71,8 @@ class _Layer(NamedTuple):
     v: torch.Tensor
 
 
-PAIRS = (f'{BOAT_SWIN}={SWIN}', f'{BOAT_CSWIN}={CSWIN_NO_FSLA}')
+PAIRS = ((BOAT_SWIN, SWIN), (BOAT_CSWIN, CSWIN_NO_FSLA))
 VARIANTS = ('as is', 'clustering free', 'kernels free')
-
-
-def parse_pair(text: str) -> Tuple[str, str]:
-    """argparse type of ``--pair``: ``BOAT_SPEC=BASE_SPEC``."""
-    boat, sep, base = text.partition('=')
-    if not sep or not boat or not base:
-        raise argparse.ArgumentTypeError(f'expected BOAT_SPEC=BASE_SPEC (a model and its base), got {text!r}')
-    return boat, base
 
 
 @contextlib.contextmanager
@@ -224,9 +218,10 @@ def main() -> None:
     parser.set_defaults(amp='bf16')
     parser.add_argument(
         '--pair',
-        type=parse_pair,
+        nargs=2,
         action='append',
-        help=f'BOAT_SPEC=BASE_SPEC, repeatable (default: {" and ".join(PAIRS)})',
+        metavar=('BOAT_SPEC', 'BASE_SPEC'),
+        help=f'a BOAT model and its base, repeatable (default: {" and ".join(" against ".join(p) for p in PAIRS)})',
     )
     parser.add_argument('--batch', type=positive_int, default=8, help='inference batch')
     parser.add_argument('--img-size', type=positive_int, default=224, help='image side')
@@ -235,8 +230,14 @@ def main() -> None:
         parser.error('--device cuda: the fused kernel and the free variants measured here are the CPU route only')
     if args.compile:
         parser.error('--compile does not apply: the free variants patch eager Python functions')
+    pairs = args.pair or PAIRS
+    for boat_spec, base_spec in pairs:
+        unknown = [spec for spec in (boat_spec, base_spec) if not timm.is_model(parse_spec(spec)[0])]
+        if unknown:
+            parser.error(f'--pair {boat_spec} {base_spec}: {", ".join(unknown)} is not a timm model name')
+        if not any(isinstance(m, FeatureSpaceAttention) for m in build_model(boat_spec, 'meta').modules()):
+            parser.error(f'--pair {boat_spec} {base_spec}: {boat_spec} has no FSLA layer; the BOAT model goes first')
     setup(args)
-    pairs = args.pair or [parse_pair(p) for p in PAIRS]
 
     results: Dict[str, Any] = {'environment': environment(args), 'pairs': []}
     print(results['environment'])

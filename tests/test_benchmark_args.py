@@ -62,8 +62,14 @@ def test_unknown_before_revision_is_named(monkeypatch, capsys):
         ('benchmarks.bench_onnx', ['--device', 'cuda'], 'CPU provider only'),
         ('benchmarks.bench_onnx', ['--keep-dir', '/no/such/dir'], '--keep-dir /no/such/dir: not an existing directory'),
         ('benchmarks.bench_precision', ['--model', 'boat_swin_nano_32', '--sections', 'bogus'], 'invalid choice'),
-        ('benchmarks.bench_cost_split', ['--pair', 'boat_swin_tiny_224'], 'expected BOAT_SPEC=BASE_SPEC'),
+        ('benchmarks.bench_cost_split', ['--pair', 'boat_swin_tiny_224'], 'argument --pair: expected 2 arguments'),
         ('benchmarks.bench_cost_split', ['--device', 'cuda'], 'the CPU route only'),
+        ('benchmarks.bench_cost_split', ['--pair', 'nope', 'boat_swin_nano_32'], 'nope is not a timm model name'),
+        (
+            'benchmarks.bench_cost_split',
+            ['--pair', 'boat_swin_nano_32:fsla_blocks=none', 'boat_swin_nano_32'],
+            'has no FSLA layer; the BOAT model goes first',
+        ),
     ],
 )
 def test_options_that_do_not_apply_are_usage_errors(script, argv, message, monkeypatch, capsys):
